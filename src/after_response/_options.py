@@ -1,0 +1,192 @@
+"""Per-task options: names, timeouts, retry policies and the ``side_effect`` decorator."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+OPTIONS_ATTRIBUTE: Final = "__after_response_options__"
+
+
+class _Unset:
+    """Marks an option the caller did not give, so that ``None`` can mean "no timeout"."""
+
+    _instance: _Unset | None = None
+
+    def __new__(cls) -> _Unset:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Final = _Unset()
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How a failing task is tried again.
+
+    The delay before attempt ``n + 1`` is ``backoff * multiplier ** (n - 1)``, capped at
+    ``max_backoff``, then reduced by a random fraction of at most ``jitter`` (1.0 is "full
+    jitter": anywhere between zero and the delay). Only exceptions that are instances of
+    ``retry_on`` are retried; a timed-out attempt raises :class:`TaskTimeoutError`, a
+    subclass of ``TimeoutError`` and so of ``Exception``.
+
+    Args:
+        attempts: how many times the task runs at most, the first run included.
+        backoff: the delay in seconds before the second attempt.
+        multiplier: how much the delay grows after each attempt.
+        max_backoff: the longest delay in seconds.
+        jitter: the fraction of each delay that is randomised, from 0.0 to 1.0.
+        retry_on: the exception types that are worth another attempt.
+
+    Raises:
+        ValueError: when a number is out of its range.
+        TypeError: when ``retry_on`` holds something other than exception types.
+    """
+
+    attempts: int = 3
+    backoff: float = 0.5
+    multiplier: float = 2.0
+    max_backoff: float = 30.0
+    jitter: float = 1.0
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
+            raise TypeError(f"Retry(attempts=...) must be an int, got {self.attempts!r}")
+        if self.attempts < 1:
+            raise ValueError(
+                f"Retry(attempts={self.attempts}) must be at least 1 (1 means no retry)"
+            )
+        for field in ("backoff", "max_backoff"):
+            value = getattr(self, field)
+            if not _is_finite_number(value) or value < 0:
+                raise ValueError(f"Retry({field}={value!r}) must be a finite number >= 0 seconds")
+        if not _is_finite_number(self.multiplier) or self.multiplier < 1:
+            raise ValueError(f"Retry(multiplier={self.multiplier!r}) must be a number >= 1")
+        if not _is_finite_number(self.jitter) or not 0 <= self.jitter <= 1:
+            raise ValueError(f"Retry(jitter={self.jitter!r}) must be between 0.0 and 1.0")
+        retry_on = self.retry_on
+        if isinstance(retry_on, type):
+            retry_on = (retry_on,)
+            object.__setattr__(self, "retry_on", retry_on)
+        if not all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_on):
+            raise TypeError(
+                f"Retry(retry_on={self.retry_on!r}) must be a tuple of exception types, "
+                "for example retry_on=(ConnectionError, TimeoutError)"
+            )
+
+    def delay(self, attempt: int) -> float:
+        """The seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        delay = min(self.max_backoff, self.backoff * self.multiplier ** (attempt - 1))
+        return delay * (1.0 - self.jitter * random.random())
+
+    def should_retry(self, attempt: int, exc: BaseException) -> bool:
+        """Whether a task whose attempt number ``attempt`` raised ``exc`` runs again."""
+        return attempt < self.attempts and isinstance(exc, self.retry_on)
+
+
+NO_RETRY: Final = Retry(attempts=1)
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """Options given for a task; fields left ``UNSET`` fall back to the next level.
+
+    The levels, most specific first: ``collector.options(...)``, the ``@side_effect``
+    decorator, then the middleware's defaults.
+    """
+
+    name: str | _Unset = UNSET
+    timeout: float | _Unset | None = UNSET
+    retry: Retry | _Unset | None = UNSET
+    run_on_error: bool | _Unset = UNSET
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, _Unset) and (not isinstance(self.name, str) or not self.name):
+            raise TypeError(f"name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.timeout, _Unset):
+            check_timeout("timeout", self.timeout)
+        if not isinstance(self.retry, (_Unset, Retry)) and self.retry is not None:
+            raise TypeError(
+                f"retry must be a Retry(...) or None, got {self.retry!r}; "
+                "for example retry=Retry(attempts=3, backoff=0.5)"
+            )
+        if not isinstance(self.run_on_error, (_Unset, bool)):
+            raise TypeError(f"run_on_error must be True or False, got {self.run_on_error!r}")
+
+    def over(self, fallback: TaskOptions) -> TaskOptions:
+        """These options, with every unset field taken from ``fallback``."""
+        return TaskOptions(
+            name=fallback.name if isinstance(self.name, _Unset) else self.name,
+            timeout=fallback.timeout if isinstance(self.timeout, _Unset) else self.timeout,
+            retry=fallback.retry if isinstance(self.retry, _Unset) else self.retry,
+            run_on_error=(
+                fallback.run_on_error
+                if isinstance(self.run_on_error, _Unset)
+                else self.run_on_error
+            ),
+        )
+
+
+EMPTY_OPTIONS: Final = TaskOptions()
+
+
+def check_timeout(what: str, value: object) -> None:
+    """Raise a clear error unless ``value`` is ``None`` or a positive number of seconds."""
+    if value is None:
+        return
+    if not _is_finite_number(value) or value <= 0:  # type: ignore[operator]
+        raise ValueError(f"{what} must be a positive number of seconds or None, got {value!r}")
+
+
+def side_effect(
+    *,
+    name: str | _Unset = UNSET,
+    timeout: float | _Unset | None = UNSET,
+    retry: Retry | _Unset | None = UNSET,
+    run_on_error: bool | _Unset = UNSET,
+) -> Callable[[F], F]:
+    """Give a side-effect function its default task options.
+
+    The function is returned unchanged (it can still be called directly); the options
+    apply whenever it is passed to ``collector.add()``::
+
+        @side_effect(timeout=10, retry=Retry(attempts=3))
+        async def send_verification_email(to: str, code: str) -> None: ...
+
+    Args:
+        name: the name used in logs, spans and metrics (default: the function's
+            qualified name). Keep it low-cardinality: never put an id or an address in it.
+        timeout: seconds an attempt may run before it is cancelled; ``None`` for no limit.
+        retry: a :class:`Retry` policy, or ``None`` for a single attempt.
+        run_on_error: run the task even when the request fails (exception or 5xx).
+    """
+    options = TaskOptions(name=name, timeout=timeout, retry=retry, run_on_error=run_on_error)
+
+    def decorate(fn: F) -> F:
+        if not callable(fn):
+            raise TypeError(f"@side_effect(...) decorates a function, got {fn!r}")
+        setattr(fn, OPTIONS_ATTRIBUTE, options)
+        return fn
+
+    return decorate
+
+
+def options_of(fn: Callable[..., Any]) -> TaskOptions:
+    """The options a function was decorated with, or empty options."""
+    options = getattr(fn, OPTIONS_ATTRIBUTE, EMPTY_OPTIONS)
+    return options if isinstance(options, TaskOptions) else EMPTY_OPTIONS

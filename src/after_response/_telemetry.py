@@ -1,0 +1,251 @@
+"""Where spans are opened, metrics recorded and log lines written for each task.
+
+Tracing and metrics follow the OpenTelemetry API only: with no SDK installed (the global
+provider is still the proxy or a no-op) every call below short-circuits on a boolean.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Final
+
+from opentelemetry import metrics, trace
+from opentelemetry.trace import NoOpTracerProvider, ProxyTracerProvider, Span, SpanKind, Status
+from opentelemetry.trace import StatusCode as _StatusCode
+
+from . import _version
+
+if TYPE_CHECKING:
+    from ._job import Job
+
+logger: Final = logging.getLogger("after_response")
+
+SUCCEEDED: Final = "succeeded"
+FAILED: Final = "failed"
+TIMED_OUT: Final = "timed_out"
+DISCARDED: Final = "discarded"
+SHED: Final = "shed"
+ABANDONED: Final = "abandoned"
+RETRY: Final = "retry"
+
+#: ``error.type`` for outcomes that have no exception type of their own.
+_ERROR_TYPES: Final = {TIMED_OUT: "timeout", SHED: "shed", ABANDONED: "abandoned"}
+
+_SECONDS_BUCKETS: Final = (
+    *(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
+    *(1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+
+
+def _is_noop_tracer_provider(provider: object) -> bool:
+    return isinstance(provider, (NoOpTracerProvider, ProxyTracerProvider))
+
+
+def _is_noop_meter_provider(provider: object) -> bool:
+    return isinstance(provider, metrics.NoOpMeterProvider) or type(provider).__name__ in (
+        "_ProxyMeterProvider",
+        "NoOpMeterProvider",
+    )
+
+
+class _Instruments:
+    def __init__(self, meter: metrics.Meter) -> None:
+        self.added = meter.create_counter(
+            "after_response.task.added", unit="{task}", description="Tasks added by requests."
+        )
+        self.finished = meter.create_counter(
+            "after_response.task.finished",
+            unit="{task}",
+            description="Tasks that reached a terminal state, by outcome.",
+        )
+        self.retries = meter.create_counter(
+            "after_response.task.retries",
+            unit="{attempt}",
+            description="Attempts that failed and were scheduled to run again.",
+        )
+        self.duration = meter.create_histogram(
+            "after_response.task.duration",
+            unit="s",
+            description="How long each attempt of a task ran, by outcome.",
+            explicit_bucket_boundaries_advisory=_SECONDS_BUCKETS,
+        )
+        self.queue_duration = meter.create_histogram(
+            "after_response.task.queue.duration",
+            unit="s",
+            description="How long a task waited between being queued and starting to run.",
+            explicit_bucket_boundaries_advisory=_SECONDS_BUCKETS,
+        )
+        self.pending = meter.create_up_down_counter(
+            "after_response.task.pending",
+            unit="{task}",
+            description="Tasks queued or waiting to retry.",
+        )
+        self.running = meter.create_up_down_counter(
+            "after_response.task.running", unit="{task}", description="Tasks running now."
+        )
+
+
+class Telemetry:
+    """Spans, metrics and logs for one middleware, from explicit or global providers.
+
+    Global providers are looked up on every use (a cheap call), so an SDK configured
+    after the middleware was built, at application start-up for instance, is picked up.
+    """
+
+    def __init__(
+        self,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
+    ) -> None:
+        self._tracer_provider = tracer_provider
+        self._meter_provider = meter_provider
+        self._tracer_for: object = None
+        self._tracer: trace.Tracer | None = None
+        self._instruments_for: object = None
+        self._instruments: _Instruments | None = None
+
+    @property
+    def tracer(self) -> trace.Tracer | None:
+        """The tracer to use now, or ``None`` when tracing is off."""
+        provider = self._tracer_provider or trace.get_tracer_provider()
+        if provider is not self._tracer_for:
+            self._tracer_for = provider
+            self._tracer = (
+                None
+                if _is_noop_tracer_provider(provider)
+                else provider.get_tracer(
+                    "after_response",
+                    _version.VERSION,
+                    schema_url="https://opentelemetry.io/schemas/1.26.0",
+                )
+            )
+        return self._tracer
+
+    @property
+    def instruments(self) -> _Instruments | None:
+        """The metric instruments to use now, or ``None`` when metrics are off."""
+        provider = self._meter_provider or metrics.get_meter_provider()
+        if provider is not self._instruments_for:
+            self._instruments_for = provider
+            self._instruments = (
+                None
+                if _is_noop_meter_provider(provider)
+                else _Instruments(provider.get_meter("after_response", _version.VERSION))
+            )
+        return self._instruments
+
+    # -- spans -----------------------------------------------------------------------------
+
+    @contextmanager
+    def attempt_span(self, job: Job, queue_wait: float) -> Iterator[Span | None]:
+        """Open the span of one attempt of ``job`` as the current span, if tracing is on.
+
+        Runs inside the job's copied context, so the span's parent is whatever span was
+        current when ``add()`` was called.
+        """
+        tracer = self.tracer
+        if tracer is None:
+            yield None
+            return
+        with tracer.start_as_current_span(
+            f"after_response {job.name}",
+            kind=SpanKind.INTERNAL,
+            attributes={
+                **job.span_attributes,
+                "after_response.task.attempt": job.attempt,
+                "after_response.task.queue_duration": queue_wait,
+            },
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            yield span
+
+    def end_attempt_span(
+        self, span: Span | None, outcome: str, exc: BaseException | None = None
+    ) -> None:
+        """Mark an attempt span with its outcome (and error) before it ends."""
+        if span is None:
+            return
+        span.set_attribute("after_response.task.outcome", outcome)
+        if outcome in (SUCCEEDED, DISCARDED, RETRY) and exc is None:
+            return
+        if exc is not None and outcome in (FAILED, RETRY):
+            span.record_exception(exc)
+            span.set_attribute("error.type", _qualified_type(exc))
+        else:
+            span.set_attribute("error.type", _ERROR_TYPES.get(outcome, outcome))
+        span.set_status(Status(_StatusCode.ERROR, _status_description(outcome, exc)))
+
+    def record_unrun(self, job: Job, outcome: str) -> None:
+        """Leave a zero-length span for a task that never ran (discarded, shed, abandoned)."""
+        tracer = self.tracer
+        if tracer is None:
+            return
+
+        def record() -> None:
+            span = tracer.start_span(
+                f"after_response {job.name}",
+                kind=SpanKind.INTERNAL,
+                attributes={**job.span_attributes, "after_response.task.attempt": job.attempt},
+            )
+            self.end_attempt_span(span, outcome)
+            span.end()
+
+        job.context.run(record)
+
+    # -- logs ------------------------------------------------------------------------------
+
+    def log(
+        self,
+        level: int,
+        message: str,
+        job: Job,
+        *args: object,
+        exc: BaseException | None = None,
+        span: Span | None = None,
+    ) -> None:
+        """Log about ``job`` on the ``after_response`` logger, never with its arguments.
+
+        ``extra`` carries the task name, the request's method and path, and the trace and
+        span ids when a span is known, so a log backend can link the line to its trace.
+        """
+        if not logger.isEnabledFor(level):
+            return
+        extra: dict[str, Any] = {
+            "task_name": job.name,
+            "request_method": job.request.method,
+            "request_path": job.request.path,
+        }
+        extra.update(
+            _trace_ids(span if span is not None else job.context.run(trace.get_current_span))
+        )
+        exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
+        logger.log(level, message, *args, exc_info=exc_info, extra=extra)
+
+
+def _trace_ids(span: Span) -> Mapping[str, str]:
+    context = span.get_span_context()
+    if not context.is_valid:
+        return {}
+    return {
+        "trace_id": format(context.trace_id, "032x"),
+        "span_id": format(context.span_id, "016x"),
+    }
+
+
+def _qualified_type(exc: BaseException) -> str:
+    module = type(exc).__module__
+    name = type(exc).__qualname__
+    return name if module == "builtins" else f"{module}.{name}"
+
+
+def _status_description(outcome: str, exc: BaseException | None) -> str:
+    if exc is not None and outcome in (FAILED, RETRY):
+        return type(exc).__qualname__
+    return {
+        TIMED_OUT: "task timed out",
+        SHED: "task shed: pending queue full",
+        ABANDONED: "task abandoned at shutdown",
+    }.get(outcome, outcome)
