@@ -173,9 +173,9 @@ class Collector:
         elif self._thread and threading.get_ident() != self._thread:
             # A side effect in a worker thread adding a follow-up: admit on the loop.
             try:
-                anyio.from_thread.run_sync(self._admit_late, job)
-            except RuntimeError:
-                executor.shed([job])
+                anyio.from_thread.run(self._admit_late_async, job)
+            except RuntimeError:  # not an anyio worker thread: no way back to the loop
+                executor.shed([job], "it was added from a thread that cannot reach the loop")
         else:
             self._admit_late(job)
 
@@ -184,9 +184,12 @@ class Collector:
         executor = self._executor
         task_group = self._task_group if self._state == _INLINE else executor.background
         if task_group is None:
-            executor.shed([job])
+            executor.shed([job], "it was added after its request had ended, with no executor")
             return
         executor.shed(executor.admit([job], task_group))
+
+    async def _admit_late_async(self, job: Job) -> None:
+        self._admit_late(job)
 
     def hand_over(self, *, failed: str | None) -> list[Job]:
         """Give the executor this request's tasks (or discard them if ``failed`` says why).
@@ -277,11 +280,11 @@ def _check_callable(fn: object) -> None:
         )
     if inspect.isawaitable(fn):
         raise TypeError(
-            f"add() expects a callable, got an awaitable {type(fn).__qualname__}; pass the "
+            f"add() expects a callable, got an awaitable {type(fn).__name__}; pass the "
             "function and its arguments: add(send_email, to, code)"
         )
     raise TypeError(
-        f"add() expects a callable, got {type(fn).__qualname__}; pass the function and its "
+        f"add() expects a callable, got {type(fn).__name__}; pass the function and its "
         "arguments: add(send_email, to, code)"
     )
 

@@ -165,7 +165,14 @@ class Executor:
                 self._hand_over(job, task_group, now)
                 self._running += 1
                 self._gauge_running(job, 1)
-                self._spawn(job)
+                try:
+                    self._spawn(job)
+                except RuntimeError:  # the task group has closed: undo, and shed the job
+                    self._running -= 1
+                    self._gauge_running(job, -1)
+                    self._handed_over -= 1
+                    job.collector.job_finished()
+                    overflow.append(job)
             elif len(self._queue) + self._retry_waiting < self.max_pending:
                 self._hand_over(job, task_group, now)
                 self._queue.append(job)
@@ -216,19 +223,19 @@ class Executor:
         self._handed_over += 1
         job.collector.job_admitted()
 
-    def shed(self, jobs: Iterable[Job]) -> None:
-        """End jobs that found no room in time: logged, counted, dead-lettered."""
+    def shed(self, jobs: Iterable[Job], reason: str | None = None) -> None:
+        """End jobs that found no room (or no executor): logged, counted, dead-lettered."""
         for job in jobs:
             self.telemetry.log(
                 logging.ERROR,
-                "after-response task %s of %s %s shed: the pending queue stayed full "
-                "(max_pending=%d) for overflow_timeout=%ss",
+                "after-response task %s of %s %s shed: %s",
                 job,
                 job.name,
                 job.request.method,
                 job.request.path,
-                self.max_pending,
-                self.overflow_timeout,
+                reason
+                or f"the pending queue stayed full (max_pending={self.max_pending}) "
+                f"for overflow_timeout={self.overflow_timeout}s",
             )
             self.telemetry.record_unrun(job, t.SHED)
             self._ended_before_handover += 1
@@ -305,6 +312,11 @@ class Executor:
                 if instruments is not None:
                     instruments.retries.add(1, {"after_response.task.name": job.name})
                 job.attempt += 1
+                if len(self._queue) + self._retry_waiting >= self.max_pending:
+                    # No room to wait among the pending: back off holding the slot.
+                    await anyio.sleep(delay)
+                    job.ready_at = time.perf_counter()
+                    continue
                 # Backoff gives the slot back: a task waiting to retry occupies no worker.
                 holds_slot = False
                 self._retry_waiting += 1

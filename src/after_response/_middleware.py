@@ -230,6 +230,7 @@ class AfterResponseMiddleware:
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         executor = self._executor
         startup_received = False
+        error: Exception | None = None
 
         async with anyio.create_task_group() as task_group:
 
@@ -248,16 +249,21 @@ class AfterResponseMiddleware:
                 await self.app(scope, receive_lifespan, send)
             except Exception as exc:
                 if startup_received:
-                    raise
-                logger.info(
-                    "the wrapped app does not support the lifespan protocol (it raised %s "
-                    "before reading lifespan.startup); AfterResponseMiddleware answers it",
-                    type(exc).__qualname__,
-                )
-                await self._answer_lifespan(receive, send, task_group)
+                    # Raised outside the task group, so the server sees the app's own error
+                    # rather than an exception group.
+                    error = exc
+                else:
+                    logger.info(
+                        "the wrapped app does not support the lifespan protocol (it raised %s "
+                        "before reading lifespan.startup); AfterResponseMiddleware answers it",
+                        type(exc).__qualname__,
+                    )
+                    await self._answer_lifespan(receive, send, task_group)
             finally:
                 with anyio.CancelScope(shield=True):
                     await executor.stop(self.shutdown_timeout)
+        if error is not None:
+            raise error
 
     async def _answer_lifespan(self, receive: Receive, send: Send, task_group: TaskGroup) -> None:
         """Speak the lifespan protocol for an app that does not."""

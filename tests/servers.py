@@ -1,0 +1,110 @@
+"""Run an ASGI app under a real server on 127.0.0.1, in the test's own event loop.
+
+In-process servers let a test await ``middleware.drain()`` and read ``stats()`` directly,
+while the client still talks real HTTP over a real socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable, Generator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import uvicorn
+from starlette.types import ASGIApp
+
+
+def bound_socket() -> socket.socket:
+    """A listening-ready TCP socket on a free port of 127.0.0.1."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.set_inheritable(True)
+    return sock
+
+
+class _Uvicorn(uvicorn.Server):
+    """A uvicorn server that reports readiness on an event and leaves signals alone."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = anyio.Event()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.ready.set()
+
+
+@asynccontextmanager
+async def serve_uvicorn(
+    app: ASGIApp, *, lifespan: str = "on", **options: Any
+) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn; yields its base URL; shuts down gracefully on exit."""
+    sock = bound_socket()
+    config = uvicorn.Config(app, lifespan=lifespan, log_level="warning", **options)
+    server = _Uvicorn(config)
+    async with anyio.create_task_group() as task_group:
+        task_group.start_soon(server.serve, [sock])
+        with anyio.fail_after(10):
+            await server.ready.wait()
+        try:
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        finally:
+            server.should_exit = True
+    sock.close()
+
+
+@asynccontextmanager
+async def serve_hypercorn(app: ASGIApp, **options: Any) -> AsyncIterator[str]:
+    """Serve ``app`` with hypercorn (asyncio worker); yields its base URL."""
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    sock = bound_socket()
+    config = Config()
+    config.bind = [f"fd://{sock.fileno()}"]
+    config.loglevel = "WARNING"
+    config.graceful_timeout = 30
+    for name, value in options.items():
+        setattr(config, name, value)
+    shutdown = anyio.Event()
+    async with anyio.create_task_group() as task_group:
+        task_group.start_soon(_hypercorn_serve, serve, app, config, shutdown.wait)
+        base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        await _wait_until_listening(sock.getsockname()[1])
+        try:
+            yield base_url
+        finally:
+            shutdown.set()
+
+
+async def _hypercorn_serve(
+    serve: Callable[..., Any], app: ASGIApp, config: Any, trigger: Callable[[], Any]
+) -> None:
+    await serve(app, config, shutdown_trigger=trigger)
+
+
+async def _wait_until_listening(port: int) -> None:
+    """Connect until the server accepts (bounded): hypercorn has no readiness hook."""
+    with anyio.fail_after(10):
+        while True:
+            try:
+                stream = await anyio.connect_tcp("127.0.0.1", port)
+            except OSError:
+                await anyio.sleep(0.02)
+                continue
+            await stream.aclose()
+            return
+
+
+SERVERS: dict[str, Callable[..., Any]] = {
+    "uvicorn": serve_uvicorn,
+    "hypercorn": serve_hypercorn,
+}

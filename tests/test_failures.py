@@ -1,0 +1,263 @@
+"""Failures stay isolated; failed requests discard their tasks unless asked otherwise."""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from after_response import AfterResponseMiddleware, Retry, TaskTimeoutError, side_effect
+
+from .apps import app_adding
+from .servers import serve_uvicorn
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "alice@example.com-token-8f3a"
+
+
+async def test_failing_task_does_not_skip_the_others_nor_touch_the_response(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ran: list[str] = []
+
+    async def first() -> None:
+        ran.append("first")
+
+    async def broken() -> None:
+        raise ConnectionError("smtp down")
+
+    def last() -> None:
+        ran.append("last")
+
+    middleware = AfterResponseMiddleware(app_adding(first, broken, last))
+    caplog.set_level(logging.ERROR, logger="after_response")
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        response = await client.get("/")
+        assert await middleware.drain(timeout=5)
+        assert (await client.get("/")).status_code == 200  # the server is fine
+        assert await middleware.drain(timeout=5)
+    assert response.status_code == 200
+    assert sorted(ran) == ["first", "first", "last", "last"]
+    stats = middleware.stats()
+    assert (stats.succeeded, stats.failed) == (4, 2)
+    [record, _] = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert record.levelno == logging.ERROR
+    assert record.exc_info is not None
+    assert record.exc_info[0] is ConnectionError
+    assert (record.task_name, record.request_method, record.request_path) == (  # type: ignore[attr-defined]
+        "test_failing_task_does_not_skip_the_others_nor_touch_the_response.<locals>.broken",
+        "GET",
+        "/",
+    )
+
+
+async def test_task_arguments_never_reach_the_logs(caplog: pytest.LogCaptureFixture) -> None:
+    async def send_code(email: str, *, token: str) -> None:
+        raise ConnectionError("smtp down")
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        request.state.after_response.options(retry=Retry(attempts=2, backoff=0)).add(
+            send_code, SECRET, token=SECRET
+        )
+        request.state.after_response.options(timeout=0.01).add(anyio.sleep, 5)
+        return PlainTextResponse("ok")
+
+    middleware = AfterResponseMiddleware(Starlette(routes=[Route("/", endpoint)]))
+    caplog.set_level(logging.DEBUG, logger="after_response")
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get("/")
+        assert await middleware.drain(timeout=5)
+    assert middleware.stats().failed == 1
+    assert middleware.stats().timed_out == 1
+    assert caplog.records
+    for record in caplog.records:
+        assert SECRET not in record.getMessage()
+        assert SECRET not in repr(record.__dict__)
+        assert SECRET not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("status", "raise_after"),
+    [(500, False), (503, False), (200, True)],
+    ids=["500", "503", "raise"],
+)
+async def test_failed_request_discards_its_tasks_with_a_log_line(
+    status: int, raise_after: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    ran: list[str] = []
+
+    async def email() -> None:
+        ran.append("email")
+
+    middleware = AfterResponseMiddleware(
+        app_adding(email, email, status=status, raise_after=raise_after)
+    )
+    caplog.set_level(logging.WARNING, logger="after_response")
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        response = await client.get("/")
+        assert await middleware.drain(timeout=5)
+    assert response.status_code >= 500
+    assert ran == []
+    assert middleware.stats().discarded == 2
+    [line] = [r.getMessage() for r in caplog.records if "discarded" in r.getMessage()]
+    assert "discarded 2 after-response task(s) of GET /" in line
+    assert "email" in line
+
+
+async def test_run_on_error_runs_tasks_of_failed_requests_globally_and_per_task() -> None:
+    ran: list[str] = []
+
+    @side_effect(run_on_error=True)
+    async def alert() -> None:
+        ran.append("alert")
+
+    async def email() -> None:
+        ran.append("email")
+
+    per_task = AfterResponseMiddleware(app_adding(alert, email, status=500))
+    everything = AfterResponseMiddleware(app_adding(alert, email, status=500), run_on_error=True)
+    for middleware in (per_task, everything):
+        async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+            await client.get("/")
+            assert await middleware.drain(timeout=5)
+    assert sorted(ran) == ["alert", "alert", "email"]
+    assert per_task.stats().discarded == 1
+
+
+async def test_4xx_responses_still_run_their_tasks() -> None:
+    ran: list[str] = []
+
+    async def audit() -> None:
+        ran.append("audit")
+
+    middleware = AfterResponseMiddleware(app_adding(audit, status=404))
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get("/")
+        assert await middleware.drain(timeout=5)
+    assert ran == ["audit"]
+
+
+async def test_timed_out_task_is_cancelled_logged_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cancelled: list[bool] = []
+    dead: list[type[BaseException]] = []
+
+    @side_effect(timeout=0.05)
+    async def hangs() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.append(True)
+
+    middleware = AfterResponseMiddleware(
+        app_adding(hangs), on_dead_letter=lambda name, exc, attempts: dead.append(type(exc))
+    )
+    caplog.set_level(logging.ERROR, logger="after_response")
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get("/")
+        assert await middleware.drain(timeout=5)
+    assert cancelled == [True]
+    assert middleware.stats().timed_out == 1
+    assert dead == [TaskTimeoutError]
+    assert any("timed out after 0.05s" in r.getMessage() for r in caplog.records)
+
+
+async def test_retries_follow_the_policy_then_dead_letter_the_last_failure() -> None:
+    attempts: list[int] = []
+    dead: list[tuple[str, str, int]] = []
+
+    @side_effect(name="crm_sync", retry=Retry(attempts=3, backoff=0.01, jitter=0))
+    async def crm_sync() -> None:
+        attempts.append(len(attempts) + 1)
+        raise ConnectionError("crm down")
+
+    @side_effect(retry=Retry(attempts=3, backoff=0.01, retry_on=(ConnectionError,)))
+    async def not_retried() -> None:
+        raise ValueError("bad data is not worth retrying")
+
+    middleware = AfterResponseMiddleware(
+        app_adding(crm_sync, not_retried),
+        on_dead_letter=lambda name, exc, n: dead.append((name, type(exc).__name__, n)),
+    )
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get("/")
+        assert await middleware.drain(timeout=5)
+    assert attempts == [1, 2, 3]
+    assert middleware.stats().retried == 2
+    assert middleware.stats().failed == 2
+    assert sorted(dead) == sorted(
+        [
+            ("crm_sync", "ConnectionError", 3),
+            (
+                "test_retries_follow_the_policy_then_dead_letter_the_last_failure.<locals>"
+                ".not_retried",
+                "ValueError",
+                1,
+            ),
+        ]
+    )
+
+
+async def test_retry_that_succeeds_counts_once_as_succeeded() -> None:
+    calls = 0
+
+    @side_effect(retry=Retry(attempts=5, backoff=0.001))
+    async def flaky() -> None:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise ConnectionError("try again")
+
+    middleware = AfterResponseMiddleware(app_adding(flaky))
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get("/")
+        assert await middleware.drain(timeout=5)
+    stats = middleware.stats()
+    assert (calls, stats.succeeded, stats.failed, stats.retried) == (3, 1, 0, 2)
+
+
+async def test_a_task_waiting_to_retry_gives_its_slot_to_other_tasks() -> None:
+    order: list[str] = []
+    calls = 0
+
+    @side_effect(retry=Retry(attempts=2, backoff=0.2, jitter=0))
+    async def flaky() -> None:
+        nonlocal calls
+        calls += 1
+        order.append(f"flaky {calls}")
+        if calls == 1:
+            raise ConnectionError("try again")
+
+    async def other() -> None:
+        order.append("other")
+
+    middleware = AfterResponseMiddleware(app_adding(flaky, other), max_concurrency=1)
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get("/")
+        assert await middleware.drain(timeout=5)
+    assert order == ["flaky 1", "other", "flaky 2"]
+
+
+async def test_dead_letter_hook_that_raises_is_logged_not_propagated(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def broken() -> None:
+        raise ValueError("x")
+
+    def hook(name: str, exc: BaseException, attempts: int) -> None:
+        raise RuntimeError("hook broke")
+
+    middleware = AfterResponseMiddleware(app_adding(broken), on_dead_letter=hook)
+    caplog.set_level(logging.ERROR, logger="after_response")
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get("/")
+        assert await middleware.drain(timeout=5)
+    assert any("on_dead_letter hook raised" in r.getMessage() for r in caplog.records)
