@@ -261,3 +261,84 @@ async def test_dead_letter_hook_that_raises_is_logged_not_propagated(
         await client.get("/")
         assert await middleware.drain(timeout=5)
     assert any("on_dead_letter hook raised" in r.getMessage() for r in caplog.records)
+
+
+async def test_deadlines_apply_per_task_whatever_order_they_start_in() -> None:
+    release = anyio.Event()
+    outcomes: list[str] = []
+
+    @side_effect(name="long", timeout=30)
+    async def long_deadline() -> None:
+        await release.wait()
+        outcomes.append("long finished")
+
+    @side_effect(name="short", timeout=0.05)
+    async def short_deadline() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            outcomes.append("short cancelled")
+            release.set()
+
+    @side_effect(name="quick", timeout=0.01)
+    async def finishes_in_time() -> None:
+        outcomes.append("quick finished")
+
+    # The long deadline starts first, so the watchdog must move its timer earlier for the
+    # short one; the quick one ends before its deadline and must not be cancelled later.
+    middleware = AfterResponseMiddleware(
+        app_adding(long_deadline, finishes_in_time, short_deadline)
+    )
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get("/")
+        assert await middleware.drain(timeout=5)
+    stats = middleware.stats()
+    assert (stats.succeeded, stats.timed_out) == (2, 1)
+    assert sorted(outcomes) == ["long finished", "quick finished", "short cancelled"]
+
+
+async def test_a_task_that_raises_its_own_timeout_error_failed_rather_than_timed_out() -> None:
+    @side_effect(timeout=30)
+    async def upstream_timeout() -> None:
+        raise TimeoutError("the CRM did not answer")
+
+    middleware = AfterResponseMiddleware(app_adding(upstream_timeout))
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get("/")
+        assert await middleware.drain(timeout=5)
+    assert (middleware.stats().failed, middleware.stats().timed_out) == (1, 0)
+
+
+async def test_sync_task_past_its_deadline_is_abandoned_to_its_thread_and_counted() -> None:
+    import threading
+
+    unblock = threading.Event()
+
+    @side_effect(timeout=0.05)
+    def blocking_call() -> None:
+        unblock.wait(5)
+
+    middleware = AfterResponseMiddleware(app_adding(blocking_call))
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get("/")
+        assert await middleware.drain(timeout=5)
+        unblock.set()
+    assert middleware.stats().timed_out == 1
+
+
+async def test_timed_out_attempts_are_retried_when_the_policy_says_so() -> None:
+    calls = 0
+
+    @side_effect(timeout=0.05, retry=Retry(attempts=2, backoff=0))
+    async def slow_then_fast() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await anyio.sleep_forever()
+
+    middleware = AfterResponseMiddleware(app_adding(slow_then_fast))
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get("/")
+        assert await middleware.drain(timeout=5)
+    stats = middleware.stats()
+    assert (calls, stats.succeeded, stats.retried, stats.timed_out) == (2, 1, 1, 0)

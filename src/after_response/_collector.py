@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import inspect
 import threading
-import weakref
 from collections.abc import Callable
+from types import FunctionType, MethodType
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import anyio.from_thread
 from anyio.abc import TaskGroup
+from starlette.types import Scope
 
+from ._callable import callable_info
 from ._errors import NoActiveRequestError
-from ._job import Job, RequestInfo, default_name
-from ._options import UNSET, Retry, TaskOptions, _Unset, options_of
+from ._job import Job, RequestInfo
+from ._options import EMPTY_OPTIONS, UNSET, Retry, TaskOptions, _Unset
 
 if TYPE_CHECKING:
     from ._executor import Executor
@@ -58,35 +59,30 @@ class Collector:
     ``after_response.current()``. Never shared between requests.
     """
 
-    __slots__ = (
-        "_executor",
-        "_jobs",
-        "_outstanding",
-        "_settled",
-        "_state",
-        "_task_group",
-        "_thread",
-        "client_gone",
-        "request",
-        "response_complete",
-        "status",
-    )
+    # Class-level defaults: a request that adds nothing pays for three attribute writes.
+    _request: RequestInfo | None = None
+    _state = _OPEN
+    _outstanding = 0
+    _settled: anyio.Event | None = None
+    _task_group: TaskGroup | None = None
+    _thread = 0
+    #: Tasks that found no room at hand-over, waiting in the request's call.
+    overflow: list[Job] | None = None
 
-    def __init__(self, executor: Executor, request: RequestInfo) -> None:
+    def __init__(self, executor: Executor, scope: Scope) -> None:
         self._executor = executor
-        self.request = request
+        # Not the scope itself: scope["state"] holds the collector, and a reference cycle
+        # per request would leave every request to the cyclic garbage collector.
+        self._method: str = scope.get("method", "WEBSOCKET")
+        self._path: str = scope.get("path", "")
         self._jobs: list[Job] = []
-        self._state = _OPEN
-        self._task_group: TaskGroup | None = None
-        self._outstanding = 0
-        self._settled: anyio.Event | None = None
-        self._thread = 0
-        #: The response status once ``http.response.start`` went out (0 before).
-        self.status = 0
-        #: Whether the client went away before the response was complete.
-        self.client_gone = False
-        #: Whether the server has been given the response's last message.
-        self.response_complete = False
+
+    @property
+    def request(self) -> RequestInfo:
+        """The method and path that logs name (built on first use)."""
+        if self._request is None:
+            self._request = RequestInfo(self._method, self._path)
+        return self._request
 
     @property
     def handed_over(self) -> bool:
@@ -143,26 +139,36 @@ class Collector:
         kwargs: dict[str, Any],
         call_options: TaskOptions | None,
     ) -> None:
-        _check_callable(fn)
-        options = options_of(fn)
+        if type(fn) is not FunctionType and type(fn) is not MethodType:
+            _check_callable(fn)
+        info, bound_self = callable_info(fn)
+        executor = self._executor
+        options = info.options
         if call_options is not None:
             options = call_options.over(options)
-        name = options.name if isinstance(options.name, str) else default_name(fn)
-        _check_arguments(fn, args, kwargs, name)
-        executor = self._executor
-        defaults = executor.defaults
+        if options is EMPTY_OPTIONS:
+            name = info.name
+            timeout, retry, run_on_error = executor.default_options
+        else:
+            name = options.name if isinstance(options.name, str) else info.name
+            default_timeout, default_retry, default_run_on_error = executor.default_options
+            timeout = default_timeout if isinstance(options.timeout, _Unset) else options.timeout
+            retry = default_retry if isinstance(options.retry, _Unset) else options.retry
+            run_on_error = (
+                default_run_on_error
+                if isinstance(options.run_on_error, _Unset)
+                else options.run_on_error
+            )
+        info.check_arguments(args, kwargs, bound_self, name)
         job = Job(
             fn,
             args,
             kwargs,
+            is_async=info.is_async,
             name=name,
-            timeout=defaults.timeout if isinstance(options.timeout, _Unset) else options.timeout,
-            retry=defaults.retry if isinstance(options.retry, _Unset) else options.retry,
-            run_on_error=(
-                defaults.run_on_error
-                if isinstance(options.run_on_error, _Unset)
-                else options.run_on_error
-            ),
+            timeout=timeout,
+            retry=retry,
+            run_on_error=run_on_error,
             context=contextvars.copy_context(),
             request=self.request,
             collector=self,
@@ -170,7 +176,7 @@ class Collector:
         executor.note_added(job)
         if self._state == _OPEN:
             self._jobs.append(job)
-        elif self._thread and threading.get_ident() != self._thread:
+        elif threading.get_ident() != (self._thread or executor.loop_thread):
             # A side effect in a worker thread adding a follow-up: admit on the loop.
             try:
                 anyio.from_thread.run(self._admit_late_async, job)
@@ -191,18 +197,25 @@ class Collector:
     async def _admit_late_async(self, job: Job) -> None:
         self._admit_late(job)
 
-    def hand_over(self, *, failed: str | None) -> list[Job]:
+    def hand_over(self, *, failed: str | None) -> None:
         """Give the executor this request's tasks (or discard them if ``failed`` says why).
 
-        Called once the response is complete, in background mode. Returns the tasks that
-        found no room and must wait (``Executor.admit_waiting``).
+        Called once the response is complete, in background mode. Tasks that find no room
+        are left in ``overflow``, for the request's call to wait with.
         """
         jobs = self._take(failed)
         executor = self._executor
         assert executor.background is not None
         self._state = _HANDED_OVER
-        self._thread = threading.get_ident()
-        return executor.admit(jobs, executor.background) if jobs else jobs
+        if jobs:
+            overflow = executor.admit(jobs, executor.background)
+            if overflow:
+                self.overflow = overflow
+
+    def close(self) -> None:
+        """The request's call is over: later tasks go straight to the executor."""
+        if self._state == _OPEN:
+            self._state = _HANDED_OVER
 
     async def run_inline(self, *, failed: str | None) -> None:
         """Run this request's tasks inside its own ASGI call (no lifespan: no executor).
@@ -287,34 +300,3 @@ def _check_callable(fn: object) -> None:
         f"add() expects a callable, got {type(fn).__name__}; pass the function and its "
         "arguments: add(send_email, to, code)"
     )
-
-
-_signatures: weakref.WeakKeyDictionary[Any, inspect.Signature | None] = weakref.WeakKeyDictionary()
-
-
-def _check_arguments(
-    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], name: str
-) -> None:
-    """Raise ``TypeError`` now if the call could not bind, naming only the parameters."""
-    target: Any = fn
-    bound_self: tuple[Any, ...] = ()
-    if inspect.ismethod(fn):
-        target, bound_self = fn.__func__, (fn.__self__,)
-    try:
-        signature = _signatures[target]
-    except (KeyError, TypeError):
-        try:
-            signature = inspect.signature(target)
-        except (TypeError, ValueError):  # some builtins have no signature: nothing to check
-            signature = None
-        with contextlib.suppress(TypeError):  # not weak-referenceable: check uncached
-            _signatures[target] = signature
-    if signature is None:
-        return
-    try:
-        signature.bind(*bound_self, *args, **kwargs)
-    except TypeError as exc:
-        # The message names parameters, never values: arguments carry emails and tokens.
-        raise TypeError(
-            f"add({name}, ...): the arguments do not fit {name}{signature}: {exc}"
-        ) from None

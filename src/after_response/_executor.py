@@ -7,6 +7,7 @@ state (succeeded, failed, timed out, discarded, shed or abandoned). Between the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -15,15 +16,18 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Final
 
 import anyio
 import anyio.to_thread
-from anyio.abc import TaskGroup
 
 from . import _telemetry as t
 from ._errors import TaskAbandonedError, TaskShedError, TaskTimeoutError
 from ._job import Job
 from ._options import Retry
+from ._tasks import HAS_UNCANCEL, NativeTasks, Spawner, running_asyncio
+
+_NO_SPAN: Final = contextlib.nullcontext(None)
 
 DeadLetterHook = Callable[[str, BaseException, int], object]
 """Called as ``hook(task_name, exception, attempts)`` for every task that ended unsuccessfully
@@ -87,6 +91,8 @@ class Executor:
         defaults: Defaults,
     ) -> None:
         self.defaults = defaults
+        #: (timeout, retry, run_on_error), unpacked by add() on every call.
+        self.default_options = (defaults.timeout, defaults.retry, defaults.run_on_error)
         self.max_concurrency = max_concurrency
         self.max_pending = max_pending
         self.overflow_timeout = overflow_timeout
@@ -111,9 +117,11 @@ class Executor:
         self._thread_limiter: anyio.CapacityLimiter | None = None
         self._shutting_down = False
         #: The task group that runs jobs between lifespan startup and shutdown, if any.
-        self.background: TaskGroup | None = None
+        self.background: Spawner | None = None
         self._stopped: anyio.Event | None = None
         self._serving_done: anyio.Event | None = None
+        #: The event loop's thread, to tell when add() is called from a worker thread.
+        self.loop_thread = 0
 
     # -- counting -----------------------------------------------------------------------------
 
@@ -153,7 +161,7 @@ class Executor:
 
     # -- admission ----------------------------------------------------------------------------
 
-    def admit(self, jobs: Iterable[Job], task_group: TaskGroup) -> list[Job]:
+    def admit(self, jobs: Iterable[Job], task_group: Spawner) -> list[Job]:
         """Start or queue each job without waiting; return those that found no room."""
         overflow: list[Job] = []
         now = time.perf_counter()
@@ -181,7 +189,7 @@ class Executor:
                 overflow.append(job)
         return overflow
 
-    async def admit_waiting(self, jobs: list[Job], task_group: TaskGroup | None) -> None:
+    async def admit_waiting(self, jobs: list[Job], task_group: Spawner | None) -> None:
         """Admit ``jobs``, waiting up to ``overflow_timeout`` for room; shed what is left.
 
         Called by a request's ASGI call after its response has been sent, so the wait
@@ -217,7 +225,7 @@ class Executor:
             self._overflow_held -= len(waiting)
             self.shed(waiting)
 
-    def _hand_over(self, job: Job, task_group: TaskGroup, now: float) -> None:
+    def _hand_over(self, job: Job, task_group: Spawner, now: float) -> None:
         job.task_group = task_group
         job.ready_at = now
         self._handed_over += 1
@@ -353,24 +361,27 @@ class Executor:
         if instruments is not None:
             instruments.queue_duration.record(queue_wait, {"after_response.task.name": job.name})
         exc: BaseException | None = None
-        with telemetry.attempt_span(job, queue_wait) as span:
+        span_context = (
+            _NO_SPAN if telemetry.tracer is None else telemetry.attempt_span(job, queue_wait)
+        )
+        with span_context as span:
             try:
-                with anyio.CancelScope() as scope:
-                    if job.timeout is not None:
-                        scope.deadline = anyio.current_time() + job.timeout
-                    await self._call(job)
-                if scope.cancelled_caught:
+                if await self._call_with_timeout(job):
+                    outcome = t.SUCCEEDED
+                else:
                     exc = TaskTimeoutError(f"{job.name} timed out after {job.timeout}s")
                     outcome = t.TIMED_OUT
-                else:
-                    outcome = t.SUCCEEDED
             except anyio.get_cancelled_exc_class():
                 telemetry.end_attempt_span(span, t.ABANDONED)
                 raise
             except Exception as error:
                 exc = error
                 outcome = t.FAILED
-            if exc is not None and job.retry.should_retry(job.attempt, exc):
+            if (
+                exc is not None
+                and not self._shutting_down
+                and job.retry.should_retry(job.attempt, exc)
+            ):
                 telemetry.end_attempt_span(span, t.RETRY, exc)
                 telemetry.log(
                     logging.WARNING,
@@ -420,6 +431,18 @@ class Executor:
                 {"after_response.task.name": job.name, "after_response.task.outcome": outcome},
             )
         return outcome, exc
+
+    async def _call_with_timeout(self, job: Job) -> bool:
+        """Run one attempt; ``False`` if it ran out of time (and was cancelled)."""
+        if job.timeout is None:
+            await self._call(job)
+            return True
+        owner = job.task_group
+        if HAS_UNCANCEL and type(owner) is NativeTasks:
+            return await owner.run_with_deadline(job.timeout, self._call(job))
+        with anyio.CancelScope(deadline=anyio.current_time() + job.timeout) as scope:
+            await self._call(job)
+        return not scope.cancelled_caught
 
     async def _call(self, job: Job) -> None:
         if job.is_async:
@@ -499,13 +522,23 @@ class Executor:
         """Run the background task group until ``stop()``; started at lifespan startup."""
         self._stopped = anyio.Event()
         self._serving_done = anyio.Event()
+        self.loop_thread = threading.get_ident()
         self._shutting_down = False
         try:
-            async with anyio.create_task_group() as task_group:
-                self.background = task_group
+            if running_asyncio():
+                tasks = NativeTasks()
+                self.background = tasks
                 task_status.started()
-                await self._stopped.wait()
-                task_group.cancel_scope.cancel()
+                try:
+                    await self._stopped.wait()
+                finally:
+                    await tasks.aclose()
+            else:
+                async with anyio.create_task_group() as task_group:
+                    self.background = task_group
+                    task_status.started()
+                    await self._stopped.wait()
+                    task_group.cancel_scope.cancel()
         finally:
             self.background = None
             self._serving_done.set()

@@ -6,19 +6,16 @@ import functools
 import inspect
 from collections.abc import Callable
 from contextvars import Context
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from ._options import NO_RETRY, Retry
 
 if TYPE_CHECKING:
-    from anyio.abc import TaskGroup
-
     from ._collector import Collector
+    from ._tasks import Spawner
 
 
-@dataclass(frozen=True)
-class RequestInfo:
+class RequestInfo(NamedTuple):
     """What logs say about the request a task came from: never headers, body or query."""
 
     method: str
@@ -55,6 +52,7 @@ class Job:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         *,
+        is_async: bool,
         name: str,
         timeout: float | None,
         retry: Retry | None,
@@ -66,7 +64,7 @@ class Job:
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
-        self.is_async = is_async_callable(fn)
+        self.is_async = is_async
         self.name = name
         self.timeout = timeout
         self.retry = retry or NO_RETRY
@@ -77,7 +75,7 @@ class Job:
         self.collector = collector
         self.attempt = 1
         self.ready_at = 0.0
-        self.task_group: TaskGroup | None = None
+        self.task_group: Spawner | None = None
 
     @property
     def span_attributes(self) -> dict[str, Any]:
@@ -86,23 +84,6 @@ class Job:
 
     def __repr__(self) -> str:
         return f"<Job {self.name} attempt={self.attempt}/{self.max_attempts}>"
-
-
-def is_async_callable(fn: object) -> bool:
-    """Whether calling ``fn`` returns a coroutine (functions, partials, callable objects)."""
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    return inspect.iscoroutinefunction(fn) or (
-        not inspect.isroutine(fn) and inspect.iscoroutinefunction(type(fn).__call__)
-    )
-
-
-def default_name(fn: Callable[..., Any]) -> str:
-    """The task name when none is given: the function's qualified name."""
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    name = getattr(fn, "__qualname__", None) or getattr(type(fn), "__qualname__", None)
-    return str(name) if name else repr(type(fn))
 
 
 def _code_target(fn: Any) -> Any:

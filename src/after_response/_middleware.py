@@ -3,6 +3,7 @@ response is complete, and ties the executor's lifetime to the server's lifespan.
 
 from __future__ import annotations
 
+from contextvars import Token
 from typing import Any, Final
 
 import anyio
@@ -12,12 +13,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._collector import Collector, _current
 from ._executor import DeadLetterHook, Defaults, Executor, Stats
-from ._job import RequestInfo
 from ._options import Retry, check_timeout
 from ._telemetry import Telemetry, logger
 
-_FINAL_UNLESS_MORE: Final = {
-    "http.response.body": "more_body",
+#: Final messages other than ``http.response.body``, with the key that says "more follows".
+_OTHER_FINAL: Final = {
+    "http.response.pathsend": "",
     "http.response.zerocopysend": "more_body",
     "http.response.trailers": "more_trailers",
 }
@@ -108,12 +109,102 @@ class AfterResponseMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
-        if scope_type == "http" or scope_type == "websocket":
-            await self._request(scope, receive, send)
-        elif scope_type == "lifespan":
-            await self._lifespan(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+        if scope_type != "http" and scope_type != "websocket":
+            if scope_type == "lifespan":
+                await self._lifespan(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+
+        # The per-request hot path: a request that adds nothing costs a collector, a state
+        # dict, a context variable and a send wrapper, and nothing else.
+        executor = self._executor
+        collector = Collector(executor, scope)
+        # A new state dict: a server that shares one between requests must not see ours.
+        state = scope.get("state")
+        scope["state"] = (
+            {**state, self.state_key: collector} if state else {self.state_key: collector}
+        )
+        token = _current.set(collector)
+        if scope_type == "websocket":
+            await self._websocket(scope, receive, send, collector, token)
+            return
+
+        status = 0
+        trailers = complete = client_gone = False
+
+        async def send_watching(message: Message) -> None:
+            nonlocal status, trailers, complete, client_gone
+            try:
+                await send(message)
+            except OSError:
+                client_gone = True
+                raise
+            kind = message["type"]
+            if kind == "http.response.body":
+                if trailers or message.get("more_body", False):
+                    return
+            elif kind == "http.response.start":
+                status = message["status"]
+                trailers = message.get("trailers", False)
+                return
+            elif kind not in _OTHER_FINAL or message.get(_OTHER_FINAL[kind], False):
+                return
+            # The server has the whole response: the request's tasks may start now.
+            complete = True
+            if collector._jobs and executor.background is not None:
+                collector.hand_over(failed=_status_failure(status))
+
+        try:
+            await self.app(scope, receive, send_watching)
+        except Exception as exc:
+            _current.reset(token)
+            if complete or client_gone or _client_left(exc):
+                failed = _status_failure(status)
+            else:
+                failed = f"the app raised {type(exc).__qualname__}"
+            await self._finish(collector, failed)
+            raise
+        except BaseException:
+            _current.reset(token)
+            self._finish_cancelled(collector, _status_failure(status))
+            raise
+        _current.reset(token)
+        if collector._jobs or collector.overflow:
+            if status == 0 and not client_gone:
+                failed = "the app returned without sending a response"
+            else:
+                failed = _status_failure(status)
+            await self._finish(collector, failed)
+        collector.close()
+
+    async def _websocket(
+        self, scope: Scope, receive: Receive, send: Send, collector: Collector, token: Token[Any]
+    ) -> None:
+        client_gone = False
+
+        async def receive_watching() -> Message:
+            nonlocal client_gone
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                client_gone = True
+            return message
+
+        try:
+            await self.app(scope, receive_watching, send)
+        except Exception as exc:
+            _current.reset(token)
+            if client_gone or _client_left(exc):
+                await self._finish(collector, None)
+            else:
+                await self._finish(collector, f"the app raised {type(exc).__qualname__}")
+            raise
+        except BaseException:
+            _current.reset(token)
+            self._finish_cancelled(collector, None)
+            raise
+        _current.reset(token)
+        await self._finish(collector, None)
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait until every task added so far has ended (succeeded, failed, timed out,
@@ -131,99 +222,51 @@ class AfterResponseMiddleware:
 
     # -- requests ----------------------------------------------------------------------------
 
-    async def _request(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _finish(self, collector: Collector, failed: str | None) -> None:
+        """After the app returned: hand over (or run) what is still held, wait for room."""
         executor = self._executor
-        is_http = scope["type"] == "http"
-        collector = Collector(
-            executor, RequestInfo(scope.get("method", "WEBSOCKET"), scope.get("path", ""))
-        )
-        # A new state dict: a server that shares one between requests must not see ours.
-        state = scope.get("state")
-        scope["state"] = (
-            {**state, self.state_key: collector} if state else {self.state_key: collector}
-        )
-        overflow: list[Any] = []
-        trailers = False
-
-        async def receive_watching() -> Message:
-            message = await receive()
-            if message["type"] in ("http.disconnect", "websocket.disconnect"):
-                collector.client_gone = True
-            return message
-
-        async def send_watching(message: Message) -> None:
-            nonlocal trailers
-            kind = message["type"]
-            if kind == "http.response.start":
-                collector.status = message["status"]
-                trailers = message.get("trailers", False)
-            try:
-                await send(message)
-            except OSError:
-                collector.client_gone = True
-                raise
-            more = _FINAL_UNLESS_MORE.get(kind)
-            if (
-                (more is not None and not message.get(more, False))
-                or kind == "http.response.pathsend"
-            ) and (kind == "http.response.trailers" or not trailers):
-                # The server has the whole response: the request's tasks may start now.
-                collector.response_complete = True
-                if executor.background is not None:
-                    overflow.extend(collector.hand_over(failed=_http_failure(collector, None)))
-
-        token = _current.set(collector)
         try:
-            await self.app(scope, receive_watching, send_watching if is_http else send)
-        except Exception as exc:
-            _current.reset(token)
-            await self._finish(collector, overflow, exc, is_http)
-            raise
-        except BaseException:
-            _current.reset(token)
-            self._finish_cancelled(collector)
-            raise
-        _current.reset(token)
-        await self._finish(collector, overflow, None, is_http)
+            if collector.overflow:
+                await executor.admit_waiting(collector.overflow, None)
+            if collector.handed_over or not collector._jobs:
+                return
+            if executor.background is not None:
+                collector.hand_over(failed=failed)
+                if collector.overflow:
+                    await executor.admit_waiting(collector.overflow, None)
+                return
+            if not self._warned_no_lifespan:
+                self._warned_no_lifespan = True
+                logger.warning(
+                    "AfterResponseMiddleware got a request before lifespan startup (is the "
+                    "server running with lifespan off, as `uvicorn --lifespan off` does?). Side "
+                    "effects still run, after each response, but inside the request's own ASGI "
+                    "call, so the server's graceful shutdown waits for them; shutdown_timeout "
+                    "does not apply. Enable lifespan to give them a shared executor and a "
+                    "bounded drain."
+                )
+            await collector.run_inline(failed=failed)
+        finally:
+            collector.overflow = None
+            collector.close()
 
-    async def _finish(
-        self, collector: Collector, overflow: list[Any], raised: Exception | None, is_http: bool
-    ) -> None:
-        executor = self._executor
-        if overflow:
-            await executor.admit_waiting(overflow, None)
-        if collector.handed_over or not len(collector):
-            return
-        failed = (
-            _http_failure(collector, raised) if is_http else _websocket_failure(collector, raised)
-        )
-        if executor.background is not None:
-            overflow = collector.hand_over(failed=failed)
-            if overflow:
-                await executor.admit_waiting(overflow, None)
-            return
-        if not self._warned_no_lifespan:
-            self._warned_no_lifespan = True
-            logger.warning(
-                "AfterResponseMiddleware got a request before lifespan startup (is the server "
-                "running with lifespan off, as `uvicorn --lifespan off` does?). Side effects "
-                "still run, after each response, but inside the request's own ASGI call, so "
-                "the server's graceful shutdown waits for them; shutdown_timeout does not "
-                "apply. Enable lifespan to give them a shared executor and a bounded drain."
-            )
-        await collector.run_inline(failed=failed)
-
-    def _finish_cancelled(self, collector: Collector) -> None:
+    def _finish_cancelled(self, collector: Collector, failed: str | None) -> None:
         """The request's call was cancelled: nothing here may await."""
-        if not len(collector):
-            return
-        failed = _http_failure(collector, None) if collector.status else None
-        if self._executor.background is not None:
-            # The handler already decided these; the cancellation (often a client that
-            # went away) does not undo that.
-            self._executor.shed(collector.hand_over(failed=failed))
-        else:
-            collector.abandon("its request's ASGI call was cancelled before they could run")
+        executor = self._executor
+        if collector.overflow:
+            executor.shed(collector.overflow, "its request was cancelled while it waited")
+            collector.overflow = None
+        if collector._jobs:
+            if executor.background is not None:
+                # The handler already decided these; the cancellation (often a client that
+                # went away) does not undo that.
+                collector.hand_over(failed=failed)
+                if collector.overflow:
+                    executor.shed(collector.overflow, "its request was cancelled")
+                    collector.overflow = None
+            else:
+                collector.abandon("its request's ASGI call was cancelled before they could run")
+        collector.close()
 
     # -- lifespan ----------------------------------------------------------------------------
 
@@ -278,23 +321,18 @@ class AfterResponseMiddleware:
                 return
 
 
-def _http_failure(collector: Collector, raised: Exception | None) -> str | None:
-    """Why the request counts as failed (its tasks are discarded), or ``None``."""
-    if collector.status >= 500:
-        return f"the response status was {collector.status}"
-    if collector.response_complete or collector.client_gone:
-        return None  # the handler decided its side effects; the client leaving does not undo it
-    if raised is not None:
-        return f"the app raised {type(raised).__qualname__}"
-    if collector.status == 0:
-        return "the app returned without sending a response"
-    return None
+#: Exceptions frameworks raise when the client went away (matched by name: no imports).
+_CLIENT_GONE: Final = frozenset({"ClientDisconnect", "ClientDisconnected", "WebSocketDisconnect"})
 
 
-def _websocket_failure(collector: Collector, raised: Exception | None) -> str | None:
-    if raised is not None and not collector.client_gone:
-        return f"the app raised {type(raised).__qualname__}"
-    return None
+def _client_left(raised: Exception) -> bool:
+    """Whether ``raised`` says the client went away (the handler's decisions stand)."""
+    return isinstance(raised, OSError) or type(raised).__name__ in _CLIENT_GONE
+
+
+def _status_failure(status: int) -> str | None:
+    """Why a response with this status discards its tasks, or ``None``."""
+    return f"the response status was {status}" if status >= 500 else None
 
 
 def _check_count(what: str, value: object, *, minimum: int) -> None:

@@ -181,9 +181,16 @@ def side_effect(
         if not callable(fn):
             raise TypeError(f"@side_effect(...) decorates a function, got {fn!r}")
         setattr(fn, OPTIONS_ATTRIBUTE, options)
+        _forget(fn)
         return fn
 
     return decorate
+
+
+def _forget(fn: Callable[..., Any]) -> None:
+    from ._callable import forget  # the facts module imports this one
+
+    forget(fn)
 
 
 def options_of(fn: Callable[..., Any]) -> TaskOptions:

@@ -7,6 +7,7 @@ provider is still the proxy or a no-op) every call below short-circuits on a boo
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final
@@ -32,6 +33,9 @@ RETRY: Final = "retry"
 
 #: ``error.type`` for outcomes that have no exception type of their own.
 _ERROR_TYPES: Final = {TIMED_OUT: "timeout", SHED: "shed", ABANDONED: "abandoned"}
+
+#: How often an unset global provider is looked up again.
+_RECHECK_SECONDS: Final = 1.0
 
 _SECONDS_BUCKETS: Final = (
     *(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
@@ -103,12 +107,24 @@ class Telemetry:
         self._meter_provider = meter_provider
         self._tracer_for: object = None
         self._tracer: trace.Tracer | None = None
+        self._tracer_next_check = 0.0
+        self._tracer_settled = False
         self._instruments_for: object = None
         self._instruments: _Instruments | None = None
+        self._instruments_next_check = 0.0
+        self._instruments_settled = False
 
     @property
     def tracer(self) -> trace.Tracer | None:
         """The tracer to use now, or ``None`` when tracing is off."""
+        if self._tracer_settled:
+            return self._tracer
+        # Looking the global provider up reads os.environ: do it at most once a second
+        # until a real provider is set (a global provider can be set only once).
+        now = time.monotonic()
+        if now < self._tracer_next_check:
+            return self._tracer
+        self._tracer_next_check = now + _RECHECK_SECONDS
         provider = self._tracer_provider or trace.get_tracer_provider()
         if provider is not self._tracer_for:
             self._tracer_for = provider
@@ -121,11 +137,20 @@ class Telemetry:
                     schema_url="https://opentelemetry.io/schemas/1.26.0",
                 )
             )
+        self._tracer_settled = self._tracer_provider is not None or not isinstance(
+            provider, ProxyTracerProvider
+        )
         return self._tracer
 
     @property
     def instruments(self) -> _Instruments | None:
         """The metric instruments to use now, or ``None`` when metrics are off."""
+        if self._instruments_settled:
+            return self._instruments
+        now = time.monotonic()
+        if now < self._instruments_next_check:
+            return self._instruments
+        self._instruments_next_check = now + _RECHECK_SECONDS
         provider = self._meter_provider or metrics.get_meter_provider()
         if provider is not self._instruments_for:
             self._instruments_for = provider
@@ -134,6 +159,9 @@ class Telemetry:
                 if _is_noop_meter_provider(provider)
                 else _Instruments(provider.get_meter("after_response", _version.VERSION))
             )
+        self._instruments_settled = (
+            self._meter_provider is not None or type(provider).__name__ != "_ProxyMeterProvider"
+        )
         return self._instruments
 
     # -- spans -----------------------------------------------------------------------------

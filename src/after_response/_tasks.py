@@ -1,0 +1,114 @@
+"""Who owns the running tasks: a plain set of asyncio tasks where the loop is asyncio, an
+anyio task group elsewhere (trio). Either way the executor that spawns them cancels and
+awaits them when it stops: no task outlives its owner."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeAlias
+
+from anyio.abc import TaskGroup
+
+logger = logging.getLogger("after_response")
+
+
+class NativeTasks:
+    """Tasks created straight on the running asyncio loop.
+
+    anyio's ``start_soon`` costs several times a bare ``loop.create_task`` (it wraps each
+    task in a handle and a cancel scope); this owner keeps the same lifetime rules at the
+    bare cost: ``aclose()`` cancels whatever still runs and waits for it to finish.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # Deadlines: one timer for all running attempts, at the earliest deadline. Starting
+        # and finishing an attempt is a dict write, where a timer each (asyncio.timeout)
+        # costs a heap push and a cancel, more than running a short task.
+        self._deadlines: dict[asyncio.Task[Any], float] = {}
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+
+    async def run_with_deadline(self, timeout: float, call: Awaitable[None]) -> bool:
+        """Await ``call``, cancelling it after ``timeout`` seconds; ``False`` if it was."""
+        task = asyncio.current_task()
+        assert task is not None
+        deadline = self._loop.time() + timeout
+        self._deadlines[task] = deadline
+        if deadline < self._timer_at:
+            self._schedule(deadline)
+        try:
+            await call
+        except asyncio.CancelledError:
+            if task not in self._expired:
+                raise
+            self._expired.discard(task)
+            task.uncancel()  # type: ignore[attr-defined,unused-ignore]
+            return False
+        finally:
+            self._deadlines.pop(task, None)
+        return True
+
+    def _schedule(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        now = self._loop.time()
+        earliest = math.inf
+        for task, deadline in list(self._deadlines.items()):
+            if deadline <= now:
+                del self._deadlines[task]
+                self._expired.add(task)
+                task.cancel()
+            elif deadline < earliest:
+                earliest = deadline
+        if earliest < math.inf:
+            self._schedule(earliest)
+
+    def start_soon(self, func: Callable[..., Awaitable[Any]], /, *args: Any) -> None:
+        task: asyncio.Task[Any] = self._loop.create_task(func(*args))  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # pragma: no cover - a bug
+            logger.error("after-response internal error", exc_info=task.exception())
+
+    async def aclose(self) -> None:
+        """Cancel the tasks that still run and wait until every one has finished."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._deadlines.clear()
+        self._expired.clear()
+        for task in self._tasks:
+            task.cancel()
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+
+#: What runs a job's task: the executor's own asyncio task set, or an anyio task group.
+Spawner: TypeAlias = "NativeTasks | TaskGroup"
+
+
+def running_asyncio() -> bool:
+    """Whether the current thread runs an asyncio loop (not trio)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+#: ``Task.uncancel`` (3.11+) lets a deadline cancel an attempt without cancelling its task.
+HAS_UNCANCEL = sys.version_info >= (3, 11)
