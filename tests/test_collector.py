@@ -25,6 +25,13 @@ from .asgi import call, http_scope, lifespan
 pytestmark = pytest.mark.anyio
 
 
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """These tests drive the ASGI app directly, so they run on trio too (anyio task groups
+    and cancel scopes there, native asyncio tasks and one deadline timer on asyncio)."""
+    return str(request.param)
+
+
 def app_running(handler: Any) -> Any:
     """A bare ASGI app that calls ``handler(collector)`` and answers 200."""
 

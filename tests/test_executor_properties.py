@@ -161,11 +161,15 @@ task = st.tuples(st.sampled_from(KINDS), st.booleans())
     max_concurrency=st.integers(1, 4),
     max_pending=st.integers(0, 6),
     failing_request=st.one_of(st.none(), st.integers(0, 5)),
+    backend=st.sampled_from(["asyncio", "trio"]),
 )
 def test_every_task_ends_in_exactly_one_terminal_state(
     requests: list[list[tuple[str, bool]]],
     max_concurrency: int,
     max_pending: int,
     failing_request: int | None,
+    backend: str,
 ) -> None:
-    anyio.run(scenario, requests, max_concurrency, max_pending, failing_request)
+    anyio.run(
+        scenario, requests, max_concurrency, max_pending, failing_request, backend=backend
+    )

@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import anyio
 import anyio.to_thread
@@ -450,8 +450,8 @@ class Executor:
             return
         if self._thread_limiter is None:
             self._thread_limiter = anyio.CapacityLimiter(self._max_threads)
-        call = functools.partial(job.fn, *job.args, **job.kwargs)
-        result = await anyio.to_thread.run_sync(
+        call = functools.partial(_call_boxed, job.fn, job.args, job.kwargs)
+        [result] = await anyio.to_thread.run_sync(
             call, abandon_on_cancel=True, limiter=self._thread_limiter
         )
         if inspect.isawaitable(result):
@@ -569,3 +569,9 @@ class Executor:
         await self._serving_done.wait()
         self._shutting_down = False
         self._stopped = None
+
+
+def _call_boxed(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    """Call ``fn`` in a worker thread; boxed, because trio refuses a thread whose result is a
+    coroutine (a sync lambda around an async call), which the loop then awaits."""
+    return [fn(*args, **kwargs)]
