@@ -191,9 +191,3 @@ def _forget(fn: Callable[..., Any]) -> None:
     from ._callable import forget  # the facts module imports this one
 
     forget(fn)
-
-
-def options_of(fn: Callable[..., Any]) -> TaskOptions:
-    """The options a function was decorated with, or empty options."""
-    options = getattr(fn, OPTIONS_ATTRIBUTE, EMPTY_OPTIONS)
-    return options if isinstance(options, TaskOptions) else EMPTY_OPTIONS
