@@ -7,6 +7,8 @@ import functools
 import threading
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import pytest
 from starlette.types import Receive, Scope, Send
 
@@ -392,3 +394,90 @@ class warnings_as_errors:
 
     def __exit__(self, *exc: object) -> None:
         self._catch.__exit__(*exc)
+
+
+async def test_drain_returns_false_when_tasks_outlast_the_timeout() -> None:
+    release = anyio.Event()
+
+    async def blocked() -> None:
+        await release.wait()
+
+    async def handler(collector: Collector) -> None:
+        collector.add(blocked)
+
+    middleware = AfterResponseMiddleware(app_running(handler))
+    async with lifespan(middleware):
+        await call(middleware, http_scope())
+        assert await middleware.drain(timeout=0.01) is False
+        release.set()
+        assert await middleware.drain(timeout=5) is True
+
+
+async def test_shutdown_sheds_tasks_of_requests_still_waiting_for_room() -> None:
+    started = anyio.Event()
+
+    async def blocked() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    async def handler(collector: Collector) -> None:
+        collector.add(blocked)
+
+    middleware = AfterResponseMiddleware(
+        app_running(handler),
+        max_concurrency=1,
+        max_pending=1,
+        overflow_timeout=None,
+        shutdown_timeout=0.05,
+    )
+    async with anyio.create_task_group() as tg, lifespan(middleware):
+        await call(middleware, http_scope())  # runs
+        await started.wait()
+        await call(middleware, http_scope())  # queued
+        tg.start_soon(call, middleware, http_scope())  # waits for room, indefinitely
+        await anyio.wait_all_tasks_blocked()
+        assert middleware.stats().collected == 1
+    stats = middleware.stats()
+    assert (stats.abandoned, stats.shed, stats.collected) == (2, 1, 0)
+
+
+async def test_task_added_after_its_request_ended_without_executor_is_shed_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    kept: list[Collector] = []
+
+    async def handler(collector: Collector) -> None:
+        kept.append(collector)
+
+    middleware = AfterResponseMiddleware(app_running(handler))  # no lifespan: no executor
+    await call(middleware, http_scope())
+    kept[0].add(send_email, "a@example.com", "1")
+    assert middleware.stats().shed == 1
+    assert "added after its request had ended" in caplog.text
+    assert "a@example.com" not in caplog.text
+
+
+async def test_task_added_from_a_foreign_thread_after_hand_over_is_shed_not_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    kept: list[Collector] = []
+    ran = anyio.Event()
+
+    async def effect() -> None:
+        ran.set()
+
+    async def handler(collector: Collector) -> None:
+        kept.append(collector)
+        collector.add(effect)
+
+    middleware = AfterResponseMiddleware(app_running(handler))
+    async with lifespan(middleware):
+        await call(middleware, http_scope())
+        await ran.wait()
+        # A thread the event loop knows nothing about (not an anyio worker thread).
+        thread = threading.Thread(target=kept[0].add, args=(send_email, "a@example.com", "1"))
+        thread.start()
+        await anyio.to_thread.run_sync(thread.join)
+        assert await middleware.drain(timeout=5)
+    assert middleware.stats().shed == 1
+    assert "cannot reach the loop" in caplog.text

@@ -176,7 +176,9 @@ class Collector:
         executor.note_added(job)
         if self._state == _OPEN:
             self._jobs.append(job)
-        elif threading.get_ident() != (self._thread or executor.loop_thread):
+        elif (loop_thread := self._thread or executor.loop_thread) and (
+            threading.get_ident() != loop_thread
+        ):
             # A side effect in a worker thread adding a follow-up: admit on the loop.
             try:
                 anyio.from_thread.run(self._admit_late_async, job)

@@ -175,7 +175,9 @@ class Executor:
                 self._gauge_running(job, 1)
                 try:
                     self._spawn(job)
-                except RuntimeError:  # the task group has closed: undo, and shed the job
+                except RuntimeError:  # pragma: no cover - defensive: a closed task group
+                    # Callers only pass open groups; should one have closed, keep the counts
+                    # right and shed the job rather than lose it.
                     self._running -= 1
                     self._gauge_running(job, -1)
                     self._handed_over -= 1
@@ -251,8 +253,6 @@ class Executor:
 
     def discard(self, jobs: list[Job], reason: str) -> None:
         """End jobs of a failed request by policy (not an error): one log line, counted."""
-        if not jobs:
-            return
         first = jobs[0]
         self.telemetry.log(
             logging.WARNING,
