@@ -320,3 +320,45 @@ async def test_httpx_asgi_transport_works_without_lifespan() -> None:
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         assert (await client.get("/")).text == "ok"
     assert ran == ["effect"]
+
+
+async def test_app_that_raises_before_responding_discards_with_the_exception_type(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def effect() -> None: ...
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        current().add(effect)
+        raise LookupError("user 42 not found")
+
+    middleware = AfterResponseMiddleware(app)
+    with pytest.raises(LookupError):
+        await call(middleware, http_scope())
+    assert middleware.stats().discarded == 1
+    assert "because the app raised LookupError" in caplog.text
+    assert "user 42" not in caplog.text
+
+
+async def test_cancelled_websocket_hands_its_tasks_to_the_executor() -> None:
+    ran: list[str] = []
+    connected = anyio.Event()
+
+    async def effect() -> None:
+        ran.append("effect")
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            raise RuntimeError("no lifespan")
+        current().add(effect)
+        connected.set()
+        await anyio.sleep_forever()
+
+    middleware = AfterResponseMiddleware(app)
+    async with lifespan(middleware):
+        async with anyio.create_task_group() as tg:
+            scope = {"type": "websocket", "path": "/ws", "state": {}}
+            tg.start_soon(call, middleware, scope, [{"type": "websocket.connect"}])
+            await connected.wait()
+            tg.cancel_scope.cancel()
+        assert await middleware.drain(timeout=5)
+    assert ran == ["effect"]
