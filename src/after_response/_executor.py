@@ -307,6 +307,7 @@ class Executor:
 
     async def _run(self, job: Job) -> None:
         holds_slot = True
+        backing_off = False
         try:
             while True:
                 outcome, exc = await self._attempt(job)
@@ -322,7 +323,9 @@ class Executor:
                 job.attempt += 1
                 if len(self._queue) + self._retry_waiting >= self.max_pending:
                     # No room to wait among the pending: back off holding the slot.
+                    backing_off = True
                     await anyio.sleep(delay)
+                    backing_off = False
                     job.ready_at = time.perf_counter()
                     continue
                 # Backoff gives the slot back: a task waiting to retry occupies no worker.
@@ -330,11 +333,13 @@ class Executor:
                 self._retry_waiting += 1
                 self._gauge_pending(job, 1)
                 self._release(job)
+                backing_off = True
                 try:
                     await anyio.sleep(delay)
                 finally:
                     self._retry_waiting -= 1
                     self._gauge_pending(job, -1)
+                backing_off = False
                 job.ready_at = time.perf_counter()
                 if self._running < self.max_concurrency and not self._queue:
                     self._running += 1
@@ -346,7 +351,12 @@ class Executor:
                 self._dispatch()
                 return
         except anyio.get_cancelled_exc_class():
-            self._log_abandoned(job, "shutdown_timeout elapsed while it ran")
+            if backing_off:
+                # Its next attempt never started: leave a span for it, as for a queued task.
+                self._log_abandoned(job, "shutdown_timeout elapsed while it waited to retry")
+                self.telemetry.record_unrun(job, t.ABANDONED)
+            else:
+                self._log_abandoned(job, "shutdown_timeout elapsed while it ran")
             self._end(job, t.ABANDONED, TaskAbandonedError(f"{job.name} was abandoned at shutdown"))
             raise
         finally:

@@ -6,9 +6,13 @@ provider is still the proxy or a no-op) every call below short-circuits on a boo
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import itertools
 import logging
 import time
-from collections.abc import Iterator, Mapping
+import traceback
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final
 
@@ -17,6 +21,7 @@ from opentelemetry.trace import NoOpTracerProvider, ProxyTracerProvider, Span, S
 from opentelemetry.trace import StatusCode as _StatusCode
 
 from . import _version
+from ._errors import TaskTimeoutError
 
 if TYPE_CHECKING:
     from ._job import Job
@@ -33,6 +38,17 @@ RETRY: Final = "retry"
 
 #: ``error.type`` for outcomes that have no exception type of their own.
 _ERROR_TYPES: Final = {TIMED_OUT: "timeout", SHED: "shed", ABANDONED: "abandoned"}
+
+#: The semantic conventions the attributes follow: ``code.function.name`` (a fully-qualified
+#: name, replacing ``code.namespace`` + ``code.function``) is stable from 1.33.0.
+_SCHEMA_URL: Final = "https://opentelemetry.io/schemas/1.33.0"
+
+#: Argument strings shorter than this are not redacted from exception text (they would
+#: match ordinary words and line numbers; a secret is longer).
+_MIN_REDACTED_LENGTH: Final = 4
+_REDACTED: Final = "[redacted]"
+#: Items looked at inside each container argument (a bound on the work on the failure path).
+_MAX_REDACTED_ITEMS: Final = 100
 
 #: How often an unset global provider is looked up again.
 _RECHECK_SECONDS: Final = 1.0
@@ -113,6 +129,8 @@ class Telemetry:
         self._instruments: _Instruments | None = None
         self._instruments_next_check = 0.0
         self._instruments_settled = False
+        #: The job of each open attempt span.
+        self._attempt_jobs: dict[Span, Job] = {}
 
     @property
     def tracer(self) -> trace.Tracer | None:
@@ -134,7 +152,7 @@ class Telemetry:
                 else provider.get_tracer(
                     "after_response",
                     _version.VERSION,
-                    schema_url="https://opentelemetry.io/schemas/1.26.0",
+                    schema_url=_SCHEMA_URL,
                 )
             )
         self._tracer_settled = self._tracer_provider is not None or not isinstance(
@@ -157,7 +175,9 @@ class Telemetry:
             self._instruments = (
                 None
                 if _is_noop_meter_provider(provider)
-                else _Instruments(provider.get_meter("after_response", _version.VERSION))
+                else _Instruments(
+                    provider.get_meter("after_response", _version.VERSION, schema_url=_SCHEMA_URL)
+                )
             )
         self._instruments_settled = (
             self._meter_provider is not None or type(provider).__name__ != "_ProxyMeterProvider"
@@ -188,7 +208,12 @@ class Telemetry:
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
-            yield span
+            # end_attempt_span() needs the job's arguments, to keep them out of the span.
+            self._attempt_jobs[span] = job
+            try:
+                yield span
+            finally:
+                del self._attempt_jobs[span]
 
     def end_attempt_span(
         self, span: Span | None, outcome: str, exc: BaseException | None = None
@@ -197,14 +222,20 @@ class Telemetry:
         if span is None:
             return
         span.set_attribute("after_response.task.outcome", outcome)
-        if outcome in (SUCCEEDED, DISCARDED, RETRY) and exc is None:
+        if isinstance(exc, TaskTimeoutError):
+            # A timed-out attempt that will be retried is a timeout too, not an exception.
+            exc, error_type = None, "timeout"
+        elif exc is not None and outcome in (FAILED, RETRY):
+            error_type = _qualified_type(exc)
+        elif outcome in (SUCCEEDED, DISCARDED):
             return
-        if exc is not None and outcome in (FAILED, RETRY):
-            span.record_exception(exc)
-            span.set_attribute("error.type", _qualified_type(exc))
         else:
-            span.set_attribute("error.type", _ERROR_TYPES.get(outcome, outcome))
-        span.set_status(Status(_StatusCode.ERROR, _status_description(outcome, exc)))
+            error_type = _ERROR_TYPES.get(outcome, outcome)
+        if exc is not None:
+            job = self._attempt_jobs.get(span)
+            span.record_exception(exc, attributes=_exception_attributes(exc, job))
+        span.set_attribute("error.type", error_type)
+        span.set_status(Status(_StatusCode.ERROR, _status_description(error_type, exc)))
 
     def record_unrun(self, job: Job, outcome: str) -> None:
         """Leave a zero-length span for a task that never ran (discarded, shed, abandoned)."""
@@ -269,11 +300,64 @@ def _qualified_type(exc: BaseException) -> str:
     return name if module == "builtins" else f"{module}.{name}"
 
 
-def _status_description(outcome: str, exc: BaseException | None) -> str:
-    if exc is not None and outcome in (FAILED, RETRY):
+def _status_description(error_type: str, exc: BaseException | None) -> str:
+    if exc is not None:
         return type(exc).__qualname__
     return {
-        TIMED_OUT: "task timed out",
-        SHED: "task shed: pending queue full",
-        ABANDONED: "task abandoned at shutdown",
-    }.get(outcome, outcome)
+        "timeout": "task timed out",
+        "shed": "task shed: pending queue full",
+        "abandoned": "task abandoned at shutdown",
+    }.get(error_type, error_type)
+
+
+def _exception_attributes(exc: BaseException, job: Job | None) -> dict[str, str]:
+    """The exception event's message and stacktrace, with the task's arguments redacted.
+
+    Exception messages often quote what the task was called with (smtplib's
+    ``SMTPRecipientsRefused`` holds the address): the span must not carry it.
+    """
+    message = str(exc)
+    stacktrace = "".join(traceback.format_exception(exc))
+    if job is not None:
+        for secret in _argument_strings(job.fn, job.args, job.kwargs):
+            message = message.replace(secret, _REDACTED)
+            stacktrace = stacktrace.replace(secret, _REDACTED)
+    return {"exception.message": message, "exception.stacktrace": stacktrace}
+
+
+def _argument_strings(
+    fn: object, args: Iterable[object], kwargs: Mapping[str, object]
+) -> list[str]:
+    """The strings among a task's arguments (those bound by ``functools.partial`` too), and
+    one level inside containers and dataclasses (a ``User`` with an ``email``), as they may
+    appear in text, longest first."""
+    found: set[str] = set()
+    values = [*args, *kwargs.values()]
+    while isinstance(fn, functools.partial):
+        values += [*fn.args, *fn.keywords.values()]
+        fn = fn.func
+
+    def collect(value: object, depth: int) -> None:
+        if isinstance(value, (bytes, bytearray)):
+            value = bytes(value).decode("utf-8", "replace")
+        if isinstance(value, str):
+            if len(value) >= _MIN_REDACTED_LENGTH:
+                found.add(value)
+                found.add(repr(value)[1:-1])  # as it appears inside a repr()
+            return
+        if depth > 0:
+            return
+        if isinstance(value, Mapping):
+            items: Iterable[object] = (*value.keys(), *value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            items = value
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            items = (getattr(value, field.name) for field in dataclasses.fields(value))
+        else:
+            return
+        for item in itertools.islice(items, _MAX_REDACTED_ITEMS):
+            collect(item, depth + 1)
+
+    for value in values:
+        collect(value, 0)
+    return sorted(found, key=len, reverse=True)
