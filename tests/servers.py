@@ -19,7 +19,9 @@ from starlette.types import ASGIApp
 
 def bound_socket() -> socket.socket:
     """A listening-ready TCP socket on a free port of 127.0.0.1."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on connections accepted from a
+    # socket whose proto says TCP; without it Nagle and delayed ACKs stall small responses.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.set_inheritable(True)
@@ -108,3 +110,41 @@ SERVERS: dict[str, Callable[..., Any]] = {
     "uvicorn": serve_uvicorn,
     "hypercorn": serve_hypercorn,
 }
+
+
+@asynccontextmanager
+async def serve_granian(
+    app: ASGIApp, *, lifespan: str = "on", **options: Any
+) -> AsyncIterator[str]:
+    """Serve ``app`` with granian's embedded server, in this event loop; yields its base URL.
+
+    ``granian.server.embed`` (granian 2.x, marked experimental by granian) runs the Rust
+    HTTP runtime on its own threads and the ASGI app on the current asyncio loop, so the
+    test can still await ``drain()`` and read ``stats()``. Stopping it runs lifespan
+    shutdown, as SIGTERM does for ``granian --interface asgi``.
+    """
+    from granian.constants import Interfaces
+    from granian.server.embed import Server
+
+    # Granian binds the address itself: borrow a free port.
+    with bound_socket() as free:
+        port = free.getsockname()[1]
+    interface = Interfaces.ASGI if lifespan == "on" else Interfaces.ASGINL
+    server = Server(
+        app, address="127.0.0.1", port=port, interface=interface, log_enabled=False, **options
+    )
+    with anyio.CancelScope() as shutdown_bound:
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(server.serve)
+            await _wait_until_listening(port)
+            try:
+                yield f"http://127.0.0.1:{port}"
+            finally:
+                server.stop()  # type: ignore[no-untyped-call]
+                # Granian waits for its worker without a deadline: bound the wait here.
+                shutdown_bound.deadline = anyio.current_time() + 30
+    if shutdown_bound.cancelled_caught:
+        raise TimeoutError("granian did not shut down within 30 s")
+
+
+SERVERS["granian"] = serve_granian

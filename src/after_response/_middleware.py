@@ -3,13 +3,14 @@ response is complete, and ties the executor's lifetime to the server's lifespan.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from contextvars import Token
 from typing import Any, Final
 
 import anyio
 from anyio.abc import TaskGroup
 from opentelemetry import metrics, trace
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from ._collector import Collector, _current
 from ._executor import DeadLetterHook, Defaults, Executor, Stats
@@ -22,6 +23,11 @@ _OTHER_FINAL: Final = {
     "http.response.zerocopysend": "more_body",
     "http.response.trailers": "more_trailers",
 }
+
+#: Any ASGI 3 application. Loosely typed on purpose: Litestar, Quart and Django type their
+#: scopes and messages as TypedDicts, which Starlette's ``MutableMapping``-based ``ASGIApp``
+#: does not accept, and users should not need a ``cast`` to wrap them.
+AnyASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 
 class AfterResponseMiddleware:
@@ -64,7 +70,7 @@ class AfterResponseMiddleware:
 
     def __init__(
         self,
-        app: ASGIApp,
+        app: AnyASGIApp,
         *,
         max_concurrency: int = 100,
         max_pending: int = 10_000,
@@ -107,7 +113,9 @@ class AfterResponseMiddleware:
         )
         self._warned_no_lifespan = False
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        # Parameters typed Any for the reason given at AnyASGIApp: the middleware must be
+        # assignable wherever any framework expects its own ASGI callable type.
         scope_type = scope["type"]
         if scope_type != "http" and scope_type != "websocket":
             if scope_type == "lifespan":
