@@ -1,0 +1,357 @@
+"""Load through a real server: uvicorn (a subprocess) and wrk, on 127.0.0.1.
+
+    python benchmarks/load.py [--duration 10] [--connections 32] [--rounds 1] [--smoke]
+
+A login endpoint with four 50 ms side effects (see ``load_app.py``), served in turn with no
+side effects, with them awaited, with Starlette ``BackgroundTasks``, with asgi-background
+and with after-response. For each: requests/s and latency (wrk), the server's peak RSS
+(``VmHWM``), the time from a response being sent to its request's last side effect being
+done, and the side effects completed against those requested once the backlog has drained.
+The server is pinned to one CPU and wrk to another when there are two. Writes
+``benchmarks/results.json`` (for ``plot.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import _support
+
+HERE = _support.BENCHMARKS_DIR
+LABELS = {
+    "none": "no side effects",
+    "awaited": "awaited in the handler",
+    "starlette": "Starlette BackgroundTasks",
+    "asgi-background": "asgi-background",
+    "after-response": "after-response",
+    "after-response-idle": "after-response installed, no side effects",
+}
+DEFAULT_VARIANTS = (
+    "none",
+    "awaited",
+    "starlette",
+    "asgi-background",
+    "after-response",
+    "after-response-idle",
+)
+
+
+def pinned(command: list[str], cpu: int | None) -> list[str]:
+    if cpu is None or shutil.which("taskset") is None:
+        return command
+    return ["taskset", "-c", str(cpu), *command]
+
+
+def post(base_url: str, path: str, timeout: float) -> Any:
+    request = urllib.request.Request(base_url + path, data=b"", method="POST")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        body = response.read()
+    return json.loads(body) if body.startswith(b"{") else body.decode()
+
+
+def run_wrk(args: argparse.Namespace, url: str, seconds: float, cpu: int | None) -> dict[str, Any]:
+    command = pinned(
+        [
+            "wrk",
+            f"-t{args.threads}",
+            f"-c{args.connections}",
+            f"-d{max(1, round(seconds))}s",
+            "--latency",
+            "--timeout",
+            "10s",
+            "-s",
+            str(HERE / "wrk_login.lua"),
+            url,
+        ],
+        cpu,
+    )
+    completed = subprocess.run(command, capture_output=True, text=True, check=True)
+    match = re.search(r"^WRK_RESULT (\{.*\})$", completed.stdout, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"wrk printed no result:\n{completed.stdout}\n{completed.stderr}")
+    result: dict[str, Any] = json.loads(match.group(1))
+    result["non_2xx"] = _non_2xx(completed.stdout)
+    return result
+
+
+def _non_2xx(output: str) -> int:
+    match = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    return int(match.group(1)) if match else 0
+
+
+def measure_variant(
+    args: argparse.Namespace, variant: str, server_cpu: int | None, client_cpu: int | None
+) -> dict[str, Any]:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    listener.set_inheritable(True)
+    base_url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    server = subprocess.Popen(
+        pinned(
+            [
+                sys.executable,
+                str(HERE / "load_app.py"),
+                variant,
+                "--fd",
+                str(listener.fileno()),
+                "--max-concurrency",
+                str(args.max_concurrency),
+            ],
+            server_cpu,
+        ),
+        pass_fds=(listener.fileno(),),
+    )
+    try:
+        # The socket already listens: this waits in its backlog until the server is up.
+        with urllib.request.urlopen(base_url + "/bench/ready", timeout=60) as response:
+            response.read()
+        server_pid = server.pid  # taskset execs the server: same process
+        if args.warmup > 0:
+            run_wrk(args, base_url + "/login", args.warmup, client_cpu)
+            post(base_url, "/bench/drain?timeout=60", timeout=90)
+            post(base_url, "/bench/reset", timeout=10)
+        wrk = run_wrk(args, base_url + "/login", args.duration, client_cpu)
+        drained = post(base_url, f"/bench/drain?timeout={args.drain_timeout}", timeout=120)
+        peak_rss = _support.peak_rss_mib(server_pid)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        listener.close()
+    delays_ms = [delay * 1000 for delay in drained["delays"]]
+    after = [delay for delay in delays_ms if delay >= 0]
+    seconds = wrk["duration_us"] / 1e6
+    return {
+        "variant": variant,
+        "label": LABELS[variant],
+        "requests_per_s": wrk["requests"] / seconds,
+        "latency_ms": {key: value / 1000 for key, value in wrk["latency_us"].items()},
+        "errors": sum(wrk["errors"].values()) + wrk["non_2xx"],
+        "peak_rss_mib": peak_rss,
+        # Only side effects that ran after the response: awaited ones finish before it.
+        "effect_delay_ms": {
+            "p50": _support.percentile(after, 50),
+            "p99": _support.percentile(after, 99),
+        }
+        if after
+        else None,
+        "logins": drained["logins"],
+        "requested": drained["requested"],
+        "completed": drained["completed"],
+        "lost": drained["lost"],
+        "settled": drained["settled"],
+        "stats": drained.get("stats"),
+    }
+
+
+def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians across rounds (the first round's non-numeric fields)."""
+    first = rounds[0]
+    if len(rounds) == 1:
+        return first
+    summary = dict(first)
+    summary["requests_per_s"] = _support.median(r["requests_per_s"] for r in rounds)
+    summary["peak_rss_mib"] = _support.median(r["peak_rss_mib"] for r in rounds)
+    summary["latency_ms"] = {
+        key: _support.median(r["latency_ms"][key] for r in rounds) for key in first["latency_ms"]
+    }
+    if first["effect_delay_ms"] is not None:
+        summary["effect_delay_ms"] = {
+            key: _support.median(r["effect_delay_ms"][key] for r in rounds)
+            for key in first["effect_delay_ms"]
+        }
+    for key in ("logins", "requested", "completed", "lost", "errors"):
+        summary[key] = sum(r[key] for r in rounds)
+    summary["settled"] = all(r["settled"] for r in rounds)
+    return summary
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else float("nan")
+
+
+def print_report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> bool:
+    rows = []
+    for result in results.values():
+        delay = result["effect_delay_ms"]
+        rows.append(
+            (
+                result["label"],
+                result["requests_per_s"],
+                result["latency_ms"]["p50"],
+                result["latency_ms"]["p99"],
+                result["peak_rss_mib"],
+                delay["p50"] if delay else "before response" if result["requested"] else "-",
+                delay["p99"] if delay else "before response" if result["requested"] else "-",
+                f"{result['completed']:,} / {result['requested']:,}",
+                result["errors"],
+            )
+        )
+    _support.print_table(
+        "Login with four 50 ms side effects, uvicorn + wrk",
+        (
+            "variant",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "peak RSS MiB",
+            "response→last effect p50 ms",
+            "p99 ms",
+            "effects done / requested",
+            "errors",
+        ),
+        rows,
+    )
+    all_done = all(r["completed"] == r["requested"] and r["settled"] for r in results.values())
+    targets: list[tuple[str, str, bool | None]] = []
+    ours, theirs = results.get("after-response"), results.get("starlette")
+    judge = not args.smoke
+    if ours and theirs:
+        throughput = ratio(ours["requests_per_s"], theirs["requests_per_s"])
+        p99 = ratio(ours["latency_ms"]["p99"], theirs["latency_ms"]["p99"])
+        targets += [
+            (
+                "after-response req/s ≥ 1.0x Starlette BackgroundTasks req/s",
+                f"{throughput:.2f}x",
+                throughput >= 1.0 if judge else None,
+            ),
+            (
+                "after-response p99 latency ≤ 0.5x Starlette BackgroundTasks p99",
+                f"{p99:.2f}x",
+                p99 <= 0.5 if judge else None,
+            ),
+        ]
+        if ours["effect_delay_ms"] and theirs["effect_delay_ms"]:
+            for key in ("p50", "p99"):
+                delay = ratio(ours["effect_delay_ms"][key], theirs["effect_delay_ms"][key])
+                targets.append(
+                    (
+                        f"after-response response→last effect {key} ≤ 0.3x Starlette's",
+                        f"{delay:.2f}x",
+                        delay <= 0.3 if judge else None,
+                    )
+                )
+    idle, none = results.get("after-response-idle"), results.get("none")
+    if idle and none:
+        cost = ratio(none["requests_per_s"], idle["requests_per_s"])
+        targets.append(
+            (
+                "time per request with after-response installed and no task ≤ 1.05x without",
+                f"{cost:.3f}x",
+                cost <= 1.05 if judge else None,
+            )
+        )
+    targets.append(
+        (
+            "every side effect completed once the backlog drained (none lost)",
+            ", ".join(f"{r['completed']:,}/{r['requested']:,}" for r in results.values()),
+            all_done,
+        )
+    )
+    _support.print_targets(targets)
+    return all_done
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=10, help="seconds of load per variant")
+    parser.add_argument("--warmup", type=float, default=2, help="seconds of unmeasured load")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds (medians across them)")
+    parser.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=1000,
+        help="after-response's max_concurrency: sized for the offered load (4 x 50 ms side "
+        "effects at a few thousand logins/s need several hundred at once)",
+    )
+    parser.add_argument("--drain-timeout", type=float, default=60)
+    parser.add_argument("--variants", nargs="+", choices=sorted(LABELS), default=DEFAULT_VARIANTS)
+    parser.add_argument("--no-pin", action="store_true", help="do not pin server and wrk to CPUs")
+    parser.add_argument("--json", type=Path, default=HERE / "results.json", help="results file")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds, numbers meaningless")
+    args = parser.parse_args()
+    if args.smoke:
+        args.duration, args.warmup, args.connections, args.rounds = 1, 0, 4, 1
+    if shutil.which("wrk") is None:
+        print("load.py needs wrk on PATH (Debian/Ubuntu: apt-get install wrk)", file=sys.stderr)
+        return 2
+
+    cpus = sorted(os.sched_getaffinity(0))
+    server_cpu, client_cpu = (
+        (cpus[0], cpus[1]) if len(cpus) >= 2 and not args.no_pin else (None,) * 2
+    )
+
+    raw: dict[str, list[dict[str, Any]]] = {variant: [] for variant in args.variants}
+    for _ in range(args.rounds):
+        for variant in args.variants:
+            raw[variant].append(measure_variant(args, variant, server_cpu, client_cpu))
+    results = {variant: summarise(rounds) for variant, rounds in raw.items()}
+
+    info = _support.machine()
+    _support.print_machine()
+    pinning = (
+        f"server pinned to CPU {server_cpu}, wrk to CPU {client_cpu}"
+        if server_cpu is not None
+        else "not pinned"
+    )
+    print(
+        f"uvicorn (1 worker, {_uvicorn_stack()}) and wrk ({args.threads} thread, "
+        f"{args.connections} connections, {args.duration:g} s after {args.warmup:g} s of "
+        f"warm-up, {args.rounds} round(s)); {pinning}; after-response with "
+        f"max_concurrency={args.max_concurrency}.\n"
+    )
+    all_done = print_report(results, args)
+    args.json.write_text(
+        json.dumps(
+            {
+                "machine": info,
+                "config": {
+                    "duration_s": args.duration,
+                    "warmup_s": args.warmup,
+                    "connections": args.connections,
+                    "wrk_threads": args.threads,
+                    "rounds": args.rounds,
+                    "max_concurrency": args.max_concurrency,
+                    "effects_per_login": 4,
+                    "effect_ms": 50,
+                    "smoke": args.smoke,
+                },
+                "variants": list(results.values()),
+                "rounds": raw,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"Wrote {args.json}")
+    return 0 if all_done or args.smoke else 1
+
+
+def _uvicorn_stack() -> str:
+    import importlib.util
+
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return f"{http}, {loop}"
+
+
+if __name__ == "__main__":
+    _support.main_guard(main)

@@ -1,0 +1,249 @@
+"""The login app that ``load.py`` serves under uvicorn, one variant per server process.
+
+    python benchmarks/load_app.py VARIANT --fd FD [--max-concurrency N]
+
+``POST /login`` reads a JSON body and has four side effects of 50 ms each (``asyncio.sleep``,
+standing in for an SMTP send, an analytics beacon, a CRM sync and a webhook). The variants
+differ only in how the side effects are run:
+
+- ``none``: no side effects (the ceiling);
+- ``awaited``: awaited in the handler, one after the other (the naive way);
+- ``starlette``: Starlette ``BackgroundTasks`` (run after the response, one after the other);
+- ``asgi-background``: ``asgi_background.BackgroundTasks`` (run concurrently after the call);
+- ``after-response``: ``AfterResponseMiddleware`` (concurrent, bounded, after the response);
+- ``after-response-idle``: the middleware installed, no side effects (its cost per request).
+
+An outermost recorder notes, for each login, when its response was sent (the final body
+``send`` returned) and when its last side effect finished. ``POST /bench/drain`` waits until
+every side effect requested so far has finished (or was reported lost) and returns the
+counts and the per-request delays; ``POST /bench/reset`` starts a fresh ledger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import time
+from typing import Any
+
+import asgi_background
+import uvicorn
+from starlette.applications import Starlette
+from starlette.background import BackgroundTasks
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from after_response import AfterResponseMiddleware
+
+VARIANTS = (
+    "none",
+    "awaited",
+    "starlette",
+    "asgi-background",
+    "after-response",
+    "after-response-idle",
+)
+EFFECTS_PER_LOGIN = 4
+EFFECT_SECONDS = 0.05
+
+
+class Record:
+    """One login: when its response was sent, and how many of its side effects remain."""
+
+    __slots__ = ("last_done", "remaining", "sent")
+
+    def __init__(self) -> None:
+        self.sent = 0.0
+        self.last_done = 0.0
+        self.remaining = 0
+
+
+class Ledger:
+    """Side effects requested, completed and lost, and response-to-last-effect delays."""
+
+    def __init__(self) -> None:
+        self.requested = 0
+        self.completed = 0
+        self.lost = 0
+        self.logins = 0
+        #: Seconds from a login's response being sent to its last side effect finishing
+        #: (negative: the side effects were done before the response was sent).
+        self.delays: list[float] = []
+        self._settled = asyncio.Event()
+        self._settled.set()
+
+    @property
+    def outstanding(self) -> int:
+        return self.requested - self.completed - self.lost
+
+    def requesting(self, record: Record) -> None:
+        self.requested += 1
+        record.remaining += 1
+        self._settled.clear()
+
+    def effect_done(self, record: Record) -> None:
+        self.completed += 1
+        record.remaining -= 1
+        if record.remaining == 0:
+            record.last_done = time.perf_counter()
+            if record.sent:
+                self.delays.append(record.last_done - record.sent)
+        self._check_settled()
+
+    def effect_lost(self, name: str, exc: BaseException, attempts: int) -> None:
+        """``on_dead_letter``: a side effect that will never complete (shed, abandoned...)."""
+        self.lost += 1
+        self._check_settled()
+
+    def response_sent(self, record: Record) -> None:
+        self.logins += 1
+        record.sent = time.perf_counter()
+        if record.last_done:
+            self.delays.append(record.last_done - record.sent)
+
+    def _check_settled(self) -> None:
+        if self.outstanding == 0:
+            self._settled.set()
+
+    async def settled(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._settled.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+
+LEDGER = Ledger()
+
+
+async def side_effect(record: Record) -> None:
+    """A 50 ms I/O-bound side effect (an SMTP send, say)."""
+    await asyncio.sleep(EFFECT_SECONDS)
+    LEDGER.effect_done(record)
+
+
+class Recorder:
+    """Outermost: notes when each login's response has been sent."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/login":
+            await self.app(scope, receive, send)
+            return
+        record = scope["bench.record"] = Record()
+
+        async def send_recording(message: Message) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                LEDGER.response_sent(record)
+
+        await self.app(scope, receive, send_recording)
+
+
+def login_endpoint(variant: str) -> Any:
+    async def login(request: Request) -> Response:
+        credentials = await request.json()
+        record: Record = request.scope["bench.record"]
+        body = {"message": "Code sent", "to": credentials.get("email")}
+        if variant in ("none", "after-response-idle"):
+            return JSONResponse(body)
+        if variant == "awaited":
+            for _ in range(EFFECTS_PER_LOGIN):
+                LEDGER.requesting(record)
+                await side_effect(record)
+            return JSONResponse(body)
+        if variant == "starlette":
+            tasks = BackgroundTasks()
+            for _ in range(EFFECTS_PER_LOGIN):
+                LEDGER.requesting(record)
+                tasks.add_task(side_effect, record)
+            return JSONResponse(body, background=tasks)
+        if variant == "asgi-background":
+            background = asgi_background.BackgroundTasks(request.scope)
+            for _ in range(EFFECTS_PER_LOGIN):
+                LEDGER.requesting(record)
+                await background.add_task(side_effect, record)
+            return JSONResponse(body)
+        collector = request.state.after_response
+        for _ in range(EFFECTS_PER_LOGIN):
+            LEDGER.requesting(record)
+            collector.add(side_effect, record)
+        return JSONResponse(body)
+
+    return login
+
+
+def build_app(variant: str, max_concurrency: int, max_pending: int) -> ASGIApp:
+    middleware: AfterResponseMiddleware | None = None
+
+    async def ready(request: Request) -> Response:
+        return PlainTextResponse("ready")
+
+    async def drain(request: Request) -> Response:
+        timeout = float(request.query_params.get("timeout", "60"))
+        settled = await LEDGER.settled(timeout)
+        result: dict[str, Any] = {
+            "settled": settled,
+            "logins": LEDGER.logins,
+            "requested": LEDGER.requested,
+            "completed": LEDGER.completed,
+            "lost": LEDGER.lost,
+            "delays": LEDGER.delays,
+        }
+        if middleware is not None:
+            await middleware.drain(timeout)
+            result["stats"] = middleware.stats().__dict__
+        return Response(json.dumps(result), media_type="application/json")
+
+    async def reset(request: Request) -> Response:
+        global LEDGER
+        LEDGER = Ledger()
+        return PlainTextResponse("reset")
+
+    app: ASGIApp = Starlette(
+        routes=[
+            Route("/login", login_endpoint(variant), methods=["POST"]),
+            Route("/bench/ready", ready),
+            Route("/bench/drain", drain, methods=["POST"]),
+            Route("/bench/reset", reset, methods=["POST"]),
+        ]
+    )
+    if variant == "asgi-background":
+        app = asgi_background.BackgroundTaskMiddleware(app)
+    elif variant.startswith("after-response"):
+        app = middleware = AfterResponseMiddleware(
+            app,
+            max_concurrency=max_concurrency,
+            max_pending=max_pending,
+            on_dead_letter=lambda *lost: LEDGER.effect_lost(*lost),
+        )
+    return Recorder(app)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("variant", choices=VARIANTS)
+    parser.add_argument("--fd", type=int, required=True, help="a listening TCP socket")
+    parser.add_argument("--max-concurrency", type=int, default=100)
+    parser.add_argument("--max-pending", type=int, default=10_000)
+    args = parser.parse_args()
+    config = uvicorn.Config(
+        build_app(args.variant, args.max_concurrency, args.max_pending),
+        lifespan="on",
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+    # socket.socket(fileno=...) keeps the socket's real family (uvicorn's own --fd assumes a
+    # Unix socket, which would leave TCP_NODELAY off).
+    uvicorn.Server(config).run(sockets=[socket.socket(fileno=args.fd)])
+
+
+if __name__ == "__main__":
+    main()

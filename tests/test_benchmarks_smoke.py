@@ -1,0 +1,75 @@
+"""Every benchmark runs, end to end, in its few-seconds ``--smoke`` mode and prints its table.
+
+No timing assertions: the numbers of a smoke run mean nothing; this only keeps the scripts
+working. The load benchmark needs ``wrk``: skipped without it on a developer's machine, never
+in CI (``CI=true``), which installs it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_benchmark(script: str, *options: str) -> str:
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--smoke", *options],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert completed.returncode == 0, (
+        f"{script} exited {completed.returncode}\n{completed.stdout}\n{completed.stderr}"
+    )
+    return completed.stdout
+
+
+def needs_wrk() -> None:
+    if shutil.which("wrk") is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("wrk is not on PATH; CI must install it (apt-get install wrk)")
+        pytest.skip("wrk is not on PATH (apt-get install wrk)")
+
+
+def test_overhead_benchmark_prints_its_table() -> None:
+    output = run_benchmark("overhead.py")
+    assert "| variant" in output
+    assert "after-response, no task" in output
+    assert "Starlette BackgroundTasks, one task" in output
+    assert "asgi-background, one task" in output
+
+
+def test_executor_benchmark_prints_its_tables() -> None:
+    output = run_benchmark("executor.py")
+    assert "Executor throughput" in output
+    assert "after-response: 1 task per request" in output
+    assert "Scheduling delay" in output
+
+
+def test_overload_benchmark_accounts_for_every_task() -> None:
+    output = run_benchmark("overload.py")
+    assert "| variant" in output
+    assert "after-response accounting after the drain" in output
+    assert "added == succeeded+failed+timed_out+discarded+shed+abandoned" in output
+
+
+def test_load_benchmark_writes_results_and_plot_draws_them(tmp_path: Path) -> None:
+    needs_wrk()
+    results = tmp_path / "results.json"
+    output = run_benchmark("load.py", "--json", str(results))
+    assert "| variant" in output
+    for label in ("Starlette BackgroundTasks", "asgi-background", "after-response"):
+        assert label in output
+    assert results.exists()
+
+    image = tmp_path / "results.png"
+    output = run_benchmark("plot.py", "--input", str(results), "--output", str(image))
+    assert "| variant" in output
+    assert image.read_bytes().startswith(b"\x89PNG")
