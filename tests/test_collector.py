@@ -481,3 +481,30 @@ async def test_task_added_from_a_foreign_thread_after_hand_over_is_shed_not_lost
         assert await middleware.drain(timeout=5)
     assert middleware.stats().shed == 1
     assert "cannot reach the loop" in caplog.text
+
+
+async def test_without_lifespan_a_cancelled_request_call_abandons_its_running_tasks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    started = anyio.Event()
+    finished: list[str] = []
+
+    async def slow_effect() -> None:
+        started.set()
+        await anyio.sleep_forever()
+        finished.append("slow")  # pragma: no cover - it is cancelled
+
+    async def handler(collector: Collector) -> None:
+        collector.add(slow_effect)
+
+    middleware = AfterResponseMiddleware(app_running(handler))
+    async with anyio.create_task_group() as task_group:
+        # No lifespan: the request's own call runs its task, and is cancelled meanwhile
+        # (as a server does to a call that outlives its graceful shutdown).
+        task_group.start_soon(call, middleware, http_scope())
+        await started.wait()
+        task_group.cancel_scope.cancel()
+    stats = middleware.stats()
+    assert (stats.abandoned, stats.running, finished) == (1, 0, [])
+    assert "slow_effect of GET / abandoned" in caplog.text
+    assert await middleware.drain(timeout=1)

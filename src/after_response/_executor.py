@@ -131,7 +131,8 @@ class Executor:
             self._added += 1
         instruments = self.telemetry.instruments
         if instruments is not None:
-            instruments.added.add(1, {"after_response.task.name": job.name})
+            tally = instruments.added
+            tally[job.name] = tally.get(job.name, 0) + 1
 
     @property
     def outstanding(self) -> int:
@@ -319,7 +320,8 @@ class Executor:
                 self._retried += 1
                 instruments = self.telemetry.instruments
                 if instruments is not None:
-                    instruments.retries.add(1, {"after_response.task.name": job.name})
+                    retries = instruments.retries
+                    retries[job.name] = retries.get(job.name, 0) + 1
                 job.attempt += 1
                 if len(self._queue) + self._retry_waiting >= self.max_pending:
                     # No room to wait among the pending: back off holding the slot.
@@ -444,20 +446,19 @@ class Executor:
 
     async def _call_with_timeout(self, job: Job) -> bool:
         """Run one attempt; ``False`` if it ran out of time (and was cancelled)."""
+        # An async side effect's coroutine is awaited as it is: no wrapper per attempt.
+        call = job.fn(*job.args, **job.kwargs) if job.is_async else self._call_in_thread(job)
         if job.timeout is None:
-            await self._call(job)
+            await call
             return True
         owner = job.task_group
         if HAS_UNCANCEL and type(owner) is NativeTasks:
-            return await owner.run_with_deadline(job.timeout, self._call(job))
+            return await owner.run_with_deadline(job.timeout, call)
         with anyio.CancelScope(deadline=anyio.current_time() + job.timeout) as scope:
-            await self._call(job)
+            await call
         return not scope.cancelled_caught
 
-    async def _call(self, job: Job) -> None:
-        if job.is_async:
-            await job.fn(*job.args, **job.kwargs)
-            return
+    async def _call_in_thread(self, job: Job) -> None:
         if self._thread_limiter is None:
             self._thread_limiter = anyio.CapacityLimiter(self._max_threads)
         call = functools.partial(_call_boxed, job.fn, job.args, job.kwargs)
@@ -472,9 +473,9 @@ class Executor:
         self._counts[outcome] += 1
         instruments = self.telemetry.instruments
         if instruments is not None:
-            instruments.finished.add(
-                1, {"after_response.task.name": job.name, "after_response.task.outcome": outcome}
-            )
+            key = (job.name, outcome)
+            finished = instruments.finished
+            finished[key] = finished.get(key, 0) + 1
         job.collector.job_finished()
         if exc is not None and self._on_dead_letter is not None:
             try:
@@ -506,12 +507,14 @@ class Executor:
     def _gauge_pending(self, job: Job, delta: int) -> None:
         instruments = self.telemetry.instruments
         if instruments is not None:
-            instruments.pending.add(delta, {"after_response.task.name": job.name})
+            pending = instruments.pending
+            pending[job.name] = pending.get(job.name, 0) + delta
 
     def _gauge_running(self, job: Job, delta: int) -> None:
         instruments = self.telemetry.instruments
         if instruments is not None:
-            instruments.running.add(delta, {"after_response.task.name": job.name})
+            running = instruments.running
+            running[job.name] = running.get(job.name, 0) + delta
 
     # -- lifecycle ----------------------------------------------------------------------------
 
