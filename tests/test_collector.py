@@ -506,5 +506,5 @@ async def test_without_lifespan_a_cancelled_request_call_abandons_its_running_ta
         task_group.cancel_scope.cancel()
     stats = middleware.stats()
     assert (stats.abandoned, stats.running, finished) == (1, 0, [])
-    assert "slow_effect of GET / abandoned" in caplog.text
+    assert "slow_effect of GET / abandoned: its request's ASGI call was cancelled" in caplog.text
     assert await middleware.drain(timeout=1)

@@ -129,7 +129,7 @@ async def test_attempt_log_lines_carry_the_task_the_request_and_the_attempt_span
     for task, (level, has_traceback, span) in expected.items():
         record = by_task[task]
         assert record.levelno == level, task
-        assert (record.exc_info is not None) is has_traceback, task
+        assert bool(record.exc_text) is has_traceback, task
         assert (field(record, "request_method"), field(record, "request_path")) == ("POST", PATH)
         assert (field(record, "trace_id"), field(record, "span_id")) == (
             trace_id,

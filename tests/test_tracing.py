@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import smtplib
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -635,10 +636,9 @@ async def test_task_arguments_appear_in_no_span_metric_or_log_record(
     records = [r for r in caplog.records if r.name == "after_response"]
     assert records
     for record in records:
-        # The message, its arguments and every extra field (exc_info holds the exception the
-        # task raised, as raised: see the README on exception messages).
-        fields = {k: v for k, v in vars(record).items() if k not in ("exc_info", "exc_text", "msg")}
-        texts = [record.getMessage(), str(record.args), *map(str, fields.values())]
+        # The message, its arguments, every extra field and the traceback, as formatted.
+        assert record.exc_info is None
+        texts = [logging.Formatter().format(record), *map(str, vars(record).values())]
         assert not [t for t in texts if any(secret in t for secret in secrets)], record
     meter_provider.shutdown()
 

@@ -253,20 +253,25 @@ class Executor:
             self._end(job, t.SHED, TaskShedError(f"{job.name} was shed: pending queue full"))
 
     def discard(self, jobs: list[Job], reason: str) -> None:
-        """End jobs of a failed request by policy (not an error): one log line, counted."""
-        first = jobs[0]
-        self.telemetry.log(
-            logging.WARNING,
-            "discarded %d after-response task(s) of %s %s because %s: %s "
-            "(pass run_on_error=True to run them anyway)",
-            first,
-            len(jobs),
-            first.request.method,
-            first.request.path,
-            reason,
-            ", ".join(job.name for job in jobs),
-        )
-        for job in jobs:
+        """End jobs of a failed request by policy (not an error): logged by name, counted.
+
+        One line per task, as for shed and abandoned tasks, so that each line's
+        ``task_name`` names the task it is about.
+        """
+        count = len(jobs)
+        for number, job in enumerate(jobs, 1):
+            self.telemetry.log(
+                logging.WARNING,
+                "after-response task %s of %s %s discarded (%d of %d of this request) because "
+                "%s (pass run_on_error=True to run it anyway)",
+                job,
+                job.name,
+                job.request.method,
+                job.request.path,
+                number,
+                count,
+                reason,
+            )
             self.telemetry.record_unrun(job, t.DISCARDED)
             self._ended_before_handover += 1
             self._end(job, t.DISCARDED)
@@ -353,13 +358,19 @@ class Executor:
                 self._dispatch()
                 return
         except anyio.get_cancelled_exc_class():
+            # Cancelled by the shutdown deadline or, without lifespan, with its request's call.
+            cause = (
+                "shutdown_timeout elapsed"
+                if self._shutting_down
+                else "its request's ASGI call was cancelled"
+            )
             if backing_off:
                 # Its next attempt never started: leave a span for it, as for a queued task.
-                self._log_abandoned(job, "shutdown_timeout elapsed while it waited to retry")
+                self._log_abandoned(job, f"{cause} while it waited to retry")
                 self.telemetry.record_unrun(job, t.ABANDONED)
             else:
-                self._log_abandoned(job, "shutdown_timeout elapsed while it ran")
-            self._end(job, t.ABANDONED, TaskAbandonedError(f"{job.name} was abandoned at shutdown"))
+                self._log_abandoned(job, f"{cause} while it ran")
+            self._end(job, t.ABANDONED, TaskAbandonedError(f"{job.name} was abandoned: {cause}"))
             raise
         finally:
             if holds_slot:

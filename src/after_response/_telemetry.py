@@ -154,8 +154,9 @@ def _observe_outcomes(
 class Telemetry:
     """Spans, metrics and logs for one middleware, from explicit or global providers.
 
-    Global providers are looked up on every use (a cheap call), so an SDK configured
-    after the middleware was built, at application start-up for instance, is picked up.
+    Without explicit providers, the global ones are looked up again at most once a
+    second until a real (SDK) provider is found, so an SDK configured after the
+    middleware was built, at application start-up for instance, is picked up.
     """
 
     def __init__(
@@ -313,6 +314,12 @@ class Telemetry:
 
         ``extra`` carries the task name, the request's method and path, and the trace and
         span ids when a span is known, so a log backend can link the line to its trace.
+
+        With ``exc``, the record carries the traceback as text (``exc_text``, which every
+        ``logging.Formatter`` prints) with the task's arguments redacted, and the exception
+        type as ``error_type``; not the exception object (``exc_info`` stays empty), whose
+        message may quote an argument (``SMTPRecipientsRefused`` holds the address) and
+        which formatters render unredacted. ``on_dead_letter`` receives the exception.
         """
         if not logger.isEnabledFor(level):
             return
@@ -324,8 +331,15 @@ class Telemetry:
         extra.update(
             _trace_ids(span if span is not None else job.context.run(trace.get_current_span))
         )
-        exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
-        logger.log(level, message, *args, exc_info=exc_info, extra=extra)
+        if exc is None:
+            logger.log(level, message, *args, extra=extra)
+            return
+        extra["error_type"] = _qualified_type(exc)
+        record = logger.makeRecord(
+            logger.name, level, __file__, 0, message, args, None, "log", extra
+        )
+        record.exc_text = _exception_attributes(exc, job)["exception.stacktrace"].rstrip("\n")
+        logger.handle(record)
 
 
 def _trace_ids(span: Span) -> Mapping[str, str]:
@@ -350,7 +364,7 @@ def _status_description(error_type: str, exc: BaseException | None) -> str:
     return {
         "timeout": "task timed out",
         "shed": "task shed: pending queue full",
-        "abandoned": "task abandoned at shutdown",
+        "abandoned": "task abandoned before it could finish",
     }.get(error_type, error_type)
 
 
