@@ -323,7 +323,7 @@ class Executor:
                 assert exc is not None
                 delay = job.retry.delay(job.attempt)
                 self._retried += 1
-                instruments = self.telemetry.instruments
+                instruments = self.telemetry.current_instruments
                 if instruments is not None:
                     retries = instruments.retries
                     retries[job.name] = retries.get(job.name, 0) + 1
@@ -380,7 +380,7 @@ class Executor:
         started = time.perf_counter()
         queue_wait = started - job.ready_at
         telemetry = self.telemetry
-        instruments = telemetry.instruments
+        instruments = telemetry.current_instruments
         if instruments is not None:
             instruments.queue_duration.record(queue_wait, {"after_response.task.name": job.name})
         exc: BaseException | None = None
@@ -482,7 +482,7 @@ class Executor:
 
     def _end(self, job: Job, outcome: str, exc: BaseException | None = None) -> None:
         self._counts[outcome] += 1
-        instruments = self.telemetry.instruments
+        instruments = self.telemetry.current_instruments
         if instruments is not None:
             key = (job.name, outcome)
             finished = instruments.finished
@@ -516,13 +516,13 @@ class Executor:
         )
 
     def _gauge_pending(self, job: Job, delta: int) -> None:
-        instruments = self.telemetry.instruments
+        instruments = self.telemetry.current_instruments
         if instruments is not None:
             pending = instruments.pending
             pending[job.name] = pending.get(job.name, 0) + delta
 
     def _gauge_running(self, job: Job, delta: int) -> None:
-        instruments = self.telemetry.instruments
+        instruments = self.telemetry.current_instruments
         if instruments is not None:
             running = instruments.running
             running[job.name] = running.get(job.name, 0) + delta

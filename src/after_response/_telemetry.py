@@ -171,7 +171,9 @@ class Telemetry:
         self._tracer_next_check = 0.0
         self._tracer_settled = False
         self._instruments_for: object = None
-        self._instruments: _Instruments | None = None
+        #: The instruments as of the last look at the provider (``instruments``): read on
+        #: the per-task path, where looking again would cost a clock read each time.
+        self.current_instruments: _Instruments | None = None
         self._instruments_next_check = 0.0
         self._instruments_settled = False
         #: The job of each open attempt span.
@@ -209,15 +211,15 @@ class Telemetry:
     def instruments(self) -> _Instruments | None:
         """The metric instruments to use now, or ``None`` when metrics are off."""
         if self._instruments_settled:
-            return self._instruments
+            return self.current_instruments
         now = time.monotonic()
         if now < self._instruments_next_check:
-            return self._instruments
+            return self.current_instruments
         self._instruments_next_check = now + _RECHECK_SECONDS
         provider = self._meter_provider or metrics.get_meter_provider()
         if provider is not self._instruments_for:
             self._instruments_for = provider
-            self._instruments = (
+            self.current_instruments = (
                 None
                 if _is_noop_meter_provider(provider)
                 else _Instruments(
@@ -227,7 +229,7 @@ class Telemetry:
         self._instruments_settled = (
             self._meter_provider is not None or type(provider).__name__ != "_ProxyMeterProvider"
         )
-        return self._instruments
+        return self.current_instruments
 
     # -- spans -----------------------------------------------------------------------------
 
