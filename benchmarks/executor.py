@@ -150,6 +150,10 @@ def throughput_cases(tasks: int) -> list[tuple[str, Callable[[], Awaitable[float
 # -- scheduling delay -------------------------------------------------------------------------
 
 
+#: Requests issued between two yields to the loop, at most (a server reads a few per turn).
+BATCH = 8
+
+
 async def delays_at_rate(
     rate: float | None, seconds: float, max_concurrency: int
 ) -> tuple[list[float], int, float]:
@@ -181,7 +185,9 @@ async def delays_at_rate(
         begin = clock()
         now = begin
         while now - begin < seconds:
-            due = (issued + 50) if rate is None else int((now - begin) * rate)
+            # At most BATCH requests between two yields, at any rate: saturation is then the
+            # same harness flat out, and its rate the capacity the levels are fractions of.
+            due = issued + BATCH if rate is None else min(int((now - begin) * rate), issued + BATCH)
             while issued < due:
                 request_id = issued
 
@@ -279,21 +285,20 @@ async def run(
     throughput = [
         (name, args.tasks / _support.median(timings[name]), ours) for name, _, ours in cases
     ]
-    # Capacity for one task per request, the shape of the delay runs.
-    capacity = dict((name, rate) for name, rate, _ in throughput)[
-        "after-response: 1 task per request"
-    ]
-    levels: list[tuple[str, float | None, bool]] = [
+    # Capacity: this same harness flat out (measured first, shown last).
+    saturation = await delays_at_rate(None, args.delay_seconds, 100)
+    capacity = saturation[2]
+    levels: list[tuple[str, float, bool]] = [
         ("idle (100 requests/s)", 100.0, False),
         ("10% of capacity", 0.1 * capacity, False),
         ("50% of capacity", 0.5 * capacity, False),
         ("90% of capacity", 0.9 * capacity, False),
-        ("saturation (as fast as possible)", None, True),
     ]
     delays: list[tuple[str, list[float], int, float, bool]] = []
     for label, rate, saturated in levels:
         values, issued, achieved = await delays_at_rate(rate, args.delay_seconds, 100)
         delays.append((label, values, issued, achieved, saturated))
+    delays.append(("saturation (as fast as possible)", *saturation, True))
     return throughput, delays
 
 

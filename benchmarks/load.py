@@ -1,6 +1,6 @@
 """Load through a real server: uvicorn (a subprocess) and wrk, on 127.0.0.1.
 
-    python benchmarks/load.py [--duration 10] [--connections 32] [--rounds 1] [--smoke]
+    python benchmarks/load.py [--duration 10] [--connections 32] [--rounds 3] [--smoke]
 
 A login endpoint with four 50 ms side effects (see ``load_app.py``), served in turn with no
 side effects, with them awaited, with Starlette ``BackgroundTasks``, with asgi-background
@@ -274,7 +274,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=2, help="seconds of unmeasured load")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
-    parser.add_argument("--rounds", type=int, default=1, help="rounds (medians across them)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (medians across them)")
     parser.add_argument(
         "--max-concurrency",
         type=int,

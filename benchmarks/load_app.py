@@ -154,8 +154,11 @@ def login_endpoint(variant: str) -> Any:
         if variant in ("none", "after-response-idle"):
             return JSONResponse(body)
         if variant == "awaited":
+            # All four requested up front, as in the other variants: counted one at a time,
+            # the ledger would look settled between two effects of a login still running.
             for _ in range(EFFECTS_PER_LOGIN):
                 LEDGER.requesting(record)
+            for _ in range(EFFECTS_PER_LOGIN):
                 await side_effect(record)
             return JSONResponse(body)
         if variant == "starlette":
