@@ -87,36 +87,25 @@ class _Instruments:
         self.retries: dict[str, int] = {}
         self.pending: dict[str, int] = {}
         self.running: dict[str, int] = {}
-        meter.create_observable_counter(
-            "after_response.task.added",
-            callbacks=[_observe(self.added)],
-            unit="{task}",
-            description="Tasks added by requests.",
-        )
-        meter.create_observable_counter(
-            "after_response.task.finished",
-            callbacks=[_observe_outcomes(self.finished)],
-            unit="{task}",
-            description="Tasks that reached a terminal state, by outcome.",
-        )
-        meter.create_observable_counter(
-            "after_response.task.retries",
-            callbacks=[_observe(self.retries)],
-            unit="{attempt}",
-            description="Attempts that failed and were scheduled to run again.",
-        )
-        meter.create_observable_up_down_counter(
-            "after_response.task.pending",
-            callbacks=[_observe(self.pending)],
-            unit="{task}",
-            description="Tasks queued or waiting to retry.",
-        )
-        meter.create_observable_up_down_counter(
-            "after_response.task.running",
-            callbacks=[_observe(self.running)],
-            unit="{task}",
-            description="Tasks running now.",
-        )
+        observed = (
+            (meter.create_observable_counter, "added", _observe(self.added), "{task}",
+             "Tasks added by requests."),
+            (meter.create_observable_counter, "finished", _observe_outcomes(self.finished),
+             "{task}", "Tasks that reached a terminal state, by outcome."),
+            (meter.create_observable_counter, "retries", _observe(self.retries), "{attempt}",
+             "Attempts that failed and were scheduled to run again."),
+            (meter.create_observable_up_down_counter, "pending", _observe(self.pending),
+             "{task}", "Tasks queued or waiting to retry."),
+            (meter.create_observable_up_down_counter, "running", _observe(self.running),
+             "{task}", "Tasks running now."),
+        )  # fmt: skip
+        for create, name, callback, unit, description in observed:
+            create(
+                f"after_response.task.{name}",
+                callbacks=[callback],
+                unit=unit,
+                description=description,
+            )
         self.duration = meter.create_histogram(
             "after_response.task.duration",
             unit="s",
