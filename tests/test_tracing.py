@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from fastapi import FastAPI
 from opentelemetry import trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware as AsgiInstrumentation
 from opentelemetry.metrics import NoOpMeterProvider
@@ -34,6 +35,7 @@ from starlette.types import ASGIApp
 
 import after_response
 from after_response import AfterResponseMiddleware, Retry
+from after_response.fastapi import AfterResponse
 
 from .servers import serve_uvicorn
 
@@ -154,6 +156,38 @@ async def test_parentage_holds_with_the_instrumentation_inside_the_middleware_to
     [effect] = effect_spans(exporter)
     assert ids(effect)[0] == ids(server)[0]
     assert parent_id(effect) == ids(server)[1]
+
+
+async def test_with_fastapis_own_telemetry_the_side_effect_span_descends_from_its_server_span(
+    exporter: InMemorySpanExporter, tracer_provider: TracerProvider
+) -> None:
+    """FastAPI 0.165+ opens a server span and operation spans itself (``FastAPI(telemetry=...)``):
+    the side effect's span hangs under the span current at ``add()``, in the request's trace."""
+    pytest.importorskip("fastapi.telemetry")
+
+    async def send_email() -> None:
+        pass
+
+    api = FastAPI(telemetry={"tracer_provider": tracer_provider, "metrics": False, "logs": False})
+
+    @api.get("/")
+    async def login(after: AfterResponse) -> dict[str, str]:
+        after.add(send_email)
+        return {"message": "Code sent"}
+
+    middleware = AfterResponseMiddleware(api, tracer_provider=tracer_provider)
+    await get_and_drain(middleware, middleware)
+
+    spans = {ids(s)[1]: s for s in exporter.get_finished_spans()}
+    server = only(list(spans.values()), SpanKind.SERVER)
+    [effect] = effect_spans(exporter)
+    ancestors = []
+    parent = parent_id(effect)
+    while parent is not None:
+        ancestors.append(parent)
+        parent = parent_id(spans[parent])
+    assert ids(effect)[0] == ids(server)[0]
+    assert ancestors[-1] == ids(server)[1]
 
 
 @pytest.mark.parametrize("lifespan", ["on", "off"])
