@@ -7,12 +7,14 @@ import logging
 from collections.abc import AsyncIterator
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from after_response import AfterResponseMiddleware, TaskAbandonedError
 
@@ -20,6 +22,22 @@ from .apps import app_adding
 from .servers import serve_uvicorn
 
 pytestmark = pytest.mark.anyio
+
+
+def releasing_at_shutdown(app: ASGIApp, release: anyio.Event) -> ASGIApp:
+    """Sets ``release`` when the server sends lifespan shutdown: side effects that wait for it
+    are certainly still running when the shutdown begins."""
+
+    async def outer(scope: Scope, receive: Receive, send: Send) -> None:
+        async def receive_watching() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                release.set()
+            return message
+
+        await app(scope, receive_watching if scope["type"] == "lifespan" else receive, send)
+
+    return outer
 
 
 def app_with_lifespan(events: list[str], effect: object) -> Starlette:
@@ -37,19 +55,20 @@ def app_with_lifespan(events: list[str], effect: object) -> Starlette:
 
 async def test_shutdown_waits_for_running_tasks_before_the_app_shuts_down() -> None:
     events: list[str] = []
-    started = anyio.Event()
+    release = anyio.Event()
 
     async def effect() -> None:
-        started.set()
-        # Simulated work that is still going on when the server is asked to stop.
-        await anyio.sleep(0.2)
+        await release.wait()  # still running when the server is asked to stop
+        for _ in range(50):  # and with work left: many turns of the loop, no clock involved
+            await anyio.lowlevel.checkpoint()
         events.append("task done")
 
     middleware = AfterResponseMiddleware(app_with_lifespan(events, effect))
-    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+    server_app = releasing_at_shutdown(middleware, release)
+    async with serve_uvicorn(server_app) as url, httpx.AsyncClient(base_url=url) as client:
         for _ in range(3):
             await client.get("/")
-        await started.wait()
+        assert middleware.stats().running == 3
     assert events == ["task done", "task done", "task done", "app shutdown"]
     assert middleware.stats().succeeded == 3
 
@@ -129,9 +148,10 @@ async def test_without_lifespan_the_response_still_leaves_before_the_task_ends()
 async def test_app_without_lifespan_support_gets_the_background_executor() -> None:
     """A bare ASGI app that raises on lifespan still gets a drain at shutdown."""
     events: list[str] = []
+    release = anyio.Event()
 
     async def effect() -> None:
-        await anyio.sleep(0.1)
+        await release.wait()  # still running when the server is asked to stop
         events.append("task done")
 
     async def bare_app(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
@@ -142,8 +162,8 @@ async def test_app_without_lifespan_support_gets_the_background_executor() -> No
         await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
         await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[operator]
 
-    middleware = AfterResponseMiddleware(bare_app)  # type: ignore[arg-type]
-    async with serve_uvicorn(middleware, lifespan="on") as url:
+    middleware = AfterResponseMiddleware(bare_app)
+    async with serve_uvicorn(releasing_at_shutdown(middleware, release), lifespan="on") as url:
         async with httpx.AsyncClient(base_url=url) as client:
             assert (await client.get("/")).text == "ok"
         assert middleware._executor.background is not None
