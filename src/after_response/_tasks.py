@@ -52,7 +52,13 @@ class NativeTasks:
             task.uncancel()  # type: ignore[attr-defined,unused-ignore]
             return False
         finally:
-            self._deadlines.pop(task, None)
+            deadlines = self._deadlines
+            deadlines.pop(task, None)
+            if not deadlines and self._timer is not None:
+                # Nothing left to watch: drop the timer, which would otherwise keep this owner
+                # (one per request without lifespan) alive on the loop until it fires.
+                self._timer.cancel()
+                self._timer, self._timer_at = None, math.inf
         return True
 
     def _schedule(self, when: float) -> None:
