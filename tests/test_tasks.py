@@ -1,44 +1,42 @@
-"""The native asyncio task owner: deadlines with one timer, and nothing left behind."""
+"""The native asyncio task owner leaves nothing behind on the loop."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+from starlette.types import Receive, Scope, Send
 
-from after_response._tasks import HAS_UNCANCEL, NativeTasks
+from after_response import AfterResponseMiddleware, current
+from after_response._tasks import NativeTasks
 
-pytestmark = [
-    pytest.mark.anyio,
-    pytest.mark.skipif(not HAS_UNCANCEL, reason="deadlines need Task.uncancel (3.11+)"),
-]
+from .asgi import call, http_scope
+
+pytestmark = pytest.mark.anyio
 
 
-async def test_a_deadline_cancels_only_the_late_attempt_and_no_timer_outlives_them() -> None:
-    tasks = NativeTasks()
-    outcomes: dict[str, bool] = {}
-    both_ended = asyncio.Event()
-    late_started = asyncio.Event()
-    quick = asyncio.Event()
+async def test_without_lifespan_no_deadline_timer_outlives_the_request_call() -> None:
+    """Each request's call owns its tasks then; with the default 60 s task_timeout, a timer
+    left behind would keep every such owner alive on the loop for a minute."""
+    ran: list[str] = []
 
-    async def late() -> None:
-        late_started.set()
-        await asyncio.Event().wait()  # never set: only the deadline ends it
+    async def effect() -> None:
+        ran.append("effect")
 
-    async def attempt(name: str) -> None:
-        call = late() if name == "late" else quick.wait()
-        outcomes[name] = await tasks.run_with_deadline(0.05 if name == "late" else 60, call)
-        if name == "late":
-            quick.set()  # the quick one ends last, its 60 s deadline still being watched
-        if len(outcomes) == 2:
-            both_ended.set()
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            raise RuntimeError("no lifespan")
+        current().add(effect)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
 
-    tasks.start_soon(attempt, "late")
-    tasks.start_soon(attempt, "quick")
-    await late_started.wait()
-    await both_ended.wait()
-    assert outcomes == {"late": False, "quick": True}
-    # No deadline left to watch: no timer keeps the owner (one per request without lifespan)
-    # alive on the loop for the rest of the longest timeout.
-    assert tasks._timer is None
-    await tasks.aclose()
+    await call(AfterResponseMiddleware(app), http_scope())
+    assert ran == ["effect"]
+    scheduled = asyncio.get_running_loop()._scheduled  # type: ignore[attr-defined]
+    owners = [
+        handle
+        for handle in scheduled
+        if not handle.cancelled()
+        and isinstance(getattr(handle._callback, "__self__", None), NativeTasks)
+    ]
+    assert owners == []

@@ -240,6 +240,7 @@ class Collector:
                 await tasks.aclose()
                 raise
             # Settled: every task has ended its job and is only returning.
+            tasks.drop_timer()
         else:
             async with anyio.create_task_group() as task_group:
                 await self._run_inline_in(jobs, task_group)

@@ -52,13 +52,7 @@ class NativeTasks:
             task.uncancel()  # type: ignore[attr-defined,unused-ignore]
             return False
         finally:
-            deadlines = self._deadlines
-            deadlines.pop(task, None)
-            if not deadlines and self._timer is not None:
-                # Nothing left to watch: drop the timer, which would otherwise keep this owner
-                # (one per request without lifespan) alive on the loop until it fires.
-                self._timer.cancel()
-                self._timer, self._timer_at = None, math.inf
+            self._deadlines.pop(task, None)
         return True
 
     def _schedule(self, when: float) -> None:
@@ -80,6 +74,17 @@ class NativeTasks:
                 earliest = deadline
         if earliest < math.inf:
             self._schedule(earliest)
+
+    def drop_timer(self) -> None:
+        """Cancel the deadline timer, for an owner whose attempts have all ended.
+
+        The timer is left running when the last deadline goes (rescheduling it for every
+        short task would cost more than the task); an owner that is done with, one per
+        request without lifespan, drops it so it does not linger until the timeout.
+        """
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, math.inf
 
     def start_soon(self, func: Callable[..., Awaitable[Any]], /, *args: Any) -> None:
         task: asyncio.Task[Any] = self._loop.create_task(func(*args))  # type: ignore[arg-type]
