@@ -37,14 +37,7 @@ LABELS = {
     "after-response": "after-response",
     "after-response-idle": "after-response installed, no side effects",
 }
-DEFAULT_VARIANTS = (
-    "none",
-    "awaited",
-    "starlette",
-    "asgi-background",
-    "after-response",
-    "after-response-idle",
-)
+DEFAULT_VARIANTS = tuple(LABELS)
 
 
 def pinned(command: list[str], cpu: int | None) -> list[str]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from starlette.types import Receive, Scope, Send
 
-from after_response import AfterResponseMiddleware, current
+from after_response import AfterResponseMiddleware
 from after_response._tasks import NativeTasks
 
+from .apps import app_adding
 from .asgi import call, http_scope
 
 pytestmark = pytest.mark.anyio
@@ -23,14 +23,7 @@ async def test_without_lifespan_no_deadline_timer_outlives_the_request_call() ->
     async def effect() -> None:
         ran.append("effect")
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            raise RuntimeError("no lifespan")
-        current().add(effect)
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-    await call(AfterResponseMiddleware(app), http_scope())
+    await call(AfterResponseMiddleware(app_adding(effect)), http_scope())
     assert ran == ["effect"]
     scheduled = asyncio.get_running_loop()._scheduled  # type: ignore[attr-defined]
     owners = [
