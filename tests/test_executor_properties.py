@@ -115,7 +115,7 @@ async def scenario(
         max_pending=max_pending,
         overflow_timeout=0.01,
         shutdown_timeout=0.05,
-        on_dead_letter=lambda name, exc, attempts: dead.append((name, type(exc))),
+        on_dead_letter=lambda letter: dead.append((letter.task_name, type(letter.exception))),
     )
     with anyio.fail_after(10):
         async with lifespan(middleware), anyio.create_task_group() as tg:
@@ -170,6 +170,4 @@ def test_every_task_ends_in_exactly_one_terminal_state(
     failing_request: int | None,
     backend: str,
 ) -> None:
-    anyio.run(
-        scenario, requests, max_concurrency, max_pending, failing_request, backend=backend
-    )
+    anyio.run(scenario, requests, max_concurrency, max_pending, failing_request, backend=backend)

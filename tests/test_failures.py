@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from after_response import AfterResponseMiddleware, Retry, TaskTimeoutError, side_effect
+from after_response import AfterResponseMiddleware, DeadLetter, Retry, TaskTimeoutError, side_effect
 
 from .apps import app_adding
 from .servers import serve_uvicorn
@@ -162,7 +162,7 @@ async def test_timed_out_task_is_cancelled_logged_and_counted(
             cancelled.append(True)
 
     middleware = AfterResponseMiddleware(
-        app_adding(hangs), on_dead_letter=lambda name, exc, attempts: dead.append(type(exc))
+        app_adding(hangs), on_dead_letter=lambda letter: dead.append(type(letter.exception))
     )
     caplog.set_level(logging.ERROR, logger="after_response")
     async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
@@ -189,7 +189,9 @@ async def test_retries_follow_the_policy_then_dead_letter_the_last_failure() -> 
 
     middleware = AfterResponseMiddleware(
         app_adding(crm_sync, not_retried),
-        on_dead_letter=lambda name, exc, n: dead.append((name, type(exc).__name__, n)),
+        on_dead_letter=lambda letter: dead.append(
+            (letter.task_name, type(letter.exception).__name__, letter.attempts)
+        ),
     )
     async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
         await client.get("/")
@@ -256,7 +258,7 @@ async def test_dead_letter_hook_that_raises_is_logged_not_propagated(
     async def broken() -> None:
         raise ValueError("x")
 
-    def hook(name: str, exc: BaseException, attempts: int) -> None:
+    def hook(letter: DeadLetter) -> None:
         raise RuntimeError("hook broke")
 
     middleware = AfterResponseMiddleware(app_adding(broken), on_dead_letter=hook)

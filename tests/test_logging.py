@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from after_response import AfterResponseMiddleware, Retry
+from after_response import AfterResponseMiddleware, DeadLetter, Retry
 
 from .servers import serve_uvicorn
 
@@ -142,7 +142,7 @@ async def test_log_lines_of_tasks_that_never_ran_carry_the_request_and_its_trace
     async def never() -> None:
         raise AssertionError("never starts")
 
-    def broken_hook(name: str, error: BaseException, attempts: int) -> None:
+    def broken_hook(letter: DeadLetter) -> None:
         raise RuntimeError("dead-letter queue unreachable")
 
     async def endpoint(request: Request) -> PlainTextResponse:

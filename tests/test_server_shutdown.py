@@ -88,7 +88,9 @@ async def test_shutdown_deadline_abandons_and_logs_each_task_by_name(
         app_with_lifespan(events, never_finishes),
         shutdown_timeout=0.1,
         max_concurrency=1,
-        on_dead_letter=lambda name, exc, attempts: dead_letters.append((name, type(exc), attempts)),
+        on_dead_letter=lambda letter: dead_letters.append(
+            (letter.task_name, type(letter.exception), letter.attempts)
+        ),
     )
     caplog.set_level(logging.INFO, logger="after_response")
     with anyio.fail_after(10):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import re
 import smtplib
 from collections.abc import Callable
 from typing import Any
@@ -298,6 +299,9 @@ async def test_succeeded_span_carries_the_task_attributes(
     [span] = effect_spans(exporter)
     attributes = attrs(span)
     queue_duration = attributes.pop("after_response.task.queue_duration")
+    task_id = attributes.pop("after_response.task.id")
+    assert isinstance(task_id, str)
+    assert re.fullmatch(r"[0-9a-f]{12}-[0-9a-f]+", task_id)
     assert attributes == {
         "after_response.task.name": send_email.__qualname__,
         "code.function.name": f"{send_email.__module__}.{send_email.__qualname__}",
@@ -551,9 +555,11 @@ async def test_task_abandoned_while_waiting_to_retry_leaves_a_span_for_its_next_
     ] == [(1, "retry"), (2, "abandoned")]
     abandoned = [r.getMessage() for r in caplog.records if " abandoned: " in r.getMessage()]
     assert len(abandoned) == 1
-    assert abandoned[0].endswith(
+    message, task_id = abandoned[0].rstrip("]").split(" [task ")
+    assert message.endswith(
         "sync_crm of GET / abandoned: shutdown_timeout elapsed while it waited to retry"
     )
+    assert task_id == attrs(spans[0])["after_response.task.id"]
 
 
 # -- arguments never reach a span ----------------------------------------------------------------

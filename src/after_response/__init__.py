@@ -12,18 +12,32 @@ logged failures and a graceful drain at shutdown::
         return JSONResponse({"message": "Code sent"})
 """
 
-from ._collector import Collector, TaskAdder, current
-from ._errors import NoActiveRequestError, TaskAbandonedError, TaskShedError, TaskTimeoutError
-from ._executor import DeadLetterHook, Stats
+from ._accounting import Stats
+from ._callable import side_effect
+from ._collector import Collector, TaskAdder, current, get
+from ._dead_letters import DeadLetterHook
+from ._errors import (
+    AfterResponseError,
+    NoActiveRequestError,
+    NoCurrentTaskError,
+    TaskAbandonedError,
+    TaskShedError,
+    TaskTimeoutError,
+)
 from ._middleware import AfterResponseMiddleware
-from ._options import Retry, side_effect
+from ._options import Retry
+from ._task import CurrentTask, DeadLetter, current_task
 from ._version import VERSION as __version__
 
 __all__ = [
+    "AfterResponseError",
     "AfterResponseMiddleware",
     "Collector",
+    "CurrentTask",
+    "DeadLetter",
     "DeadLetterHook",
     "NoActiveRequestError",
+    "NoCurrentTaskError",
     "Retry",
     "Stats",
     "TaskAbandonedError",
@@ -32,5 +46,7 @@ __all__ = [
     "TaskTimeoutError",
     "__version__",
     "current",
+    "current_task",
+    "get",
     "side_effect",
 ]

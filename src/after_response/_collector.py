@@ -1,34 +1,42 @@
-"""The per-request collector behind ``request.state.after_response`` and ``current()``."""
+"""The per-request collector behind ``request.state.after_response``, ``current()`` and
+``get(request)``: it builds a task for each ``add()`` and hands them to a dispatcher once
+the response is complete."""
 
 from __future__ import annotations
 
 import contextvars
 import inspect
+import logging
 import threading
 from collections.abc import Callable
 from types import FunctionType, MethodType
-from typing import TYPE_CHECKING, Any, Final
-
-import anyio
-import anyio.from_thread
-from starlette.types import Scope
+from typing import TYPE_CHECKING, Any, Final, ParamSpec
 
 from ._callable import callable_info
+from ._dispatch import Dispatcher
 from ._errors import NoActiveRequestError
-from ._job import Job, RequestInfo
+from ._inline import InlineDispatcher
+from ._logs import log_task
 from ._options import EMPTY_OPTIONS, UNSET, Retry, TaskOptions, _Unset
-from ._tasks import NativeTasks, Spawner, running_asyncio
+from ._record import RequestInfo, TaskRecord, new_task_id
+from ._task import Task
+from ._tasks import loop_handle
 
 if TYPE_CHECKING:
+    from starlette.requests import HTTPConnection
+
     from ._executor import Executor
+
+P = ParamSpec("P")
 
 _current: Final[contextvars.ContextVar[Collector | None]] = contextvars.ContextVar(
     "after_response_collector", default=None
 )
 
-_OPEN: Final = 0  # collecting; tasks wait for the response to complete
-_HANDED_OVER: Final = 1  # the request's tasks are with the executor; add() submits at once
-_INLINE: Final = 2  # no lifespan: the request's own call runs its tasks in task_group
+_INSTALL_HINT: Final = (
+    "Wrap your ASGI app: app = AfterResponseMiddleware(app) (or, in Starlette and FastAPI, "
+    "app.add_middleware(AfterResponseMiddleware))"
+)
 
 
 def current() -> Collector:
@@ -45,37 +53,63 @@ def current() -> Collector:
     if collector is None:
         raise NoActiveRequestError(
             "after_response.current() was called outside a request handled by "
-            "AfterResponseMiddleware. Wrap your ASGI app: app = AfterResponseMiddleware(app) "
-            "(or app.add_middleware(AfterResponseMiddleware)), and call current() while a "
-            "request is being handled."
+            f"AfterResponseMiddleware. {_INSTALL_HINT}, and call current() while a request "
+            "is being handled."
         )
     return collector
+
+
+def get(request: HTTPConnection, state_key: str = "after_response") -> Collector:
+    """The collector of ``request`` (a Starlette/FastAPI ``Request`` or ``WebSocket``).
+
+    The same as ``request.state.after_response``, with an error that says what to do when
+    the middleware is missing (rather than Starlette's bare ``AttributeError``).
+
+    Raises:
+        NoActiveRequestError: (a ``LookupError``) when ``AfterResponseMiddleware`` does not
+            wrap the app that handles ``request``.
+    """
+    state = request.scope.get("state")
+    collector = state.get(state_key) if state else None
+    if isinstance(collector, Collector):
+        return collector
+    collector = _current.get()
+    if collector is not None:
+        return collector
+    raise NoActiveRequestError(
+        f"after_response.get(request) found no collector on this request (state key "
+        f"{state_key!r}): AfterResponseMiddleware is not installed around this app. "
+        f"{_INSTALL_HINT}."
+    )
+
+
+_OPEN: Final = 0  # collecting; tasks wait for the response to complete
+_HANDED_OVER: Final = 1  # the tasks went to a dispatcher; add() submits at once
 
 
 class Collector:
     """The side effects of one request, to run after its response has been sent.
 
-    Reach it as ``request.state.after_response`` (Starlette, FastAPI, Litestar) or with
-    ``after_response.current()``. Never shared between requests.
+    Reach it as ``request.state.after_response`` (Starlette, FastAPI, Litestar), with
+    ``after_response.get(request)``, or with ``after_response.current()``. Never shared
+    between requests.
     """
 
-    # Class-level defaults: a request that adds nothing pays for three attribute writes.
+    # Class-level defaults: a request that adds nothing pays for none of them.
     _request: RequestInfo | None = None
     _state = _OPEN
-    _outstanding = 0
-    _settled: anyio.Event | None = None
-    _task_group: Spawner | None = None
-    _thread = 0
-    #: Tasks that found no room at hand-over, waiting in the request's call.
-    overflow: list[Job] | None = None
+    _dispatcher: Dispatcher | None = None
+    _failed: str | None = None
+    _loop_thread = 0
+    _call_soon: Callable[..., Any] | None = None
+    #: Tasks that found no room at hand-over, for the request's call to wait with.
+    overflow: list[Task] | None = None
 
-    def __init__(self, executor: Executor, scope: Scope) -> None:
+    def __init__(self, executor: Executor, method: str, path: str) -> None:
         self._executor = executor
-        # Not the scope itself: scope["state"] holds the collector, and a reference cycle
-        # per request would leave every request to the cyclic garbage collector.
-        self._method: str = scope.get("method", "WEBSOCKET")
-        self._path: str = scope.get("path", "")
-        self._jobs: list[Job] = []
+        self._method = method
+        self._path = path
+        self._tasks: list[Task] = []
 
     @property
     def request(self) -> RequestInfo:
@@ -85,19 +119,24 @@ class Collector:
         return self._request
 
     @property
+    def holding(self) -> bool:
+        """Whether tasks wait here for the response to complete."""
+        return bool(self._tasks)
+
+    @property
     def handed_over(self) -> bool:
-        """Whether this request's tasks have left it (for the executor, or discarded)."""
+        """Whether this request's tasks have left it (for a dispatcher, or discarded)."""
         return self._state == _HANDED_OVER
 
     def __len__(self) -> int:
         """How many tasks wait for the response (handed-over tasks no longer count)."""
-        return len(self._jobs)
+        return len(self._tasks)
 
     def __repr__(self) -> str:
-        names = ", ".join(job.name for job in self._jobs)
+        names = ", ".join(task.record.name for task in self._tasks)
         return f"<Collector {self.request.method} {self.request.path} [{names}]>"
 
-    def add(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> None:
+    def add(self, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> None:
         """Run ``fn(*args, **kwargs)`` after the response has been sent.
 
         ``fn`` may be an ``async def`` function (run on the event loop) or a plain
@@ -106,8 +145,9 @@ class Collector:
 
         Raises:
             TypeError: if ``fn`` is not callable, is a coroutine object (a function that
-                was called instead of passed), or if ``args``/``kwargs`` do not fit its
-                signature: the mistake surfaces here, in the handler, not later.
+                was called instead of passed), is a generator function, or if
+                ``args``/``kwargs`` do not fit its signature: the mistake surfaces here,
+                in the handler, not later.
         """
         self._add(fn, args, kwargs, None)
 
@@ -143,145 +183,107 @@ class Collector:
             _check_callable(fn)
         info, bound_self = callable_info(fn)
         executor = self._executor
-        options = info.options
-        if call_options is not None:
-            options = call_options.over(options)
+        options = info.options if call_options is None else call_options.over(info.options)
         if options is EMPTY_OPTIONS:
-            name = info.name
-            timeout, retry, run_on_error = executor.default_options
+            name, timeout, retry, run_on_error = info.name, *executor.defaults[1:]
         else:
-            name = options.name if isinstance(options.name, str) else info.name
-            default_timeout, default_retry, default_run_on_error = executor.default_options
-            timeout = default_timeout if isinstance(options.timeout, _Unset) else options.timeout
-            retry = default_retry if isinstance(options.retry, _Unset) else options.retry
-            run_on_error = (
-                default_run_on_error
-                if isinstance(options.run_on_error, _Unset)
-                else options.run_on_error
-            )
+            name, timeout, retry, run_on_error = options.resolve(executor.defaults, info.name)
         info.check_arguments(args, kwargs, bound_self, name)
-        job = Job(
-            fn,
+        record = TaskRecord(
+            new_task_id(),
+            name,
+            info.target,
             args,
             kwargs,
-            is_async=info.is_async,
-            name=name,
-            timeout=timeout,
-            retry=retry,
-            run_on_error=run_on_error,
-            context=contextvars.copy_context(),
-            request=self.request,
-            collector=self,
+            timeout,
+            retry,
+            run_on_error,
+            self.request,
         )
-        executor.note_added(job)
+        task = Task(record, fn, info.is_async, contextvars.copy_context(), executor.ledger.add())
+        executor.telemetry.added(task)
         if self._state == _OPEN:
-            self._jobs.append(job)
-        elif (loop_thread := self._thread or executor.loop_thread) and (
-            threading.get_ident() != loop_thread
-        ):
-            # A side effect in a worker thread adding a follow-up: admit on the loop.
-            try:
-                anyio.from_thread.run(self._admit_late_async, job)
-            except RuntimeError:  # not an anyio worker thread: no way back to the loop
-                executor.shed([job], "it was added from a thread that cannot reach the loop")
-        else:
-            self._admit_late(job)
-
-    def _admit_late(self, job: Job) -> None:
-        """Admit a task added after the request's tasks were handed over, without waiting."""
-        executor = self._executor
-        task_group = self._task_group if self._state == _INLINE else executor.background
-        if task_group is None:
-            executor.shed([job], "it was added after its request had ended, with no executor")
+            self._tasks.append(task)
             return
-        executor.shed(executor.admit([job], task_group))
+        call_soon = self._call_soon or executor.call_soon_threadsafe
+        if call_soon is not None and threading.get_ident() != (
+            self._loop_thread or executor.loop_thread
+        ):
+            # From another thread (a sync side effect adding a follow-up): on the loop.
+            call_soon(self._add_late, task)
+        else:
+            self._add_late(task)
 
-    async def _admit_late_async(self, job: Job) -> None:
-        self._admit_late(job)
-
-    def hand_over(self, *, failed: str | None) -> None:
-        """Give the executor this request's tasks (or discard them if ``failed`` says why).
-
-        Called once the response is complete, in background mode. Tasks that find no room
-        are left in ``overflow``, for the request's call to wait with.
-        """
-        jobs = self._take(failed)
+    def _add_late(self, task: Task) -> None:
+        """A task added after the response was complete: one rule, whoever adds it (a side
+        effect, a stray task, a thread): discarded if its request failed (unless
+        ``run_on_error``), else submitted at once, without waiting for room."""
         executor = self._executor
-        assert executor.background is not None
+        if self._failed is not None and not task.record.run_on_error:
+            executor.discard([task], f"{self._failed} (it was added after the response)")
+            return
+        dispatcher = self._dispatcher
+        if isinstance(dispatcher, InlineDispatcher) and not dispatcher.open:
+            dispatcher = None  # its request's call has returned
+        if dispatcher is None and executor.background is not None:
+            dispatcher = executor
+        if dispatcher is None:
+            executor.shed([task], "it was added after its request had ended, with no executor")
+            return
+        log_task(logging.DEBUG, task, "added after its response was complete; submitted now")
+        overflow = dispatcher.submit([task])
+        if overflow:
+            executor.shed(overflow, "it was added after its response, and the queue was full")
+
+    def hand_over(self, dispatcher: Dispatcher, *, failed: str | None) -> None:
+        """Give ``dispatcher`` this request's tasks (or discard them if ``failed`` says why).
+
+        Called once the response is complete. Tasks that find no room are left in
+        ``overflow``, for the request's call to wait with.
+        """
+        tasks = self._take(failed)
+        self._dispatcher = dispatcher
         self._state = _HANDED_OVER
-        if jobs:
-            overflow = executor.admit(jobs, executor.background)
+        if tasks:
+            overflow = dispatcher.submit(tasks)
             if overflow:
                 self.overflow = overflow
 
     def close(self) -> None:
         """The request's call is over: later tasks go straight to the executor."""
-        if self._state == _OPEN:
-            self._state = _HANDED_OVER
+        self._state = _HANDED_OVER
 
     async def run_inline(self, *, failed: str | None) -> None:
-        """Run this request's tasks inside its own ASGI call (no lifespan: no executor).
-
-        The global bound still applies; the call returns when the tasks have ended, so a
-        server's graceful shutdown, which waits for open calls, waits for them too.
-        """
-        jobs = self._take(failed)
-        if not jobs:
+        """Run this request's tasks inside its own ASGI call (no lifespan: no executor)."""
+        tasks = self._take(failed)
+        if not tasks:
             return
-        self._settled = anyio.Event()
-        self._thread = threading.get_ident()
-        if running_asyncio():
-            # A task set of the request's own: an anyio task group per request costs
-            # several times more, and nothing here needs more than "cancel and wait".
-            tasks = NativeTasks()
-            try:
-                await self._run_inline_in(jobs, tasks)
-            except BaseException:
-                await tasks.aclose()
-                raise
-            # Settled: every task has ended its job and is only returning.
-            tasks.drop_timer()
-        else:
-            async with anyio.create_task_group() as task_group:
-                await self._run_inline_in(jobs, task_group)
-
-    async def _run_inline_in(self, jobs: list[Job], spawner: Spawner) -> None:
-        assert self._settled is not None
-        executor = self._executor
-        self._task_group = spawner
-        self._state = _INLINE
-        try:
-            overflow = executor.admit(jobs, spawner)
-            if overflow:
-                await executor.admit_waiting(overflow, spawner)
-            if self._outstanding:
-                await self._settled.wait()
-        finally:
+        async with InlineDispatcher(self._executor) as dispatcher:
+            self._dispatcher = dispatcher
             self._state = _HANDED_OVER
-            self._task_group = None
+            self._loop_thread, self._call_soon = threading.get_ident(), loop_handle()
+            overflow = dispatcher.submit(tasks)
+            if overflow:
+                await dispatcher.submit_waiting(overflow)
+            await dispatcher.stop(None)
 
     def abandon(self, reason: str) -> None:
         """End the tasks still held: the request was cancelled before handing them over."""
-        jobs, self._jobs = self._jobs, []
+        tasks, self._tasks = self._tasks, []
         self._state = _HANDED_OVER
-        self._executor.abandon_unstarted(jobs, reason)
+        self._executor.abandon(tasks, reason, taken=False)
 
-    def _take(self, failed: str | None) -> list[Job]:
-        jobs, self._jobs = self._jobs, []
-        if failed is not None and jobs:
-            kept = [job for job in jobs if job.run_on_error]
-            if len(kept) != len(jobs):
-                self._executor.discard([job for job in jobs if not job.run_on_error], failed)
-            jobs = kept
-        return jobs
-
-    def job_admitted(self) -> None:
-        self._outstanding += 1
-
-    def job_finished(self) -> None:
-        self._outstanding -= 1
-        if self._outstanding == 0 and self._settled is not None:
-            self._settled.set()
+    def _take(self, failed: str | None) -> list[Task]:
+        tasks, self._tasks = self._tasks, []
+        self._failed = failed
+        if failed is not None and tasks:
+            kept = [task for task in tasks if task.record.run_on_error]
+            if len(kept) != len(tasks):
+                self._executor.discard(
+                    [task for task in tasks if not task.record.run_on_error], failed
+                )
+            tasks = kept
+        return tasks
 
 
 class TaskAdder:
@@ -293,7 +295,7 @@ class TaskAdder:
         self._collector = collector
         self._options = options
 
-    def add(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> None:
+    def add(self, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> None:
         """Like :meth:`Collector.add`, with these options."""
         self._collector._add(fn, args, kwargs, self._options)
 

@@ -1,19 +1,33 @@
-"""Exceptions raised to users and handed to the dead-letter hook."""
+"""The library's own exceptions: raised to users and handed to the dead-letter hook.
+
+Every one derives from :class:`AfterResponseError` and keeps the builtin base a caller
+would catch without knowing this library (``LookupError``, ``TimeoutError``, ...).
+"""
 
 from __future__ import annotations
 
 
-class NoActiveRequestError(LookupError):
+class AfterResponseError(Exception):
+    """Base class of every exception after-response defines."""
+
+
+class NoActiveRequestError(AfterResponseError, LookupError):
     """``current()`` was called where no request handled by the middleware is active."""
 
 
-class TaskTimeoutError(TimeoutError):
+class NoCurrentTaskError(AfterResponseError, LookupError):
+    """``current_task()`` was called outside a running side effect."""
+
+
+class TaskTimeoutError(AfterResponseError, TimeoutError):
     """A task's attempt ran longer than its timeout and was cancelled."""
 
 
-class TaskShedError(RuntimeError):
-    """A task was dropped because the pending queue stayed full past ``overflow_timeout``."""
+class TaskShedError(AfterResponseError, RuntimeError):
+    """A task was dropped because it found no room: the queue, and the room to wait for it,
+    were full (see ``max_pending`` and ``overflow_timeout``)."""
 
 
-class TaskAbandonedError(RuntimeError):
-    """A task was cancelled, or never started, because shutdown's drain deadline passed."""
+class TaskAbandonedError(AfterResponseError, RuntimeError):
+    """A task was cancelled, or never started, because shutdown's drain deadline passed or
+    the request call that owned it (without lifespan) was cancelled."""

@@ -12,10 +12,13 @@ from anyio.abc import TaskGroup
 from opentelemetry import metrics, trace
 from starlette.types import Message, Receive, Scope, Send
 
+from ._accounting import Stats
 from ._collector import Collector, _current
-from ._executor import DeadLetterHook, Defaults, Executor, Stats
-from ._options import Retry, check_timeout
-from ._telemetry import Telemetry, logger
+from ._dead_letters import DeadLetterHook, check_hook
+from ._executor import Executor
+from ._logs import logger
+from ._options import NO_RETRY, Resolved, Retry, check_timeout
+from ._telemetry import Telemetry
 
 #: Final messages other than ``http.response.body``, with the key that says "more follows".
 _OTHER_FINAL: Final = {
@@ -57,9 +60,10 @@ class AfterResponseMiddleware:
             are discarded, and logged with their names).
         max_threads: worker threads for sync side effects; a pool of their own, so slow
             sync side effects never starve the app's own threadpool.
-        on_dead_letter: ``hook(task_name, exception, attempts)``, called for each task that
-            ends without success: failed or timed out after its last attempt, shed, or
-            abandoned at shutdown. Keep it quick and synchronous.
+        on_dead_letter: ``hook(dead_letter)``, called with a :class:`DeadLetter` for each
+            task that ends without success: failed or timed out after its last attempt,
+            shed, or abandoned. A plain function: it runs in a thread of its own, off the
+            event loop, one dead letter after another.
         tracer_provider: OpenTelemetry tracer provider (default: the global one).
         meter_provider: OpenTelemetry meter provider (default: the global one).
         state_key: the name of the collector on ``request.state``.
@@ -95,8 +99,7 @@ class AfterResponseMiddleware:
             raise TypeError(f"retry must be a Retry(...) or None, got {retry!r}")
         if not isinstance(run_on_error, bool):
             raise TypeError(f"run_on_error must be True or False, got {run_on_error!r}")
-        if on_dead_letter is not None and not callable(on_dead_letter):
-            raise TypeError(f"on_dead_letter must be callable or None, got {on_dead_letter!r}")
+        check_hook(on_dead_letter)
         if not isinstance(state_key, str) or not state_key:
             raise TypeError(f"state_key must be a non-empty string, got {state_key!r}")
         self.app = app
@@ -109,7 +112,7 @@ class AfterResponseMiddleware:
             max_threads=max_threads,
             on_dead_letter=on_dead_letter,
             telemetry=Telemetry(tracer_provider, meter_provider),
-            defaults=Defaults(timeout=task_timeout, retry=retry, run_on_error=run_on_error),
+            defaults=Resolved("", task_timeout, retry or NO_RETRY, run_on_error),
         )
         self._warned_no_lifespan = False
 
@@ -127,7 +130,7 @@ class AfterResponseMiddleware:
         # The per-request hot path: a request that adds nothing costs a collector, a state
         # dict, a context variable and a send wrapper, and nothing else.
         executor = self._executor
-        collector = Collector(executor, scope)
+        collector = Collector(executor, scope.get("method", "WEBSOCKET"), scope.get("path", ""))
         # A new state dict: a server that shares one between requests must not see ours.
         state = scope.get("state")
         scope["state"] = (
@@ -160,8 +163,8 @@ class AfterResponseMiddleware:
                 return
             # The server has the whole response: the request's tasks may start now.
             complete = True
-            if collector._jobs and executor.background is not None:
-                collector.hand_over(failed=_status_failure(status))
+            if collector.holding and executor.background is not None:
+                collector.hand_over(executor, failed=_status_failure(status))
 
         try:
             await self.app(scope, receive, send_watching)
@@ -178,7 +181,7 @@ class AfterResponseMiddleware:
             self._finish_cancelled(collector, _status_failure(status))
             raise
         _current.reset(token)
-        if collector._jobs or collector.overflow:
+        if collector.holding or collector.overflow:
             if status == 0 and not client_gone:
                 failed = "the app returned without sending a response"
             else:
@@ -215,8 +218,10 @@ class AfterResponseMiddleware:
         await self._finish(collector, None)
 
     async def drain(self, timeout: float | None = None) -> bool:
-        """Wait until every task added so far has ended (succeeded, failed, timed out,
-        discarded, shed or abandoned). Returns ``False`` if ``timeout`` seconds passed first.
+        """Wait until every task added before this call has ended (succeeded, failed,
+        timed out, discarded, shed or abandoned). Returns ``False`` if ``timeout`` seconds
+        passed first. Tasks added after the call are not waited for, so it returns under
+        steady load too (shutdown, by contrast, waits for everything).
 
         Do not await it inside a request handler for that request's own tasks: they only
         start once the response is complete.
@@ -235,13 +240,13 @@ class AfterResponseMiddleware:
         executor = self._executor
         try:
             if collector.overflow:
-                await executor.admit_waiting(collector.overflow, None)
-            if collector.handed_over or not collector._jobs:
+                await executor.submit_waiting(collector.overflow)
+            if collector.handed_over or not collector.holding:
                 return
             if executor.background is not None:
-                collector.hand_over(failed=failed)
+                collector.hand_over(executor, failed=failed)
                 if collector.overflow:
-                    await executor.admit_waiting(collector.overflow, None)
+                    await executor.submit_waiting(collector.overflow)
                 return
             if not self._warned_no_lifespan:
                 self._warned_no_lifespan = True
@@ -264,11 +269,11 @@ class AfterResponseMiddleware:
         if collector.overflow:
             executor.shed(collector.overflow, "its request was cancelled while it waited")
             collector.overflow = None
-        if collector._jobs:
+        if collector.holding:
             if executor.background is not None:
                 # The handler already decided these; the cancellation (often a client that
                 # went away) does not undo that.
-                collector.hand_over(failed=failed)
+                collector.hand_over(executor, failed=failed)
                 if collector.overflow:
                     executor.shed(collector.overflow, "its request was cancelled")
                     collector.overflow = None

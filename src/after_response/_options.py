@@ -1,14 +1,13 @@
-"""Per-task options: names, timeouts, retry policies and the ``side_effect`` decorator."""
+"""Per-task options: names, timeouts and retry policies, and how the levels combine."""
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Final, NamedTuple, TypeVar
 
-F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 OPTIONS_ATTRIBUTE: Final = "__after_response_options__"
 
@@ -131,15 +130,33 @@ class TaskOptions:
     def over(self, fallback: TaskOptions) -> TaskOptions:
         """These options, with every unset field taken from ``fallback``."""
         return TaskOptions(
-            name=fallback.name if isinstance(self.name, _Unset) else self.name,
-            timeout=fallback.timeout if isinstance(self.timeout, _Unset) else self.timeout,
-            retry=fallback.retry if isinstance(self.retry, _Unset) else self.retry,
-            run_on_error=(
-                fallback.run_on_error
-                if isinstance(self.run_on_error, _Unset)
-                else self.run_on_error
-            ),
+            name=_pick(self.name, fallback.name),
+            timeout=_pick(self.timeout, fallback.timeout),
+            retry=_pick(self.retry, fallback.retry),
+            run_on_error=_pick(self.run_on_error, fallback.run_on_error),
         )
+
+    def resolve(self, defaults: Resolved, default_name: str) -> Resolved:
+        """Concrete options: each unset field from the middleware's ``defaults``."""
+        return Resolved(
+            _pick(self.name, default_name),
+            _pick(self.timeout, defaults.timeout),
+            _pick(self.retry, defaults.retry) or NO_RETRY,
+            _pick(self.run_on_error, defaults.run_on_error),
+        )
+
+
+class Resolved(NamedTuple):
+    """The options a task runs with, every level applied."""
+
+    name: str
+    timeout: float | None
+    retry: Retry
+    run_on_error: bool
+
+
+def _pick(value: T | _Unset, fallback: T) -> T:
+    return fallback if isinstance(value, _Unset) else value
 
 
 EMPTY_OPTIONS: Final = TaskOptions()
@@ -151,43 +168,3 @@ def check_timeout(what: str, value: object) -> None:
         return
     if not _is_finite_number(value) or value <= 0:  # type: ignore[operator]
         raise ValueError(f"{what} must be a positive number of seconds or None, got {value!r}")
-
-
-def side_effect(
-    *,
-    name: str | _Unset = UNSET,
-    timeout: float | _Unset | None = UNSET,
-    retry: Retry | _Unset | None = UNSET,
-    run_on_error: bool | _Unset = UNSET,
-) -> Callable[[F], F]:
-    """Give a side-effect function its default task options.
-
-    The function is returned unchanged (it can still be called directly); the options
-    apply whenever it is passed to ``collector.add()``::
-
-        @side_effect(timeout=10, retry=Retry(attempts=3))
-        async def send_verification_email(to: str, code: str) -> None: ...
-
-    Args:
-        name: the name used in logs, spans and metrics (default: the function's
-            qualified name). Keep it low-cardinality: never put an id or an address in it.
-        timeout: seconds an attempt may run before it is cancelled; ``None`` for no limit.
-        retry: a :class:`Retry` policy, or ``None`` for a single attempt.
-        run_on_error: run the task even when the request fails (exception or 5xx).
-    """
-    options = TaskOptions(name=name, timeout=timeout, retry=retry, run_on_error=run_on_error)
-
-    def decorate(fn: F) -> F:
-        if not callable(fn):
-            raise TypeError(f"@side_effect(...) decorates a function, got {fn!r}")
-        setattr(fn, OPTIONS_ATTRIBUTE, options)
-        _forget(fn)
-        return fn
-
-    return decorate
-
-
-def _forget(fn: Callable[..., Any]) -> None:
-    from ._callable import forget  # the facts module imports this one
-
-    forget(fn)

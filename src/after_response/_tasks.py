@@ -8,9 +8,10 @@ import asyncio
 import logging
 import math
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeAlias
 
+import anyio
 from anyio.abc import TaskGroup
 
 logger = logging.getLogger("after_response")
@@ -26,7 +27,10 @@ class NativeTasks:
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        #: Each running asyncio task, and the item it runs (its first argument).
+        self._tasks: dict[asyncio.Task[Any], Any] = {}
+        #: Tasks this owner cancelled (closing): their CancelledError is ours, not theirs.
+        self._cancelled: set[asyncio.Task[Any]] = set()
         # Deadlines: one timer for all running attempts, at the earliest deadline. Starting
         # and finishing an attempt is a dict write, where a timer each (asyncio.timeout)
         # costs a heap push and a cancel, more than running a short task.
@@ -87,25 +91,42 @@ class NativeTasks:
             self._timer, self._timer_at = None, math.inf
 
     def start_soon(self, func: Callable[..., Awaitable[Any]], /, *args: Any) -> None:
-        task: asyncio.Task[Any] = self._loop.create_task(func(*args))  # type: ignore[arg-type]
-        self._tasks.add(task)
+        """Run ``func(*args)`` as a task of this owner (anyio's ``TaskGroup`` signature)."""
+        self.spawn(func(*args), args[0] if args else None)  # type: ignore[arg-type]
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any], item: Any) -> None:
+        """Run ``coroutine`` as a task of this owner, in the current context; ``item`` is
+        what ``aclose()`` returns should the task outlive its cancellation."""
+        task = self._loop.create_task(coroutine)
+        self._tasks[task] = item
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
+        del self._tasks[task]
+        self._cancelled.discard(task)
         if not task.cancelled() and task.exception() is not None:  # pragma: no cover - a bug
-            logger.error("after-response internal error", exc_info=task.exception())
+            logger.error("after-response internal error: %s", type(task.exception()).__qualname__)
 
-    async def aclose(self) -> None:
-        """Cancel the tasks that still run and wait until every one has finished."""
+    def cancelled_by_owner(self) -> bool:
+        """Whether the current task's cancellation came from this owner (closing, or its
+        deadline), rather than from the side effect raising ``CancelledError`` itself."""
+        task = asyncio.current_task()
+        return task in self._cancelled or task in self._expired
+
+    async def aclose(self, grace: float | None = None) -> list[Any]:
+        """Cancel the tasks that still run and wait for them to finish, at most ``grace``
+        seconds (``None``: as long as it takes); the items of those that carry on."""
         if self._timer is not None:
             self._timer.cancel()
         self._deadlines.clear()
         self._expired.clear()
         for task in self._tasks:
+            self._cancelled.add(task)
             task.cancel()
-        while self._tasks:
-            await asyncio.wait(list(self._tasks))
+        with anyio.move_on_after(grace):
+            while self._tasks:
+                await asyncio.wait(list(self._tasks))
+        return list(self._tasks.values())
 
 
 #: What runs a job's task: the executor's own asyncio task set, or an anyio task group.
@@ -123,3 +144,12 @@ def running_asyncio() -> bool:
 
 #: ``Task.uncancel`` (3.11+) lets a deadline cancel an attempt without cancelling its task.
 HAS_UNCANCEL = sys.version_info >= (3, 11)
+
+
+def loop_handle() -> Callable[..., Any]:
+    """How another thread schedules a call on the running loop (asyncio or trio)."""
+    if running_asyncio():
+        return asyncio.get_running_loop().call_soon_threadsafe
+    import trio  # only reached under trio
+
+    return trio.lowlevel.current_trio_token().run_sync_soon

@@ -24,8 +24,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "after_response works without it)"
     ) from exc
 
-from ._collector import Collector, _current
-from ._errors import NoActiveRequestError
+from ._collector import Collector, get
 
 __all__ = ["AfterResponse"]
 
@@ -45,19 +44,7 @@ def _get_collector(connection: HTTPConnection) -> Collector:
             ``AfterResponseMiddleware`` does not wrap the app, so there is no collector to
             hand out; the request then fails with a 500.
     """
-    state = connection.scope.get("state")
-    collector = state.get(DEFAULT_STATE_KEY) if state else None
-    if isinstance(collector, Collector):
-        return collector
-    collector = _current.get()
-    if collector is not None:
-        return collector
-    raise NoActiveRequestError(
-        "the AfterResponse dependency found no collector on this request: "
-        "AfterResponseMiddleware is not installed around this FastAPI app. Add it with "
-        "app.add_middleware(AfterResponseMiddleware), or wrap the app: "
-        "app = AfterResponseMiddleware(app)."
-    )
+    return get(connection, DEFAULT_STATE_KEY)
 
 
 AfterResponse = Annotated[Collector, Depends(_get_collector)]

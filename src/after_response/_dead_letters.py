@@ -1,0 +1,107 @@
+"""``on_dead_letter``: called, off the event loop, for every task that ended unsuccessfully.
+
+The hook runs in a daemon thread of its own, one call after another, so a slow hook (a
+database insert, an HTTP call) never stalls request handling; one that raises is logged.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+import anyio
+from opentelemetry import trace
+from opentelemetry.trace import Span
+
+from ._logs import log_task
+from ._task import DeadLetter, Task
+from ._tasks import loop_handle
+
+DeadLetterHook = Callable[[DeadLetter], object]
+"""Called as ``hook(dead_letter)`` for every task that ended unsuccessfully (failed or timed
+out after its last attempt, shed, or abandoned), in a thread of its own."""
+
+
+def check_hook(hook: object) -> None:
+    """Raise a clear error for a hook that cannot be one."""
+    if hook is None:
+        return
+    if not callable(hook):
+        raise TypeError(f"on_dead_letter must be callable or None, got {hook!r}")
+    if inspect.iscoroutinefunction(hook) or inspect.iscoroutinefunction(
+        getattr(hook, "__call__", None)  # noqa: B004 - a callable object's own method
+    ):
+        raise TypeError(
+            "on_dead_letter must be a plain (def) function: it is called in a thread of its "
+            "own, off the event loop, so a slow hook never stalls requests; an async def hook "
+            "would never be awaited. To reach async code from it, use "
+            "asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)."
+        )
+
+
+class DeadLetters:
+    """Delivers dead letters to the hook, in order, in one daemon thread."""
+
+    def __init__(self, hook: DeadLetterHook | None) -> None:
+        self._hook = hook
+        self._queue: queue.SimpleQueue[tuple[Task, DeadLetter, Span]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._submitted = 0
+        self._delivered = 0
+        #: Flushes waiting: (how many must be delivered, how to wake the waiter).
+        self._flushes: list[tuple[int, Callable[[], object]]] = []
+
+    def submit(self, task: Task, dead_letter: DeadLetter) -> None:
+        """Queue ``dead_letter`` for the hook (called on the event loop)."""
+        if self._hook is None:
+            return
+        # The span is looked up here, on the loop: the hook's log line carries the trace.
+        span = task.context.run(trace.get_current_span)
+        with self._lock:
+            self._submitted += 1
+            self._queue.put((task, dead_letter, span))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._deliver, name="after-response-dead-letters", daemon=True
+                )
+                self._thread.start()
+
+    def _deliver(self) -> None:
+        assert self._hook is not None
+        while True:
+            task, dead_letter, span = self._queue.get()
+            try:
+                self._hook(dead_letter)
+            except Exception as hook_error:
+                log_task(
+                    logging.ERROR,
+                    task,
+                    "dead letter: the on_dead_letter hook raised",
+                    exc=hook_error,
+                    span=span,
+                )
+            with self._lock:
+                self._delivered += 1
+                woken = [wake for target, wake in self._flushes if target <= self._delivered]
+                self._flushes = [f for f in self._flushes if f[0] > self._delivered]
+            for wake in woken:
+                wake()
+
+    async def flush(self, timeout: float | None) -> bool:
+        """Wait, at most ``timeout`` seconds, until the hook has seen every dead letter
+        submitted before the call."""
+        with self._lock:
+            target = self._submitted
+            if self._delivered >= target:
+                return True
+            delivered = anyio.Event()
+            call_soon = loop_handle()
+            self._flushes.append((target, lambda: call_soon(delivered.set)))
+        with anyio.move_on_after(timeout):
+            await delivered.wait()
+            return True
+        return False

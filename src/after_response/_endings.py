@@ -1,0 +1,81 @@
+"""How tasks end: the one place a task reaches its terminal state, with its log line, span,
+count, per-request callback and dead letter."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from ._accounting import Ledger
+from ._dead_letters import DeadLetters
+from ._errors import TaskAbandonedError, TaskShedError
+from ._logs import log_task
+from ._task import DeadLetter, Outcome, Task
+from ._telemetry import Telemetry
+
+
+class Endings:
+    """The terminal states, shared by every dispatcher of one middleware."""
+
+    def __init__(self, ledger: Ledger, telemetry: Telemetry, dead_letters: DeadLetters) -> None:
+        self.ledger = ledger
+        self.telemetry = telemetry
+        self.dead_letters = dead_letters
+
+    def end(
+        self, task: Task, outcome: Outcome, exc: BaseException | None = None, *, attempts: int
+    ) -> None:
+        if task.done:  # a task abandoned at the deadline that finished after all
+            return
+        task.done = True
+        self.ledger.end(task, outcome)
+        self.telemetry.finished(task, outcome)
+        on_end, task.on_end = task.on_end, None
+        if on_end is not None:
+            on_end()
+        if exc is not None:
+            self.dead_letters.submit(
+                task, DeadLetter(task.record.name, task.record.id, exc, attempts, outcome.value)
+            )
+
+    def shed(self, tasks: Iterable[Task], reason: str) -> None:
+        """End tasks that found no room (or no executor): logged, counted, dead-lettered."""
+        for task in tasks:
+            self.ledger.left_request += 1
+            self.telemetry.unrun(task, Outcome.SHED, logging.ERROR, "shed: %s", reason)
+            error = TaskShedError(f"{task.record.name} was shed: {reason}")
+            self.end(task, Outcome.SHED, error, attempts=0)
+
+    def discard(self, tasks: list[Task], reason: str) -> None:
+        """End tasks of a failed request by policy (not an error): logged by name, counted."""
+        count = len(tasks)
+        for number, task in enumerate(tasks, 1):
+            self.ledger.left_request += 1
+            self.telemetry.unrun(
+                task,
+                Outcome.DISCARDED,
+                logging.WARNING,
+                "discarded (%d of %d of this request) because %s (pass run_on_error=True to "
+                "run it anyway)",
+                number,
+                count,
+                reason,
+            )
+            self.end(task, Outcome.DISCARDED, attempts=0)
+
+    def abandon(self, tasks: Iterable[Task], reason: str, *, taken: bool) -> None:
+        """End tasks that will never run: their request's call was cancelled before handing
+        them over (``taken=False``), or shutdown's deadline passed while they waited."""
+        for task in tasks:
+            if not taken:
+                self.ledger.left_request += 1
+            self.telemetry.unrun(task, Outcome.ABANDONED, logging.ERROR, "abandoned: %s", reason)
+            error = TaskAbandonedError(f"{task.record.name} was abandoned: {reason}")
+            self.end(task, Outcome.ABANDONED, error, attempts=task.attempt - 1)
+
+    def abandon_running(self, task: Task, reason: str) -> None:
+        if task.done:
+            return
+        log_task(logging.ERROR, task, "abandoned: %s", reason)
+        error = TaskAbandonedError(f"{task.record.name} was abandoned: {reason}")
+        self.end(task, Outcome.ABANDONED, error, attempts=task.attempt)

@@ -1,0 +1,97 @@
+"""Without lifespan there is no shared executor: each request's own ASGI call runs its
+tasks, after its response, and returns when they have ended (so a server's graceful
+shutdown, which waits for open calls, waits for them too). The executor's bounds and books
+still apply; only the owner of the tasks is the request's call."""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from ._accounting import Stats
+from ._executor import CANCEL_GRACE, Executor
+from ._task import Task
+from ._tasks import NativeTasks, Spawner, running_asyncio
+
+
+class InlineDispatcher:
+    """The dispatcher of one request's call, without lifespan."""
+
+    def __init__(self, executor: Executor) -> None:
+        self._executor = executor
+        self._outstanding = 0
+        self._settled: asyncio.Future[None] | anyio.Event | None = None
+        self._owner: Spawner | None = None
+        self._task_group: TaskGroup | None = None
+        self.open = False
+
+    async def __aenter__(self) -> InlineDispatcher:
+        if running_asyncio():
+            # A task set of the request's own: an anyio task group per request costs several
+            # times more, and nothing here needs more than "cancel and wait".
+            self._owner = NativeTasks()
+        else:
+            self._task_group = anyio.create_task_group()
+            self._owner = await self._task_group.__aenter__()
+        self.open = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.open = False
+        owner = self._owner
+        if type(owner) is NativeTasks:
+            if exc_type is not None:
+                for task in await owner.aclose(CANCEL_GRACE):
+                    self._executor.left_behind(task)
+            else:
+                owner.drop_timer()  # settled: every task has ended and is only returning
+        elif self._task_group is not None:
+            await self._task_group.__aexit__(exc_type, exc, traceback)
+
+    def submit(self, tasks: list[Task]) -> list[Task]:
+        for task in tasks:
+            task.on_end = self._task_ended
+        self._outstanding += len(tasks)
+        return self._executor.submit(tasks, self._owner)
+
+    async def submit_waiting(self, tasks: list[Task]) -> None:
+        await self._executor.submit_waiting(tasks, self._owner)
+
+    async def stop(self, timeout: float | None) -> None:
+        """Wait for this request's tasks, at most ``timeout`` seconds."""
+        if not self._outstanding:
+            return
+        settled: Any
+        if type(self._owner) is NativeTasks:
+            settled = asyncio.get_running_loop().create_future()
+        else:
+            settled = anyio.Event()
+        self._settled = settled
+        wait = settled if isinstance(settled, asyncio.Future) else settled.wait()
+        if timeout is None:
+            await wait
+            return
+        with anyio.move_on_after(timeout):
+            await wait
+
+    def stats(self) -> Stats:
+        return self._executor.stats()
+
+    def _task_ended(self) -> None:
+        self._outstanding -= 1
+        settled = self._settled
+        if self._outstanding == 0 and settled is not None:
+            if isinstance(settled, asyncio.Future):
+                if not settled.done():
+                    settled.set_result(None)
+            else:
+                settled.set()

@@ -1,0 +1,78 @@
+"""Log lines about tasks, on the ``after_response`` logger, never with task arguments.
+
+Every line about a task starts ``after-response task <name> of <method> <path>`` and carries,
+as ``extra``: ``task_name``, ``task_id``, ``request_method``, ``request_path``, and
+``trace_id``/``span_id`` when a span is known, so a log backend can link the line to its
+trace.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Final
+
+from opentelemetry import trace
+from opentelemetry.trace import Span
+
+from ._redact import exception_text
+from ._task import Task
+
+logger: Final = logging.getLogger("after_response")
+
+_PREFIX: Final = "after-response task %s of %s %s "
+
+
+def log_task(
+    level: int,
+    task: Task,
+    what: str,
+    *args: object,
+    exc: BaseException | None = None,
+    span: Span | None = None,
+) -> None:
+    """Log ``what % args`` about ``task``, prefixed with its name and request.
+
+    With ``exc``, the record carries the traceback as text (``exc_text``, which every
+    ``logging.Formatter`` prints) with the task's arguments redacted from the exception
+    messages, and the exception type as ``error_type``; not the exception object
+    (``exc_info`` stays empty), which formatters would render unredacted.
+    """
+    if not logger.isEnabledFor(level):
+        return
+    record = task.record
+    extra: dict[str, Any] = {
+        "task_name": record.name,
+        "task_id": record.id,
+        "request_method": record.request.method,
+        "request_path": record.request.path,
+    }
+    extra.update(trace_ids(span if span is not None else task.context.run(trace.get_current_span)))
+    message = _PREFIX + what + " [task %s]"
+    arguments = (record.name, record.request.method, record.request.path, *args, record.id)
+    if exc is None:
+        logger.log(level, message, *arguments, extra=extra)
+        return
+    extra["error_type"] = qualified_type(exc)
+    log_record = logger.makeRecord(
+        logger.name, level, __file__, 0, message, arguments, None, "log_task", extra
+    )
+    _, stacktrace = exception_text(exc, task.fn, record.args, record.kwargs)
+    log_record.exc_text = stacktrace.rstrip("\n")
+    logger.handle(log_record)
+
+
+def trace_ids(span: Span) -> Mapping[str, str]:
+    context = span.get_span_context()
+    if not context.is_valid:
+        return {}
+    return {
+        "trace_id": format(context.trace_id, "032x"),
+        "span_id": format(context.span_id, "016x"),
+    }
+
+
+def qualified_type(exc: BaseException) -> str:
+    module = type(exc).__module__
+    name = type(exc).__qualname__
+    return name if module == "builtins" else f"{module}.{name}"

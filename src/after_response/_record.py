@@ -1,0 +1,73 @@
+"""What a side effect *is*, as plain data: the part of a task that can be stored or sent.
+
+A :class:`TaskRecord` describes one call (what to run, with what, under which options, for
+which request) and never changes. How far the call has got (attempt, ready time, owner)
+lives beside it, in the live :class:`~after_response._task.Task`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Any, Final, NamedTuple
+
+from ._options import Retry
+
+
+class RequestInfo(NamedTuple):
+    """What logs say about the request a task came from: never headers, body or query."""
+
+    method: str
+    path: str
+
+
+NO_REQUEST: Final = RequestInfo("-", "-")
+
+
+class TaskRecord(NamedTuple):
+    """One side-effect call, immutable.
+
+    ``target`` is the function's stable import name (``"module:qualname"``) where it has one
+    (``None`` for lambdas, closures, partials and callable objects): what a store or an
+    engine needs to find the function again in another process. ``trace_context`` is the
+    W3C trace context at ``add()``, filled in for tasks that leave the process; in-process
+    tasks carry the live context instead.
+    """
+
+    id: str
+    name: str
+    target: str | None
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    timeout: float | None
+    retry: Retry
+    run_on_error: bool
+    request: RequestInfo
+    trace_context: dict[str, str] | None = None
+
+
+def _new_prefix() -> str:
+    return os.urandom(6).hex()
+
+
+class _Ids:
+    """Task ids: a random per-process prefix and a counter. Unique across processes (and
+    across forks: a forked child draws a new prefix) at the cost of a string format."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.prefix = _new_prefix() + "-"
+        self.counter = itertools.count(1)
+
+    def new(self) -> str:
+        return f"{self.prefix}{next(self.counter):x}"
+
+
+_ids: Final = _Ids()
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_ids.reset)
+
+#: A new task id, unique across processes and restarts.
+new_task_id: Final = _ids.new

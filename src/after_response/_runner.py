@@ -1,0 +1,129 @@
+"""One attempt of a task: call it under its deadline, and say how it ended.
+
+Everything a side effect can raise ends as an outcome here: an ``Exception``, and also a
+``KeyboardInterrupt``, ``SystemExit`` (``sys.exit()`` in a sync task), ``GeneratorExit``, any
+other ``BaseException``, or a ``CancelledError`` it raised itself. Only a cancellation that
+came from the task's owner (the shutdown deadline, or its request's call) leaves as one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from typing import Any
+
+import anyio
+
+from ._errors import TaskTimeoutError
+from ._logs import log_task
+from ._task import Outcome, Task
+from ._tasks import HAS_UNCANCEL, NativeTasks
+from ._telemetry import Telemetry
+from ._threads import WorkerThreads
+
+
+class Runner:
+    """Runs attempts, with the telemetry around each and the worker threads for sync tasks."""
+
+    def __init__(self, telemetry: Telemetry, threads: WorkerThreads) -> None:
+        self.telemetry = telemetry
+        self.threads = threads
+
+    async def attempt(self, task: Task, *, may_retry: bool) -> tuple[Outcome, BaseException | None]:
+        """Run one attempt; ``RETRY`` when it failed and another attempt is due."""
+        telemetry = self.telemetry
+        started = time.perf_counter()
+        span = telemetry.attempt_started(task, started - task.ready_at)
+        exc: BaseException | None = None
+        try:
+            if await self._call_with_deadline(task):
+                outcome = Outcome.SUCCEEDED
+            else:
+                exc = TaskTimeoutError(f"{task.record.name} timed out after {task.record.timeout}s")
+                outcome = Outcome.TIMED_OUT
+        except anyio.get_cancelled_exc_class() as error:
+            if _cancelled_by_owner(task):
+                telemetry.attempt_ended(
+                    task, span, Outcome.ABANDONED, None, time.perf_counter() - started
+                )
+                raise
+            exc, outcome = error, Outcome.FAILED  # the side effect raised it itself
+        except BaseException as error:
+            exc, outcome = error, Outcome.FAILED
+        if exc is not None and may_retry and task.record.retry.should_retry(task.attempt, exc):
+            telemetry.attempt_ended(task, span, Outcome.RETRY, exc, time.perf_counter() - started)
+            log_task(
+                logging.WARNING,
+                task,
+                "attempt %d/%d %s (%s); retrying",
+                task.attempt,
+                task.record.retry.attempts,
+                "timed out" if outcome is Outcome.TIMED_OUT else "failed",
+                type(exc).__qualname__,
+                span=None if span is None else span.span,
+            )
+            return Outcome.RETRY, exc
+        telemetry.attempt_ended(task, span, outcome, exc, time.perf_counter() - started)
+        if outcome is Outcome.FAILED:
+            assert exc is not None
+            log_task(
+                logging.ERROR,
+                task,
+                "failed after %d attempt(s)%s",
+                task.attempt,
+                _raised_itself(exc),
+                exc=exc,
+                span=None if span is None else span.span,
+            )
+        elif outcome is Outcome.TIMED_OUT:
+            log_task(
+                logging.ERROR,
+                task,
+                "timed out after %ss (attempt %d/%d)%s",
+                task.record.timeout,
+                task.attempt,
+                task.record.retry.attempts,
+                "" if task.is_async else "; its worker thread cannot be stopped and runs on",
+                span=None if span is None else span.span,
+            )
+        return outcome, exc
+
+    async def _call_with_deadline(self, task: Task) -> bool:
+        """Run one attempt; ``False`` if it ran out of time (and was cancelled)."""
+        record = task.record
+        # An async side effect's coroutine is awaited as it is: no wrapper per attempt.
+        call = (
+            task.fn(*record.args, **record.kwargs) if task.is_async else self._call_in_thread(task)
+        )
+        if record.timeout is None:
+            await call
+            return True
+        owner = task.owner
+        if HAS_UNCANCEL and type(owner) is NativeTasks:
+            return await owner.run_with_deadline(record.timeout, call)
+        with anyio.CancelScope(deadline=anyio.current_time() + record.timeout) as scope:
+            await call
+        return not scope.cancelled_caught
+
+    async def _call_in_thread(self, task: Task) -> None:
+        result: Any = await self.threads.run(task.fn, task.record.args, task.record.kwargs)
+        if inspect.isawaitable(result):
+            # A sync callable that returned a coroutine (a lambda around an async call).
+            await result
+
+
+def _cancelled_by_owner(task: Task) -> bool:
+    owner = task.owner
+    if type(owner) is NativeTasks:
+        return owner.cancelled_by_owner()
+    return True  # an anyio task group (trio): its cancellations are the only ones we see
+
+
+def _raised_itself(exc: BaseException) -> str:
+    if isinstance(exc, Exception):
+        return ""
+    return (
+        f" (it raised {type(exc).__qualname__}, which is treated as a failure: a side effect "
+        "cannot stop the server)"
+    )
