@@ -202,7 +202,8 @@ class Receiver:
 
     It records every request in ``requests``, then answers, in this order:
 
-    - a request whose ``Idempotency-Key`` it has already processed: 200, not processed again;
+    - a request whose ``Idempotency-Key`` it has already processed: 200, not processed again
+      (recorded in ``duplicates``, and echoed as a duplicate);
     - the first ``fail_first`` requests: 503, not processed (a service having a bad moment);
     - when ``status`` is an error: ``status``, not processed (a broken service);
     - otherwise it processes the request (``processed``) and answers 200, except that for the
@@ -221,6 +222,8 @@ class Receiver:
     requests: list[ReceivedRequest] = field(default_factory=list, init=False)
     #: The requests it acted upon, once per idempotency key.
     processed: list[ReceivedRequest] = field(default_factory=list, init=False)
+    #: The requests it recognised by an idempotency key already processed, and did not act upon.
+    duplicates: list[ReceivedRequest] = field(default_factory=list, init=False)
     _processed_keys: set[str] = field(default_factory=set, init=False, repr=False)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -233,7 +236,9 @@ class Receiver:
         number = len(self.requests)
         key = received.headers.get("idempotency-key")
         answer: dict[str, object]
-        if key is not None and key in self._processed_keys:
+        duplicate = key is not None and key in self._processed_keys
+        if duplicate:
+            self.duplicates.append(received)
             status, answer = 200, {"ok": True, "duplicate": True}
         elif number <= self.fail_first:
             status, answer = 503, {"error": "temporarily unavailable"}
@@ -248,7 +253,13 @@ class Receiver:
                 self._echo(received, "the client gave up waiting")
                 return
         received.status = status
-        self._echo(received, f"answered {status}")
+        if duplicate:
+            self._echo(
+                received,
+                f"duplicate, recognised by its key: not processed again, answered {status}",
+            )
+        else:
+            self._echo(received, f"answered {status}")
         await JSONResponse(answer, status_code=status)(scope, receive, send)
 
     def _echo(self, received: ReceivedRequest, what: str) -> None:

@@ -9,18 +9,21 @@ It starts three local webhook subscribers and the app on http://127.0.0.1:8000. 
 
     curl -s localhost:8000/purchase --json '{"item": "book", "amount": 1200}'
 
-``POST /purchase`` answers 201 at once; after the response, one delivery per subscriber. Each
-delivery has its own ``Idempotency-Key`` header, made when the purchase added it and the same on
-every attempt of that delivery (different per subscriber and per event), so a subscriber that
-sees a key again answers without acting twice. Deliveries are retried with backoff on 5xx, 429,
+``POST /purchase`` answers 201 at once; after the response, one delivery per subscriber, named
+after it (``deliver_webhook[ledger]``: a retry warning says which subscriber failed, and the name
+stays low-cardinality, one per subscriber, as span and metric names must). Each delivery has
+its own ``Idempotency-Key`` header, made when the purchase added it and the same on every
+attempt of that delivery (different per subscriber and per event), so a subscriber that sees a
+key again answers without acting twice. Deliveries are retried with backoff on 5xx, 429,
 connection errors and timeouts (``TimeoutError``: a timed-out attempt counts as one), and not
 on other 4xx. The local subscribers: ``shop`` answers at once; ``ledger`` fails the first
 request it gets (503); ``mailer`` processes the first request but answers too late, so the
 delivery times out and is retried, and the retry is recognised by its key and not processed
-again.
+again: the subscriber prints ``duplicate, recognised by its key: not processed again``.
 
-Environment: ``PORT`` (8000); ``WEBHOOK_SUBSCRIBERS``: comma-separated URLs to deliver to
-instead of the local subscribers; ``DELIVERY_TIMEOUT`` (seconds per attempt, default 2).
+Environment: ``PORT`` (8000); ``WEBHOOK_SUBSCRIBERS``: comma-separated subscribers to deliver
+to instead of the local ones, each ``name=URL`` (a bare URL is named after its host);
+``DELIVERY_TIMEOUT`` (seconds per attempt, default 2).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -51,16 +55,40 @@ from examples.local_servers import Receiver, serve, wait_for_interrupt
 
 
 @dataclass(frozen=True)
+class Subscriber:
+    """Where to deliver, and the name its deliveries carry in logs, spans and metrics."""
+
+    name: str
+    url: str
+
+    @classmethod
+    def parse(cls, entry: str) -> Subscriber:
+        """``"name=URL"``, or a bare URL named after its host (never its path, which may hold
+        a secret)."""
+        name, separator, url = entry.partition("=")
+        if not separator or "://" in name:  # a bare URL (its query string may hold a "=")
+            name, url = urlsplit(entry.strip()).hostname or "", entry
+        if not name.strip() or not url.strip().startswith(("http://", "https://")):
+            raise ValueError(
+                "WEBHOOK_SUBSCRIBERS takes comma-separated name=URL entries, e.g. "
+                "ledger=https://ledger.example/hooks; one entry is not of that form"
+            )
+        return cls(name.strip(), url.strip())
+
+
+@dataclass(frozen=True)
 class Settings:
-    subscribers: tuple[str, ...]
+    subscribers: tuple[Subscriber, ...]
     #: Seconds each delivery attempt may take before it is cancelled (and retried).
     delivery_timeout: float = 2.0
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
-        urls = os.environ.get("WEBHOOK_SUBSCRIBERS", "")
+        entries = os.environ.get("WEBHOOK_SUBSCRIBERS", "")
         values: dict[str, Any] = {
-            "subscribers": tuple(url.strip() for url in urls.split(",") if url.strip()),
+            "subscribers": tuple(
+                Subscriber.parse(entry) for entry in entries.split(",") if entry.strip()
+            ),
             "delivery_timeout": float(os.environ.get("DELIVERY_TIMEOUT", cls.delivery_timeout)),
         }
         values.update(overrides)
@@ -112,9 +140,13 @@ async def purchase(request: Request) -> JSONResponse:
         "data": {"order": order_id, "item": item, "amount": amount},
     }
     settings: Settings = request.app.state.settings
-    after = request.state.after_response.options(timeout=settings.delivery_timeout)
-    for url in settings.subscribers:
-        after.add(deliver_webhook, request.state.http, url, f"dlv_{uuid.uuid4().hex}", event)
+    for subscriber in settings.subscribers:
+        # One name per subscriber: a retry warning says which one failed.
+        after = request.state.after_response.options(
+            name=f"deliver_webhook[{subscriber.name}]", timeout=settings.delivery_timeout
+        )
+        key = f"dlv_{uuid.uuid4().hex}"
+        after.add(deliver_webhook, request.state.http, subscriber.url, key, event)
     return JSONResponse({"order": order_id}, status_code=201)
 
 
@@ -150,11 +182,13 @@ async def main() -> None:
             routes = [Route(f"/{name}", receiver) for name, receiver in subscribers.items()]
             base = await stack.enter_async_context(serve(Starlette(routes=routes)))
             settings = replace(
-                settings, subscribers=tuple(f"{base}/{name}" for name in subscribers)
+                settings,
+                subscribers=tuple(Subscriber(name, f"{base}/{name}") for name in subscribers),
             )
         port = int(os.environ.get("PORT", "8000"))
         url = await stack.enter_async_context(serve(create_app(settings), port=port))
-        print(f"shop app on {url}; subscribers: {', '.join(settings.subscribers)}")
+        names = ", ".join(subscriber.name for subscriber in settings.subscribers)
+        print(f"shop app on {url}; subscribers: {names}")
         print(f'  curl -s {url}/purchase --json \'{{"item": "book", "amount": 1200}}\'')
         print("Ctrl-C to stop (pending deliveries finish first).")
         await wait_for_interrupt()

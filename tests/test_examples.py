@@ -126,12 +126,17 @@ async def test_signup_fanout_isolates_a_failure_and_a_timeout_and_retries_the_fl
 
 
 @pytest.mark.anyio
-async def test_purchase_webhooks_retry_with_one_idempotency_key_per_delivery() -> None:
+async def test_purchase_webhooks_retry_with_one_idempotency_key_per_delivery(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="after_response")
     subscribers = purchase_webhooks.local_subscribers()  # shop ok, ledger flaky, mailer slow
     async with serve_uvicorn(receivers_app(subscribers)) as base:
         settings = purchase_webhooks.Settings(
+            subscribers=tuple(
+                purchase_webhooks.Subscriber(name, f"{base}/{name}") for name in subscribers
+            ),
             # Long enough for any answer on a busy machine, short enough to wait for the slow one.
-            subscribers=tuple(f"{base}/{name}" for name in subscribers),
             delivery_timeout=1.0,
         )
         app = purchase_webhooks.create_app(settings)
@@ -162,10 +167,28 @@ async def test_purchase_webhooks_retry_with_one_idempotency_key_per_delivery() -
         mailer_first_retry.headers["idempotency-key"]
         == (subscribers["mailer"].requests[0].headers["idempotency-key"])
     )
+    # The mailer recognised the retry by its key; nobody else saw a key twice.
+    assert subscribers["mailer"].duplicates == [mailer_first_retry]
+    assert subscribers["shop"].duplicates == subscribers["ledger"].duplicates == []
+    # Each retry warning names the subscriber whose delivery failed.
+    retried = [
+        getattr(r, "task_name", None) for r in caplog.records if r.levelno == logging.WARNING
+    ]
+    assert sorted(retried) == ["deliver_webhook[ledger]", "deliver_webhook[mailer]"]
 
     stats = app.stats()
     assert (stats.added, stats.succeeded, stats.failed, stats.timed_out) == (6, 6, 0, 0)
     assert stats.retried == 2
+
+
+def test_webhook_subscribers_are_named_in_the_environment_or_after_their_host() -> None:
+    parse = purchase_webhooks.Subscriber.parse
+    assert parse("ledger=https://hooks.example/l") == purchase_webhooks.Subscriber(
+        "ledger", "https://hooks.example/l"
+    )
+    assert parse("https://crm.example/hook?token=t").name == "crm.example"  # never the path
+    with pytest.raises(ValueError, match="name=URL"):
+        parse("ledger")
 
 
 # -- each example runs with one command ----------------------------------------------------------
@@ -174,13 +197,22 @@ async def test_purchase_webhooks_retry_with_one_idempotency_key_per_delivery() -
 @pytest.mark.parametrize(
     ("script", "path", "payload", "printed"),
     [
-        ("login.py", "/login", {"email": "ada@example.com"}, "[smtp] to ada@example.com"),
-        ("signup_fanout.py", "/signup", {"email": "a@example.com", "name": "A"}, "[crm] PUT #2"),
-        ("purchase_webhooks.py", "/purchase", {"item": "book", "amount": 1}, "[ledger] POST #2"),
+        ("login.py", "/login", {"email": "ada@example.com"}, ["[smtp] to ada@example.com"]),
+        ("signup_fanout.py", "/signup", {"email": "a@example.com", "name": "A"}, ["[crm] PUT #2"]),
+        (
+            "purchase_webhooks.py",
+            "/purchase",
+            {"item": "book", "amount": 1},
+            [
+                "[ledger] POST #2",
+                "deliver_webhook[ledger]",  # the retry warning names the subscriber
+                "duplicate, recognised by its key: not processed again",  # the mailer's retry
+            ],
+        ),
     ],
 )
 def test_example_runs_with_one_command_and_finishes_its_side_effects_on_sigterm(
-    script: str, path: str, payload: dict[str, object], printed: str
+    script: str, path: str, payload: dict[str, object], printed: list[str]
 ) -> None:
     environment = {
         **os.environ,
@@ -213,4 +245,5 @@ def test_example_runs_with_one_command_and_finishes_its_side_effects_on_sigterm(
         watchdog.cancel()
         process.kill()
         process.wait()
-    assert printed in output
+    for line in printed:
+        assert line in output
