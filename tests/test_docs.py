@@ -246,7 +246,27 @@ def test_uvicorn_json_log_config_writes_after_responses_fields(tmp_path: Path) -
     assert "ada@example.com" not in json.dumps(records)  # the task's argument stays out
 
 
+@pytest.mark.parametrize("snippet", labelled("testing"), ids=str)
+def test_testing_page_examples_pass_as_test_modules(tmp_path: Path, snippet: Snippet) -> None:
+    """Each example on the testing page is a test module: pytest runs it (through the
+    installed plugin, for the fixtures) and every test in it passes."""
+    module = tmp_path / f"test_docs_example_{snippet.line}.py"
+    module.write_text(snippet.body, encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+         str(module)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert " passed" in result.stdout
+    assert "failed" not in result.stdout
+
+
 RUNNERS: Final = {
+    "testing": test_testing_page_examples_pass_as_test_modules,
     "starlette": test_quickstart_sends_the_email_after_answering,
     "fastapi": test_quickstart_sends_the_email_after_answering,
     "logging-basic": test_basic_config_gives_lines_a_level_and_a_logger_name,

@@ -12,11 +12,13 @@ from collections.abc import Callable
 from types import FunctionType, MethodType
 from typing import TYPE_CHECKING, Any, Final, ParamSpec
 
+from . import _mode
 from ._callable import callable_info
 from ._dispatch import Dispatcher
 from ._errors import NoActiveRequestError
 from ._inline import InlineDispatcher
 from ._logs import log_task
+from ._mode import CapturedCall
 from ._options import EMPTY_OPTIONS, UNSET, Retry, TaskOptions, _Unset
 from ._record import RequestInfo, TaskRecord, new_task_id
 from ._task import Task
@@ -189,6 +191,11 @@ class Collector:
         else:
             name, timeout, retry, run_on_error = options.resolve(executor.defaults, info.name)
         info.check_arguments(args, kwargs, bound_self, name)
+        if _mode.captured is not None:
+            _mode.captured.append(
+                CapturedCall(name, fn, args, kwargs, timeout, retry, run_on_error, *self.request)
+            )
+            return
         record = TaskRecord(
             new_task_id(),
             name,

@@ -12,6 +12,7 @@ from anyio.abc import TaskGroup
 from opentelemetry import metrics, trace
 from starlette.types import Message, Receive, Scope, Send
 
+from . import _mode
 from ._accounting import Stats
 from ._collector import Collector, _current
 from ._dead_letters import DeadLetterHook, check_hook
@@ -163,7 +164,7 @@ class AfterResponseMiddleware:
                 return
             # The server has the whole response: the request's tasks may start now.
             complete = True
-            if collector.holding and executor.background is not None:
+            if collector.holding and executor.background is not None and not _mode.inline:
                 collector.hand_over(executor, failed=_status_failure(status))
 
         try:
@@ -243,12 +244,12 @@ class AfterResponseMiddleware:
                 await executor.submit_waiting(collector.overflow)
             if collector.handed_over or not collector.holding:
                 return
-            if executor.background is not None:
+            if executor.background is not None and not _mode.inline:
                 collector.hand_over(executor, failed=failed)
                 if collector.overflow:
                     await executor.submit_waiting(collector.overflow)
                 return
-            if not self._warned_no_lifespan:
+            if not self._warned_no_lifespan and not _mode.inline:
                 self._warned_no_lifespan = True
                 logger.warning(
                     "AfterResponseMiddleware got a request before lifespan startup (is the "

@@ -1,0 +1,158 @@
+"""Test helpers for apps that use after-response, and their pytest plugin.
+
+Three ways to test a handler's side effects, in a sync test with Starlette's ``TestClient``
+or an async one with ``httpx.AsyncClient``:
+
+- **wait for them**: ``drain(client)`` (sync) or ``await adrain(app)`` (async) returns once
+  the side effects of the requests made so far have ended;
+- **capture them**: inside ``with capture() as calls:`` side effects are recorded (name,
+  function, arguments) and not run, to assert what a handler scheduled;
+- **run them inline**: inside ``with run_inline():`` each request's side effects run inside
+  its own ASGI call, so they are done when the client has the response.
+
+With pytest, the plugin :mod:`after_response.pytest_plugin` (registered on install) gives
+the fixtures ``after_response_calls`` (capture) and ``after_response_inline`` for one test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from . import _mode
+from ._middleware import AfterResponseMiddleware
+from ._mode import CapturedCall
+
+if TYPE_CHECKING:
+    from starlette.testclient import TestClient
+
+__all__ = [
+    "CapturedCall",
+    "CapturedCalls",
+    "adrain",
+    "capture",
+    "drain",
+    "find_middlewares",
+    "run_inline",
+]
+
+
+class CapturedCalls(list[CapturedCall]):
+    """The side effects added while capturing, in the order they were added."""
+
+    @property
+    def names(self) -> list[str]:
+        """Their task names."""
+        return [call.name for call in self]
+
+    def to(self, fn: Callable[..., Any]) -> list[CapturedCall]:
+        """The calls of ``fn``."""
+        return [call for call in self if call.fn == fn]
+
+
+@contextlib.contextmanager
+def capture() -> Iterator[CapturedCalls]:
+    """Record side effects instead of running them, for the duration of the block::
+
+        with capture() as calls:
+            client.post("/login", json={"email": "ada@example.com"})
+        [email] = calls.to(send_verification_email)
+        assert email.args == ("ada@example.com", ANY)
+
+    ``add()`` still checks its arguments against the function's signature; the recorded
+    calls are never counted in ``stats()``.
+    """
+    if _mode.captured is not None:
+        raise RuntimeError("capture() is already active: capturing blocks do not nest")
+    calls = CapturedCalls()
+    _mode.captured = calls
+    try:
+        yield calls
+    finally:
+        _mode.captured = None
+
+
+@contextlib.contextmanager
+def run_inline() -> Iterator[None]:
+    """Run each request's side effects inside its own ASGI call, for the duration of the
+    block: when the client has the response, they have run (as without lifespan)."""
+    previous, _mode.inline = _mode.inline, True
+    try:
+        yield
+    finally:
+        _mode.inline = previous
+
+
+def find_middlewares(app: object) -> list[AfterResponseMiddleware]:
+    """The ``AfterResponseMiddleware`` instances inside ``app``: the app itself, or reached
+    through the ``app`` and ``middleware_stack`` attributes that Starlette, FastAPI and
+    most ASGI middlewares use."""
+    found: list[AfterResponseMiddleware] = []
+    seen: set[int] = set()
+    layer: list[object] = [app]
+    for _ in range(64):
+        following: list[object] = []
+        for obj in layer:
+            if obj is None or id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            if isinstance(obj, AfterResponseMiddleware):
+                found.append(obj)
+            following += [getattr(obj, "middleware_stack", None), getattr(obj, "app", None)]
+        if not following:
+            break
+        layer = following
+    return found
+
+
+def drain(client: TestClient, timeout: float = 5.0) -> None:
+    """Wait until the side effects of the requests ``client`` made so far have ended.
+
+    For Starlette's ``TestClient`` used as a context manager (so lifespan runs)::
+
+        with TestClient(app) as client:
+            client.post("/login")
+            drain(client)
+        assert sent == ["ada@example.com"]
+
+    Raises:
+        LookupError: no ``AfterResponseMiddleware`` is reachable from ``client.app``.
+        RuntimeError: the client is not open (use ``with TestClient(app) as client:``).
+        TimeoutError: they had not ended after ``timeout`` seconds.
+    """
+    middlewares = _middlewares_of(client.app)
+    portal = getattr(client, "portal", None)
+    if portal is None:
+        raise RuntimeError(
+            "drain(client) needs an open TestClient: use `with TestClient(app) as client:` "
+            "(which also runs lifespan, so side effects have their executor)"
+        )
+    for middleware in middlewares:
+        if not portal.call(middleware.drain, timeout):
+            raise TimeoutError(f"side effects still running after {timeout}s: {middleware.stats()}")
+
+
+async def adrain(app: object, timeout: float = 5.0) -> None:
+    """``drain()`` for async tests: wait until the side effects of the requests made so far
+    to ``app`` (an ASGI app containing ``AfterResponseMiddleware``) have ended.
+
+    Raises:
+        LookupError: no ``AfterResponseMiddleware`` is reachable from ``app``.
+        TimeoutError: they had not ended after ``timeout`` seconds.
+    """
+    for middleware in _middlewares_of(app):
+        if not await middleware.drain(timeout):
+            raise TimeoutError(f"side effects still running after {timeout}s: {middleware.stats()}")
+
+
+def _middlewares_of(app: object) -> list[AfterResponseMiddleware]:
+    middlewares = find_middlewares(app)
+    if not middlewares:
+        raise LookupError(
+            f"no AfterResponseMiddleware found in {type(app).__qualname__}: install it "
+            "(app.add_middleware(AfterResponseMiddleware), or app = AfterResponseMiddleware(app)); "
+            "with Starlette's add_middleware, make one request first (the middleware stack is "
+            "built on the first call)"
+        )
+    return middlewares

@@ -1,0 +1,101 @@
+"""after_response.testing: the errors its helpers give when they are used wrong, and the
+modes' edges (the testing page's examples cover the ordinary use, in tests/test_docs.py)."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from after_response import AfterResponseMiddleware
+from after_response.testing import adrain, capture, drain, find_middlewares, run_inline
+
+from .apps import app_adding
+
+
+def test_drain_needs_an_open_client() -> None:
+    client = TestClient(AfterResponseMiddleware(app_adding()))
+    with pytest.raises(RuntimeError, match="with TestClient"):
+        drain(client)
+
+
+def test_drain_says_how_to_install_the_middleware_when_there_is_none() -> None:
+    with TestClient(app_adding()) as client, pytest.raises(LookupError, match="add_middleware"):
+        drain(client)
+
+
+def test_drain_raises_when_side_effects_outlive_its_timeout() -> None:
+    release = anyio.Event()
+
+    async def stuck() -> None:
+        await release.wait()
+
+    app = AfterResponseMiddleware(app_adding(stuck), shutdown_timeout=0.1)
+    with TestClient(app) as client:
+        client.get("/")
+        with pytest.raises(TimeoutError, match="still running"):
+            drain(client, timeout=0.05)
+
+
+def test_middlewares_are_found_through_starlette_and_wrapping_layers() -> None:
+    inner = AfterResponseMiddleware(app_adding())
+    starlette = Starlette(routes=[Route("/", lambda request: PlainTextResponse("ok"))])
+    starlette.add_middleware(AfterResponseMiddleware)
+    with TestClient(starlette):  # builds the middleware stack
+        pass
+    assert find_middlewares(inner) == [inner]
+    [found] = find_middlewares(starlette)
+    assert isinstance(found, AfterResponseMiddleware)
+    assert find_middlewares(app_adding()) == []
+
+
+def test_captured_calls_are_checked_and_not_counted() -> None:
+    async def send_email(to: str, code: str) -> None:
+        raise AssertionError("never runs while capturing")
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        request.state.after_response.options(timeout=3).add(send_email, "a@example.com", "1")
+        if request.query_params.get("wrong"):
+            request.state.after_response.add(send_email, "a@example.com")  # missing 'code'
+        return PlainTextResponse("ok")
+
+    app = AfterResponseMiddleware(Starlette(routes=[Route("/", endpoint)]))
+    with TestClient(app, raise_server_exceptions=True) as client, capture() as calls:
+        client.get("/")
+        with pytest.raises(TypeError, match="missing a required argument: 'code'"):
+            client.get("/?wrong=1")
+    assert len(calls) == 2  # one per request: the wrong add raised before it was recorded
+    call = calls[0]
+    assert (call.fn, call.args, call.timeout) == (send_email, ("a@example.com", "1"), 3)
+    assert app.stats().added == 0
+
+
+def test_capture_blocks_do_not_nest() -> None:
+    with capture(), pytest.raises(RuntimeError, match="do not nest"), capture():
+        pass
+
+
+def test_inline_mode_restores_the_background_executor_after_the_block() -> None:
+    ran: list[str] = []
+
+    async def effect() -> None:
+        ran.append("ran")
+
+    app = AfterResponseMiddleware(app_adding(effect))
+    with TestClient(app) as client:
+        with run_inline():
+            client.get("/")
+            assert ran == ["ran"]  # done with the response
+        client.get("/")
+        drain(client)
+    assert ran == ["ran", "ran"]
+
+
+@pytest.mark.anyio
+async def test_adrain_says_how_to_install_the_middleware_when_there_is_none() -> None:
+    with pytest.raises(LookupError, match="AfterResponseMiddleware"):
+        await adrain(app_adding())
