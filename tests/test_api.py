@@ -148,3 +148,38 @@ def test_get_returns_the_collector_or_says_how_to_install_the_middleware() -> No
         NoActiveRequestError, match=r"app.add_middleware\(AfterResponseMiddleware\)"
     ):
         bare.get("/")
+
+
+async def test_logged_tracebacks_redact_messages_but_keep_file_names_and_source_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The arguments are words that also appear in this file's path and source line.
+    async def fanout(event: str, kind: str) -> None:
+        raise ValueError(f"cannot deliver {event} of kind {kind}")
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        request.state.after_response.add(fanout, "tests", "deliver")
+        return PlainTextResponse("ok")
+
+    middleware = AfterResponseMiddleware(Starlette(routes=[Route("/", endpoint)]))
+    caplog.set_level(logging.ERROR, logger="after_response")
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get("/")
+        assert await middleware.drain(timeout=5)
+    [record] = [r for r in caplog.records if "failed after" in r.getMessage()]
+    text = record.exc_text or ""
+    assert "tests/test_api.py" in text  # the file name, although "tests" was an argument
+    assert 'raise ValueError(f"cannot deliver {event} of kind {kind}")' in text
+    assert text.rstrip().endswith("ValueError: cannot [redacted] [redacted] of kind [redacted]")
+
+
+def test_an_exception_whose_str_raises_is_still_logged_and_redacted() -> None:
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    from after_response._redact import redacted_exception
+
+    message, stacktrace = redacted_exception(Unprintable(), ["secret-value"])
+    assert "Unprintable" in message
+    assert "Unprintable" in stacktrace
