@@ -113,6 +113,8 @@ class TaskOptions:
     timeout: float | _Unset | None = UNSET
     retry: Retry | _Unset | None = UNSET
     run_on_error: bool | _Unset = UNSET
+    durable: bool | _Unset = UNSET
+    key: str | _Unset | None = UNSET
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, _Unset) and (not isinstance(self.name, str) or not self.name):
@@ -126,6 +128,15 @@ class TaskOptions:
             )
         if not isinstance(self.run_on_error, (_Unset, bool)):
             raise TypeError(f"run_on_error must be True or False, got {self.run_on_error!r}")
+        if not isinstance(self.durable, (_Unset, bool)):
+            raise TypeError(f"durable must be True or False, got {self.durable!r}")
+        if not isinstance(self.key, (_Unset, str)) and self.key is not None:
+            raise TypeError(
+                f"key must be a string or None, got {type(self.key).__name__}; for example "
+                'key=f"order-{order.id}-receipt"'
+            )
+        if isinstance(self.key, str) and not self.key:
+            raise ValueError('key must not be empty; for example key=f"order-{order.id}-receipt"')
 
     def over(self, fallback: TaskOptions) -> TaskOptions:
         """These options, with every unset field taken from ``fallback``."""
@@ -134,6 +145,8 @@ class TaskOptions:
             timeout=_pick(self.timeout, fallback.timeout),
             retry=_pick(self.retry, fallback.retry),
             run_on_error=_pick(self.run_on_error, fallback.run_on_error),
+            durable=_pick(self.durable, fallback.durable),
+            key=_pick(self.key, fallback.key),
         )
 
     def resolve(self, defaults: Resolved, default_name: str) -> Resolved:
@@ -143,6 +156,8 @@ class TaskOptions:
             _pick(self.timeout, defaults.timeout),
             _pick(self.retry, defaults.retry) or NO_RETRY,
             _pick(self.run_on_error, defaults.run_on_error),
+            _pick(self.durable, defaults.durable),
+            _pick(self.key, defaults.key),
         )
 
 
@@ -153,6 +168,8 @@ class Resolved(NamedTuple):
     timeout: float | None
     retry: Retry
     run_on_error: bool
+    durable: bool = False
+    key: str | None = None
 
 
 def _pick(value: T | _Unset, fallback: T) -> T:

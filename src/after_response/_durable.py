@@ -1,0 +1,154 @@
+"""Durable side effects: what makes a task storable, and its record's round trip through a
+store (``TaskRecord`` to ``StoredTask`` and back, with the trace context as W3C text)."""
+
+from __future__ import annotations
+
+import contextvars
+import importlib
+import json
+import math
+from collections.abc import Callable
+from typing import Any, Final
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
+
+from ._callable import CallableInfo, import_name
+from ._options import Retry
+from ._record import RequestInfo, TaskRecord
+from ._store import StoredTask
+
+_RETRY_FIELDS: Final = ("attempts", "backoff", "multiplier", "max_backoff", "jitter")
+
+
+def check_storable(
+    fn: Callable[..., Any],
+    info: CallableInfo,
+    bound_self: tuple[Any, ...],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    name: str,
+) -> str:
+    """The stable import name of ``fn``; ``TypeError`` if the call cannot be stored.
+
+    Names the argument by position or keyword, never its value.
+    """
+    target = info.target
+    if bound_self and not isinstance(bound_self[0], type):
+        raise TypeError(
+            f"add({name}, ...) with durable=True: {name} is a method bound to an object, which "
+            "cannot be stored; pass a module-level function (or a static or class method) and "
+            "the object's data as arguments"
+        )
+    if target is None or _unbound(resolve(target)) is not _unbound(fn):
+        raise TypeError(
+            f"add({name}, ...) with durable=True: a durable side effect must be importable by "
+            "a stable name, so another process can find it: a module-level function, or a "
+            "method reached from one; not a lambda, a closure, a local function or a "
+            "functools.partial"
+        )
+    for position, value in enumerate(args, 1):
+        _check_json(value, f"argument {position}", name)
+    for keyword, value in kwargs.items():
+        _check_json(value, f"argument {keyword}=", name)
+    return target
+
+
+def _check_json(value: object, which: str, name: str) -> None:
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        kind = type(value).__name__
+        raise TypeError(
+            f"add({name}, ...) with durable=True: {which} (a {kind}) cannot be stored as JSON "
+            f"({type(exc).__name__}); pass plain data: str, int, float, bool, None, lists and "
+            "dicts with string keys"
+        ) from None
+    if json.loads(text) != value:
+        kind = type(value).__name__
+        raise TypeError(
+            f"add({name}, ...) with durable=True: {which} (a {kind}) does not come back the "
+            "same from JSON (a tuple becomes a list, a dict's int keys become strings); pass "
+            "lists, and dicts with string keys"
+        )
+
+
+def _unbound(fn: object) -> object:
+    return getattr(fn, "__func__", fn)
+
+
+def resolve(target: str) -> object:
+    """The object named ``"module:qualname"``, or ``None`` if it cannot be found."""
+    module_name, _, qualname = target.partition(":")
+    try:
+        found: object = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return found
+
+
+def trace_carrier(context: contextvars.Context) -> dict[str, str]:
+    """The W3C trace context (``traceparent``, ``tracestate``) current in ``context``."""
+    carrier: dict[str, str] = {}
+    context.run(propagate.inject, carrier)
+    return carrier
+
+
+def context_from_carrier(carrier: dict[str, str]) -> contextvars.Context:
+    """A fresh context whose current span is the remote one described by ``carrier``."""
+    context = contextvars.Context()
+    if carrier:
+        context.run(otel_context.attach, propagate.extract(carrier))
+    return context
+
+
+def to_stored(record: TaskRecord, owner: str | None, state: str) -> StoredTask:
+    assert record.target is not None
+    retry = record.retry
+    return StoredTask(
+        id=record.id,
+        name=record.name,
+        target=record.target,
+        args=list(record.args),
+        kwargs=dict(record.kwargs),
+        options={
+            "timeout": record.timeout,
+            "retry": {field: getattr(retry, field) for field in _RETRY_FIELDS},
+            "run_on_error": record.run_on_error,
+        },
+        request_method=record.request.method,
+        request_path=record.request.path,
+        trace_context=record.trace_context or {},
+        key=record.key,
+        state=state,
+        owner=owner,
+    )
+
+
+def from_stored(row: StoredTask) -> tuple[TaskRecord, Callable[..., Any] | None]:
+    """The record of a stored task, and its function (``None`` when it cannot be imported).
+
+    A stored retry policy retries on any ``Exception`` (the types are not stored).
+    """
+    options = row.options
+    retry_fields = options.get("retry") or {}
+    retry = Retry(**{k: v for k, v in retry_fields.items() if k in _RETRY_FIELDS})
+    timeout = options.get("timeout")
+    record = TaskRecord(
+        row.id,
+        row.name,
+        row.target,
+        tuple(row.args),
+        dict(row.kwargs),
+        None if timeout is None or not math.isfinite(timeout) else float(timeout),
+        retry,
+        bool(options.get("run_on_error", False)),
+        RequestInfo(row.request_method or "-", row.request_path or "-"),
+        dict(row.trace_context),
+        True,
+        row.key,
+    )
+    fn = resolve(row.target)
+    return record, fn if callable(fn) else None
