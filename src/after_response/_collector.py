@@ -187,9 +187,12 @@ class Collector:
         executor = self._executor
         options = info.options if call_options is None else call_options.over(info.options)
         if options is EMPTY_OPTIONS:
-            name, timeout, retry, run_on_error = info.name, *executor.defaults[1:]
+            _, timeout, retry, run_on_error, durable, key = executor.defaults
+            name = info.name
         else:
-            name, timeout, retry, run_on_error = options.resolve(executor.defaults, info.name)
+            name, timeout, retry, run_on_error, durable, key = options.resolve(
+                executor.defaults, info.name
+            )
         info.check_arguments(args, kwargs, bound_self, name)
         if _mode.captured is not None:
             _mode.captured.append(

@@ -13,7 +13,7 @@ from typing import Any, Final
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
-from ._callable import CallableInfo, import_name
+from ._callable import CallableInfo
 from ._options import Retry
 from ._record import RequestInfo, TaskRecord
 from ._store import StoredTask

@@ -17,11 +17,12 @@ from typing import Any, Final
 import anyio
 
 from ._accounting import Ledger, Stats
-from ._dead_letters import DeadLetterHook, DeadLetters
+from ._dead_letters import DeadLetters
 from ._endings import Endings
 from ._logs import logger
 from ._options import Resolved
 from ._runner import Runner
+from ._settings import Settings
 from ._task import Outcome, Task, set_running_task
 from ._tasks import NativeTasks, Spawner, loop_handle, running_asyncio
 from ._telemetry import Telemetry
@@ -35,23 +36,19 @@ CANCEL_GRACE: Final = 1.0
 class Executor(Endings):
     """Runs tasks concurrently under an exact bound, with a bounded queue in front of it."""
 
-    def __init__(
-        self,
-        *,
-        max_concurrency: int,
-        max_pending: int,
-        overflow_timeout: float | None,
-        max_threads: int,
-        on_dead_letter: DeadLetterHook | None,
-        telemetry: Telemetry,
-        defaults: Resolved,
-    ) -> None:
+    def __init__(self, settings: Settings, telemetry: Telemetry, *, defaults: Resolved) -> None:
         self.defaults = defaults
-        self.max_concurrency = max_concurrency
-        self.max_pending = max_pending
-        self.overflow_timeout = overflow_timeout
-        super().__init__(Ledger(), telemetry, DeadLetters(on_dead_letter))
-        self.runner = Runner(telemetry, WorkerThreads(max_threads))
+        self.max_concurrency = settings.max_concurrency
+        self.max_pending = settings.max_pending
+        self.overflow_timeout = settings.overflow_timeout
+        #: Backpressure: a request's tasks wait for room as long as it takes, never shed.
+        self.backpressure = settings.overflow == "backpressure"
+        super().__init__(Ledger(), telemetry, DeadLetters(settings.on_dead_letter))
+        self.runner = Runner(telemetry, WorkerThreads(settings.max_threads))
+        #: New requests held by backpressure, and how many were answered 503.
+        self._gate_waiters: deque[anyio.Event] = deque()
+        self.held = 0
+        self.refused = 0
         self._queue: deque[Task] = deque()
         #: Tasks of requests waiting for room (at most max_pending), and their wake-ups.
         self._waiting = 0
@@ -97,7 +94,7 @@ class Executor(Endings):
         Called by a request's ASGI call after its response was sent. At most
         ``max_pending`` tasks wait this way; tasks beyond that are shed at once.
         """
-        room = max(0, self.max_pending - self._waiting)
+        room = len(tasks) if self.backpressure else max(0, self.max_pending - self._waiting)
         if len(tasks) > room:
             self.shed(
                 tasks[room:],
@@ -110,7 +107,7 @@ class Executor(Endings):
         self._waiting += len(tasks)
         waiting = tasks
         try:
-            with anyio.move_on_after(self.overflow_timeout):
+            with anyio.move_on_after(None if self.backpressure else self.overflow_timeout):
                 while waiting and not self._closing:
                     room_event = anyio.Event()
                     self._room_waiters.append(room_event)
@@ -167,6 +164,38 @@ class Executor(Endings):
             self.telemetry.pending(waiting, -1)
             self._start(waiting)
             self._wake_room_waiter()
+        if self._gate_waiters:
+            self._wake_gate()
+
+    @property
+    def saturated(self) -> bool:
+        """Whether the queue is full (requests' tasks would have to wait for room)."""
+        return self.background is not None and self.ledger.pending + self._waiting >= max(
+            1, self.max_pending
+        )
+
+    async def wait_for_room(self, timeout: float) -> bool:
+        """Backpressure: wait until the queue has room, at most ``timeout``; ``False`` if it
+        still had none."""
+        self.held += 1
+        with anyio.move_on_after(timeout):
+            while self.saturated and not self._closing:
+                room = anyio.Event()
+                self._gate_waiters.append(room)
+                try:
+                    await room.wait()
+                finally:
+                    if not room.is_set():
+                        self._gate_waiters.remove(room)
+            return True
+        return False
+
+    def _wake_gate(self) -> None:
+        """Let in as many held requests as the queue has room for (at least one)."""
+        room = max(1, self.max_pending - self.ledger.pending - self._waiting)
+        while self._gate_waiters and room > 0:
+            self._gate_waiters.popleft().set()
+            room -= 1
 
     def _wake_room_waiter(self) -> None:
         if self._room_waiters:
@@ -308,7 +337,7 @@ class Executor(Endings):
             for task in queued:
                 self.telemetry.pending(task, -1)
             self.abandon(queued, "shutdown_timeout elapsed before it started", taken=True)
-            for room in self._room_waiters:
+            for room in (*self._room_waiters, *self._gate_waiters):
                 room.set()
         self._stopped.set()
         await self._serving_done.wait()

@@ -3,7 +3,8 @@ response is complete, and ties the executor's lifetime to the server's lifespan.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import math
+from collections.abc import Awaitable, Callable, Collection
 from contextvars import Token
 from typing import Any, Final
 
@@ -15,10 +16,11 @@ from starlette.types import Message, Receive, Scope, Send
 from . import _mode
 from ._accounting import Stats
 from ._collector import Collector, _current
-from ._dead_letters import DeadLetterHook, check_hook
+from ._dead_letters import DeadLetterHook
 from ._executor import Executor
 from ._logs import logger
 from ._options import NO_RETRY, Resolved, Retry, check_timeout
+from ._settings import Settings
 from ._telemetry import Telemetry
 
 #: Final messages other than ``http.response.body``, with the key that says "more follows".
@@ -47,11 +49,20 @@ class AfterResponseMiddleware:
     Args:
         app: the ASGI application to wrap.
         max_concurrency: tasks running at once, across all requests (exact bound).
-        max_pending: tasks queued (or waiting to retry) at most; beyond it a request's call
-            waits for room after its response is sent, up to ``overflow_timeout``, then
-            the rest of its tasks are shed (logged, counted, dead-lettered).
-        overflow_timeout: seconds a request's call waits for room in the queue; ``None``
-            waits as long as it takes.
+        max_pending: tasks queued (or waiting to retry) at most.
+        overflow: what happens when the queue is full. ``"shed"`` (default): a request's
+            call waits for room after its response is sent, up to ``overflow_timeout``
+            (at most ``max_pending`` tasks wait this way), then its remaining tasks are
+            shed: logged, counted, dead-lettered. ``"backpressure"``: *new* requests wait
+            before their handler runs until there is room, at most ``admission_timeout``,
+            then are answered ``503`` with ``Retry-After``; tasks of requests already
+            running wait for room as long as it takes, and none is shed.
+        overflow_timeout: with ``overflow="shed"``, seconds a request's call waits for
+            room in the queue; ``None`` waits as long as it takes.
+        admission_timeout: with ``overflow="backpressure"``, seconds a new request waits
+            for room before it is answered ``503``.
+        exempt_paths: with ``overflow="backpressure"``, paths never held (health checks,
+            readiness probes: requests that add no side effects).
         task_timeout: default seconds an attempt may run before it is cancelled; ``None``
             for no limit.
         retry: default :class:`Retry` policy; ``None`` (default) runs each task once.
@@ -79,7 +90,10 @@ class AfterResponseMiddleware:
         *,
         max_concurrency: int = 100,
         max_pending: int = 10_000,
+        overflow: str = "shed",
         overflow_timeout: float | None = 5.0,
+        admission_timeout: float = 10.0,
+        exempt_paths: Collection[str] = (),
         task_timeout: float | None = 60.0,
         retry: Retry | None = None,
         shutdown_timeout: float | None = 20.0,
@@ -90,31 +104,33 @@ class AfterResponseMiddleware:
         meter_provider: metrics.MeterProvider | None = None,
         state_key: str = "after_response",
     ) -> None:
-        _check_count("max_concurrency", max_concurrency, minimum=1)
-        _check_count("max_pending", max_pending, minimum=0)
-        _check_count("max_threads", max_threads, minimum=1)
-        check_timeout("overflow_timeout", overflow_timeout)
-        check_timeout("task_timeout", task_timeout)
-        check_timeout("shutdown_timeout", shutdown_timeout)
-        if retry is not None and not isinstance(retry, Retry):
-            raise TypeError(f"retry must be a Retry(...) or None, got {retry!r}")
-        if not isinstance(run_on_error, bool):
-            raise TypeError(f"run_on_error must be True or False, got {run_on_error!r}")
-        check_hook(on_dead_letter)
-        if not isinstance(state_key, str) or not state_key:
-            raise TypeError(f"state_key must be a non-empty string, got {state_key!r}")
+        settings = Settings(
+            max_concurrency=max_concurrency,
+            max_pending=max_pending,
+            overflow=overflow,
+            overflow_timeout=overflow_timeout,
+            admission_timeout=admission_timeout,
+            exempt_paths=exempt_paths,
+            task_timeout=task_timeout,
+            retry=retry,
+            shutdown_timeout=shutdown_timeout,
+            run_on_error=run_on_error,
+            max_threads=max_threads,
+            on_dead_letter=on_dead_letter,
+            state_key=state_key,
+        )
         self.app = app
+        self.settings = settings
         self.shutdown_timeout = shutdown_timeout
         self.state_key = state_key
         self._executor = Executor(
-            max_concurrency=max_concurrency,
-            max_pending=max_pending,
-            overflow_timeout=overflow_timeout,
-            max_threads=max_threads,
-            on_dead_letter=on_dead_letter,
-            telemetry=Telemetry(tracer_provider, meter_provider),
+            settings,
+            Telemetry(tracer_provider, meter_provider),
             defaults=Resolved("", task_timeout, retry or NO_RETRY, run_on_error),
         )
+        #: Backpressure: new requests wait for room before their handler runs.
+        self._gate = overflow == "backpressure"
+        self._exempt_paths = frozenset(exempt_paths)
         self._warned_no_lifespan = False
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -131,6 +147,8 @@ class AfterResponseMiddleware:
         # The per-request hot path: a request that adds nothing costs a collector, a state
         # dict, a context variable and a send wrapper, and nothing else.
         executor = self._executor
+        if self._gate and scope_type == "http" and not await self._admit(scope, send):
+            return
         collector = Collector(executor, scope.get("method", "WEBSOCKET"), scope.get("path", ""))
         # A new state dict: a server that shares one between requests must not see ours.
         state = scope.get("state")
@@ -235,6 +253,39 @@ class AfterResponseMiddleware:
         return self._executor.stats()
 
     # -- requests ----------------------------------------------------------------------------
+
+    async def _admit(self, scope: Scope, send: Send) -> bool:
+        """Backpressure: hold a new request while the queue is full, at most
+        ``admission_timeout``; then answer it ``503`` with ``Retry-After`` (and ``False``)."""
+        executor = self._executor
+        settings = self.settings
+        if not executor.saturated or scope.get("path") in self._exempt_paths:
+            return True
+        if await executor.wait_for_room(settings.admission_timeout):
+            return True
+        executor.refused += 1
+        logger.warning(
+            "backpressure: %s %s answered 503 after waiting admission_timeout=%ss for room in "
+            "the side-effect queue (max_pending=%d)",
+            scope.get("method", "-"),
+            scope.get("path", "-"),
+            settings.admission_timeout,
+            settings.max_pending,
+            extra={"request_method": scope.get("method"), "request_path": scope.get("path")},
+        )
+        retry_after = str(max(1, math.ceil(settings.admission_timeout)))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 503,
+                "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"retry-after", retry_after.encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"busy: try again later\n"})
+        return False
 
     async def _finish(self, collector: Collector, failed: str | None) -> None:
         """After the app returned: hand over (or run) what is still held, wait for room."""
@@ -347,10 +398,3 @@ def _client_left(raised: Exception) -> bool:
 def _status_failure(status: int) -> str | None:
     """Why a response with this status discards its tasks, or ``None``."""
     return f"the response status was {status}" if status >= 500 else None
-
-
-def _check_count(what: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{what} must be at least {minimum}, got {value}")

@@ -44,6 +44,10 @@ class TaskRecord(NamedTuple):
     run_on_error: bool
     request: RequestInfo
     trace_context: dict[str, str] | None = None
+    #: Stored before the response completes, replayed after a crash (needs a store).
+    durable: bool = False
+    #: Idempotency key: a durable add whose key matches a stored task is not stored again.
+    key: str | None = None
 
 
 def _new_prefix() -> str:

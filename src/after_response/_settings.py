@@ -1,0 +1,80 @@
+"""The middleware's options, checked once, with an error that names each mistake."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any, Final
+
+from ._dead_letters import DeadLetterHook, check_hook
+from ._options import Retry, check_timeout
+
+#: What happens to a side effect that finds the queue full.
+OVERFLOW_POLICIES: Final = ("shed", "backpressure", "spill")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every option of ``AfterResponseMiddleware`` (see its docstring)."""
+
+    max_concurrency: int = 100
+    max_pending: int = 10_000
+    overflow: str = "shed"
+    overflow_timeout: float | None = 5.0
+    admission_timeout: float = 10.0
+    exempt_paths: Collection[str] = ()
+    task_timeout: float | None = 60.0
+    retry: Retry | None = None
+    shutdown_timeout: float | None = 20.0
+    run_on_error: bool = False
+    max_threads: int = 40
+    on_dead_letter: DeadLetterHook | None = None
+    state_key: str = "after_response"
+    store: Any = None
+
+    def __post_init__(self) -> None:
+        _check_count("max_concurrency", self.max_concurrency, minimum=1)
+        _check_count("max_pending", self.max_pending, minimum=0)
+        _check_count("max_threads", self.max_threads, minimum=1)
+        check_timeout("overflow_timeout", self.overflow_timeout)
+        check_timeout("task_timeout", self.task_timeout)
+        check_timeout("shutdown_timeout", self.shutdown_timeout)
+        if self.overflow not in OVERFLOW_POLICIES:
+            raise ValueError(
+                f"overflow must be one of {', '.join(map(repr, OVERFLOW_POLICIES))}, got "
+                f"{self.overflow!r}: 'shed' drops what does not fit (logged, counted), "
+                "'backpressure' holds new requests until there is room, 'spill' writes it to "
+                "the store"
+            )
+        if self.overflow == "spill" and self.store is None:
+            raise TypeError(
+                "overflow='spill' writes the side effects that find no room to the durable "
+                "store, and there is none: pass store=SQLiteStore('after_response.sqlite3')"
+            )
+        if self.admission_timeout is None:
+            raise ValueError(
+                "admission_timeout must be a positive number of seconds: a request held by "
+                "backpressure is answered 503 after it, never held forever"
+            )
+        check_timeout("admission_timeout", self.admission_timeout)
+        if isinstance(self.exempt_paths, str) or not all(
+            isinstance(path, str) and path.startswith("/") for path in self.exempt_paths
+        ):
+            raise TypeError(
+                f"exempt_paths must be a collection of paths starting with '/', got "
+                f"{self.exempt_paths!r}; for example exempt_paths=('/health', '/ready')"
+            )
+        if self.retry is not None and not isinstance(self.retry, Retry):
+            raise TypeError(f"retry must be a Retry(...) or None, got {self.retry!r}")
+        if not isinstance(self.run_on_error, bool):
+            raise TypeError(f"run_on_error must be True or False, got {self.run_on_error!r}")
+        check_hook(self.on_dead_letter)
+        if not isinstance(self.state_key, str) or not self.state_key:
+            raise TypeError(f"state_key must be a non-empty string, got {self.state_key!r}")
+
+
+def _check_count(what: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{what} must be at least {minimum}, got {value}")

@@ -1,0 +1,119 @@
+"""overflow="backpressure": new requests wait for room before their handler runs, so a
+flood of keep-alive clients is slowed down and no side effect is shed; past
+admission_timeout a request is answered 503 with Retry-After; exempt paths never wait."""
+
+from __future__ import annotations
+
+import anyio
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from after_response import AfterResponseMiddleware
+
+from .servers import SERVERS
+
+pytestmark = [pytest.mark.anyio, pytest.mark.server]
+
+CLIENTS = 6
+REQUESTS = 15
+TASKS_PER_REQUEST = 4
+
+
+def flood_app(effect: object, handled: list[str]) -> Starlette:
+    async def work(request: Request) -> PlainTextResponse:
+        handled.append(request.url.path)
+        for _ in range(TASKS_PER_REQUEST):
+            request.state.after_response.add(effect)
+        return PlainTextResponse("ok")
+
+    async def health(request: Request) -> PlainTextResponse:
+        handled.append(request.url.path)
+        return PlainTextResponse("ok")
+
+    return Starlette(routes=[Route("/work", work), Route("/health", health)])
+
+
+@pytest.mark.parametrize("server", sorted(SERVERS))
+async def test_a_keep_alive_flood_is_slowed_down_and_nothing_is_shed(server: str) -> None:
+    ran = 0
+    peak_pending = 0
+
+    async def effect() -> None:
+        nonlocal ran
+        await anyio.sleep(0.005)
+        ran += 1
+
+    handled: list[str] = []
+    middleware = AfterResponseMiddleware(
+        flood_app(effect, handled),
+        max_concurrency=4,
+        max_pending=8,
+        overflow="backpressure",
+        admission_timeout=30,
+    )
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        nonlocal peak_pending
+        for _ in range(REQUESTS):
+            response = await client.get("/work")
+            assert response.status_code == 200
+            peak_pending = max(peak_pending, middleware.stats().pending)
+
+    async with SERVERS[server](middleware) as url:
+        async with anyio.create_task_group() as task_group:
+            for _ in range(CLIENTS):
+                client = httpx.AsyncClient(base_url=url)  # one keep-alive connection each
+                task_group.start_soon(client_loop, client)
+        assert await middleware.drain(timeout=30)
+    stats = middleware.stats()
+    total = CLIENTS * REQUESTS * TASKS_PER_REQUEST
+    assert (stats.added, stats.succeeded, stats.shed) == (total, total, 0)
+    assert ran == total
+    assert middleware._executor.held > 0  # requests were held: the producers slowed down
+    # Bounded: the queue, plus the tasks of the requests already past the gate.
+    assert peak_pending <= 8 + CLIENTS * TASKS_PER_REQUEST
+
+
+async def test_a_request_held_past_admission_timeout_gets_503_and_exempt_paths_pass() -> None:
+    release = anyio.Event()
+
+    async def blocked() -> None:
+        await release.wait()
+
+    handled: list[str] = []
+    middleware = AfterResponseMiddleware(
+        flood_app(blocked, handled),
+        max_concurrency=1,
+        max_pending=3,
+        overflow="backpressure",
+        admission_timeout=0.2,
+        exempt_paths=["/health"],
+    )
+    async with SERVERS["uvicorn"](middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        assert (await client.get("/work")).status_code == 200  # 1 runs, 3 queued: full
+        busy = await client.get("/work")
+        assert busy.status_code == 503
+        assert busy.headers["retry-after"] == "1"
+        assert handled == ["/work"]  # the held request's handler never ran
+        health = await client.get("/health")
+        assert health.status_code == 200
+        release.set()
+        assert await middleware.drain(timeout=5)
+        assert (await client.get("/work")).status_code == 200  # room again
+        assert await middleware.drain(timeout=5)
+    assert middleware.stats().shed == 0
+    assert middleware._executor.refused == 1
+
+
+def test_bad_overflow_settings_fail_at_construction() -> None:
+    app = Starlette()
+    with pytest.raises(ValueError, match="overflow must be one of 'shed', 'backpressure'"):
+        AfterResponseMiddleware(app, overflow="drop")
+    with pytest.raises(TypeError, match="exempt_paths must be a collection of paths"):
+        AfterResponseMiddleware(app, overflow="backpressure", exempt_paths="/health")
+    with pytest.raises(TypeError, match="pass store=SQLiteStore"):
+        AfterResponseMiddleware(app, overflow="spill")
