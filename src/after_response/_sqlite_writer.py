@@ -55,7 +55,8 @@ def store_error(path: str, what: str, exc: BaseException) -> StoreError:
     hint = ""
     if isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc):
         hint = " (does its directory exist, and may this user write there?)"
-    return StoreError(f"after-response store {path}: {what}: {exc}{hint} ({type(exc).__name__})")
+    code = getattr(exc, "sqlite_errorname", None) or type(exc).__name__  # Python 3.11+
+    return StoreError(f"after-response store {path}: {what}: {exc}{hint} ({code})")
 
 
 def connect(path: str, busy_timeout: float, synchronous: str) -> sqlite3.Connection:
