@@ -13,7 +13,18 @@ from typing import Any, Final, TypeVar
 
 from . import _sqlite_queries as q
 from ._sqlite_writer import Op, Writer, connect, store_error
-from ._store import DEAD, PUBLISHED, RUNNABLE, STATES, SUCCEEDED, StoredTask
+from ._store import (
+    DEAD,
+    PUBLISHED,
+    RUNNABLE,
+    STATES,
+    SUCCEEDED,
+    StoredTask,
+    check_ids,
+    check_limit,
+    check_owner,
+    check_states,
+)
 
 T = TypeVar("T")
 
@@ -128,8 +139,6 @@ class SQLiteStore:
         """How many batched writes (marks, releases) could not be committed (each logged)."""
         return self._failed_writes + (self._writer.failed_writes if self._writer else 0)
 
-    # -- lifecycle -----------------------------------------------------------------------
-
     async def open(self, owner: str) -> None:
         """Create or migrate the schema, register ``owner`` and start the writer thread,
         which heartbeats the owner every ``heartbeat_interval``. Idempotent.
@@ -138,8 +147,7 @@ class SQLiteStore:
             StoreError: the file cannot be opened, is not a database, cannot use WAL, or
                 has a newer schema (:class:`SchemaVersionError`).
         """
-        if not isinstance(owner, str) or not owner:
-            raise TypeError(f"open(owner) expects a non-empty string, got {owner!r}")
+        owner = check_owner("open", owner)
         if self._opened is not None:
             if owner != self._owner:
                 raise RuntimeError(
@@ -207,14 +215,14 @@ class SQLiteStore:
             raise RuntimeError(f"{self!r} is {state}: await store.open(owner) first")
         return self._writer
 
-    # -- writes ----------------------------------------------------------------------------
-
     async def save(self, tasks: Sequence[StoredTask]) -> builtins.list[str]:
         """Store ``tasks``; return once committed (and flushed to disk per ``synchronous``).
 
         Saves queued while the writer is busy share one transaction (group commit). A task
         whose ``key`` matches an unfinished task, or one that succeeded within
         ``retention``, is not inserted; neither is a second task with the same key.
+
+        A caller cancelled while it waits does not withdraw the save: it may still commit.
 
         Returns:
             The ids of the tasks that were not inserted because of their key.
@@ -284,8 +292,6 @@ class SQLiteStore:
         """Wait until every write enqueued so far is committed."""
         await self._call("flush", lambda conn, now: None)
 
-    # -- claims ----------------------------------------------------------------------------
-
     async def claim(
         self,
         owner: str,
@@ -303,11 +309,8 @@ class SQLiteStore:
         stays True for a task recovered before; a released or spilled task (owner NULL) is
         not recovered. Stale owners are unregistered in the same transaction.
         """
-        if not isinstance(owner, str) or not owner:
-            raise TypeError(f"claim(owner) expects a non-empty string, got {owner!r}")
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"claim(limit={limit!r}) must be an int >= 1")
-        states = self._check_states("claim", states)
+        owner, limit = check_owner("claim", owner), check_limit("claim", limit)
+        states = check_states("claim", states)
         timeout = self._owner_timeout
         return await self._call(
             f"claim by {owner}",
@@ -317,21 +320,11 @@ class SQLiteStore:
     async def next_ready_at(self, *, states: Sequence[str] = RUNNABLE) -> float | None:
         """The earliest ``ready_at`` (unix time) among the tasks a claim could take, now or
         later; None when there are none. Runs after the writes enqueued before it."""
-        states = self._check_states("next_ready_at", states)
+        states = check_states("next_ready_at", states)
         timeout = self._owner_timeout
         return await self._call(
             "next_ready_at", lambda c, now: q.next_ready_at(c, states, now - timeout)
         )
-
-    @staticmethod
-    def _check_states(method: str, states: Sequence[str]) -> tuple[str, ...]:
-        if isinstance(states, str) or not states or not set(states) <= set(STATES):
-            raise ValueError(
-                f"{method}(states={states!r}) must be a non-empty tuple of states among {STATES}"
-            )
-        return tuple(states)
-
-    # -- dead letters ----------------------------------------------------------------------
 
     async def retry_dead(
         self, ids: Sequence[str] = (), *, all_dead: bool = False, owner: str | None = None
@@ -342,25 +335,17 @@ class SQLiteStore:
         Returns:
             How many dead letters were retried (ids that are not dead letters are skipped).
         """
-        chosen = self._check_ids("retry_dead", ids, all_dead)
+        chosen = check_ids("retry_dead", ids, all_dead)
+        owner = None if owner is None else check_owner("retry_dead", owner)
         return await self._call("retry_dead", lambda c, now: q.retry_dead(c, chosen, owner, now))
 
     async def purge_dead(self, ids: Sequence[str] = (), *, all_dead: bool = False) -> int:
         """Delete dead letters, given by ``ids`` or ``all_dead=True``; return how many."""
-        chosen = self._check_ids("purge_dead", ids, all_dead)
+        chosen = check_ids("purge_dead", ids, all_dead)
         return await self._call("purge_dead", lambda c, now: q.purge_dead(c, chosen))
 
-    @staticmethod
-    def _check_ids(method: str, ids: Sequence[str], all_dead: bool) -> builtins.list[str] | None:
-        if isinstance(ids, str):
-            raise TypeError(f"{method}(ids) expects a list of ids, got the string {ids!r}")
-        if bool(ids) == all_dead:
-            raise ValueError(f"{method}() needs either ids or all_dead=True, not both or neither")
-        return None if all_dead else builtins.list(ids)
-
-    # -- reads: committed data, on the caller's thread, never waiting for the writer -------
-
     def _read(self, what: str, read: Callable[[sqlite3.Connection], T]) -> T:
+        """Committed data, on the caller's thread, without waiting for the writer."""
         with self._reader_lock:
             if self._reader is None:
                 raise RuntimeError(f"{self!r} is not open: await store.open(owner) first")
@@ -387,7 +372,6 @@ class SQLiteStore:
         """Tasks in ``state`` (any state if None), the most recently updated first."""
         if state is not None and state not in STATES:
             raise ValueError(f"list(state={state!r}) must be None or one of {STATES}")
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"list(limit={limit!r}) must be an int >= 1")
+        limit = check_limit("list", limit)
         rows = self._read("listing", lambda c: q.select(c, state, limit))
         return [q.decode(row) for row in rows]

@@ -43,6 +43,35 @@ class SchemaVersionError(StoreError):
     """The store file was written by a newer after-response than the one running."""
 
 
+def check_owner(method: str, owner: object) -> str:
+    if not isinstance(owner, str) or not owner:
+        raise TypeError(f"{method}(owner) expects a non-empty string, got {owner!r}")
+    return owner
+
+
+def check_limit(method: str, limit: object) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"{method}(limit={limit!r}) must be an int >= 1")
+    return limit
+
+
+def check_states(method: str, states: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(states, str) or not states or not set(states) <= set(STATES):
+        raise ValueError(
+            f"{method}(states={states!r}) must be a non-empty tuple of states among {STATES}"
+        )
+    return tuple(states)
+
+
+def check_ids(method: str, ids: Sequence[str], all_dead: bool) -> builtins.list[str] | None:
+    """The ids to act on, or None for "all"; exactly one of the two must be given."""
+    if isinstance(ids, str):
+        raise TypeError(f"{method}(ids) expects a list of ids, got the string {ids!r}")
+    if bool(ids) == bool(all_dead):
+        raise ValueError(f"{method}() needs either ids or all_dead=True, not both or neither")
+    return None if all_dead else builtins.list(ids)
+
+
 @dataclass(frozen=True)
 class StoredTask:
     """One side effect as the store keeps it.
