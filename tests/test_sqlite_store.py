@@ -169,6 +169,40 @@ async def test_released_tasks_are_claimed_by_another_owner_not_as_recovered(
     await second.close()
 
 
+async def test_a_live_owner_keeps_its_tasks_past_the_owner_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    settings: dict[str, Any] = {"heartbeat_interval": 0.05, "owner_timeout": 0.3}
+    live, other = SQLiteStore(path, **settings), SQLiteStore(path, **settings)
+    await live.open("live")
+    await other.open("other")
+    await live.save([task("mine", owner="live")])
+
+    def heartbeat() -> float:
+        with sqlite3.connect(path) as conn:
+            row = conn.execute("SELECT heartbeat_at FROM owners WHERE owner = 'live'").fetchone()
+        return float(row[0])
+
+    first = heartbeat()
+    await poll(lambda: heartbeat() > first + 2 * settings["owner_timeout"])
+    assert await other.claim("other", 10) == [], "the heartbeats keep the owner alive"
+    await live.close()
+    await other.close()
+
+
+async def test_close_commits_queued_writes_and_unregisters_the_owner(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    first, second = SQLiteStore(path), SQLiteStore(path)
+    await first.open("first")
+    await second.open("second")
+    await first.save([task("done", owner="first"), task("left", owner="first")])
+    first.mark_succeeded("done")
+    await first.close()
+    assert second.get("done") is None
+    [taken] = await second.claim("second", 10)
+    assert (taken.id, taken.recovered) == ("left", True), "its owner is gone: recovered"
+    await second.close()
+
+
 async def test_a_task_waiting_to_retry_is_claimed_only_once_ready(store: SQLiteStore) -> None:
     later = time.time() + 3600
     await store.save([task("later", ready_at=later), task("now")])
