@@ -171,7 +171,7 @@ async def test_released_tasks_are_claimed_by_another_owner_not_as_recovered(
 
 async def test_a_live_owner_keeps_its_tasks_past_the_owner_timeout(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite3"
-    settings: dict[str, Any] = {"heartbeat_interval": 0.05, "owner_timeout": 0.3}
+    settings: dict[str, Any] = {"heartbeat_interval": 0.05, "owner_timeout": 0.5}
     live, other = SQLiteStore(path, **settings), SQLiteStore(path, **settings)
     await live.open("live")
     await other.open("other")
@@ -183,7 +183,7 @@ async def test_a_live_owner_keeps_its_tasks_past_the_owner_timeout(tmp_path: Pat
         return float(row[0])
 
     first = heartbeat()
-    await poll(lambda: heartbeat() > first + 2 * settings["owner_timeout"])
+    await poll(lambda: heartbeat() > first + 1.5 * settings["owner_timeout"])
     assert await other.claim("other", 10) == [], "the heartbeats keep the owner alive"
     await live.close()
     await other.close()
@@ -230,20 +230,25 @@ async def test_a_killed_process_s_unfinished_tasks_are_recovered(tmp_path: Path)
 
 
 async def test_concurrent_claims_from_processes_never_share_a_task(store: SQLiteStore) -> None:
-    ids = [f"t{n:03}" for n in range(300)]
-    await store.save([task(i) for i in ids])
-    processes = [child("claim", store.path, f"worker-{n}") for n in range(3)]
-    for process in processes:
-        assert process.stdout is not None
-        assert process.stdout.readline().strip() == "READY"
-    for process in processes:
-        assert process.stdin is not None
-        process.stdin.write("GO\n")
-        process.stdin.flush()
-    claims = [json.loads(p.communicate(timeout=30)[0]) for p in processes]
-    everything = [i for claimed in claims for i in claimed]
-    assert sorted(everything) == ids, "every task claimed exactly once"
-    assert sum(1 for claimed in claims if claimed) >= 2, "the processes claimed side by side"
+    # A busy machine may schedule one process through the whole queue before the others
+    # wake: try again (a few rounds at most) until they have claimed side by side.
+    for trial in range(3):
+        ids = [f"r{trial}-t{n:03}" for n in range(300)]
+        await store.save([task(i) for i in ids])
+        processes = [child("claim", store.path, f"worker-{trial}-{n}") for n in range(3)]
+        for process in processes:
+            assert process.stdout is not None
+            assert process.stdout.readline().strip() == "READY"
+        for process in processes:
+            assert process.stdin is not None
+            process.stdin.write("GO\n")
+            process.stdin.flush()
+        claims = [json.loads(p.communicate(timeout=30)[0]) for p in processes]
+        everything = [i for claimed in claims for i in claimed]
+        assert sorted(everything) == ids, "every task claimed exactly once"
+        if sum(1 for claimed in claims if claimed) >= 2:
+            return
+    pytest.fail("the processes never claimed side by side")
 
 
 async def test_a_save_past_the_file_size_limit_fails_whole_and_clearly(tmp_path: Path) -> None:
