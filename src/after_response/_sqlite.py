@@ -169,6 +169,8 @@ class SQLiteStore:
             await asyncio.shield(self._opened)
             self._reader = self._connect()
         except BaseException:
+            # Cancelled or failed: a writer that did start must stop before we forget it.
+            writer.submit(Op("open abandoned", lambda c, n: q.unregister(c, owner), stop=True))
             writer.join()
             self._owner = self._opened = self._writer = None
             raise

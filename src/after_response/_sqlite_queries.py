@@ -195,7 +195,8 @@ def mark_finished(conn: sqlite3.Connection, ids: Sequence[str], state: str, now:
     """Succeeded or published: rows without a key go; keyed rows stay, without their
     arguments, as the deduplication record until the retention purge."""
     for id in ids:
-        conn.execute("DELETE FROM tasks WHERE id = ? AND key IS NULL", (id,))
+        if conn.execute("DELETE FROM tasks WHERE id = ? AND key IS NULL", (id,)).rowcount:
+            continue
         conn.execute(
             "UPDATE tasks SET state = ?, owner = NULL, payload = ?, updated_at = ?,"
             " finished_at = ? WHERE id = ?",

@@ -151,6 +151,8 @@ class Writer:
         loop.call_soon_threadsafe(_settle, [(self._started, True, None)])
         try:
             self._serve(conn)
+        except Exception:  # a bug: say so loudly rather than leave the store silently stuck
+            logger.exception("the writer thread of the store %s stopped", self.path)
         finally:
             conn.close()
 
