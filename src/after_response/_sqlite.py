@@ -1,0 +1,379 @@
+"""The embedded durable store: one SQLite file, one writer thread with group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import math
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, Final, TypeVar
+
+from . import _sqlite_queries as q
+from ._sqlite_writer import Op, Writer, connect, store_error
+from ._store import (
+    DEAD,
+    PUBLISHED,
+    RUNNABLE,
+    STATES,
+    SUCCEEDED,
+    StoredTask,
+    check_ids,
+    check_limit,
+    check_owner,
+    check_states,
+)
+
+T = TypeVar("T")
+
+_SYNCHRONOUS: Final = ("FULL", "NORMAL")
+
+
+def _check_seconds(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"SQLiteStore({name}=...) must be a number of seconds, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"SQLiteStore({name}={value!r}) must be a positive number of seconds")
+    return float(value)
+
+
+class SQLiteStore:
+    """A durable store for side effects in one SQLite file on this host.
+
+    ``AfterResponseMiddleware(app, store=SQLiteStore("after_response.sqlite3"))``: the file
+    is created on first use (its directory must exist), relative to the working directory
+    unless the path is absolute. Keep it on a local disk that outlives the process (not a
+    container's throwaway layer), next to the app, and give every worker process of the app
+    the same path: they share the work and take over each other's tasks.
+
+    **Same host only.** SQLite's locking needs one kernel: never put the file on a network
+    filesystem (NFS, SMB, EFS), nor on a volume shared between containers or hosts.
+
+    **Durability.** The file is in WAL mode. With ``synchronous="FULL"`` (the default)
+    every commit is flushed to the disk: a stored task survives a power cut. ``"NORMAL"``
+    commits faster and survives a crash or ``kill -9`` of the process, but a power cut or
+    a kernel crash may lose the last commits.
+
+    **Delivery is at-least-once.** A task whose process dies (its heartbeat is older than
+    ``owner_timeout``) is taken over by another process and runs again, even if the dead
+    one had finished all but recording it: use the task's id as an idempotency key.
+
+    Args:
+        path: the database file.
+        synchronous: ``"FULL"`` or ``"NORMAL"``, see above.
+        busy_timeout: seconds to wait for another process's write lock before a write
+            fails with :class:`StoreError`.
+        heartbeat_interval: seconds between two heartbeats (and retention purges).
+        owner_timeout: seconds without a heartbeat after which a process counts as dead
+            and its unfinished tasks may be claimed by another.
+        retention: seconds a succeeded task with a key is kept: the deduplication window.
+        batch_max: the most writes committed in one transaction.
+
+    Raises:
+        TypeError, ValueError: an argument is of the wrong type or out of range.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "FULL",
+        busy_timeout: float = 5.0,
+        heartbeat_interval: float = 5.0,
+        owner_timeout: float = 30.0,
+        retention: float = 86400.0,
+        batch_max: int = 1000,
+    ) -> None:
+        if not isinstance(path, (str, os.PathLike)) or isinstance(os.fspath(path), bytes):
+            raise TypeError(f"SQLiteStore(path) must be a str or a pathlib.Path, got {path!r}")
+        self._path = os.fspath(path)
+        if self._path in ("", ":memory:") or self._path.startswith("file:"):
+            raise ValueError(
+                f"SQLiteStore(path={self._path!r}) must name a file on a local disk, such as "
+                '"after_response.sqlite3": a durable store cannot live in memory'
+            )
+        if not isinstance(synchronous, str) or synchronous.upper() not in _SYNCHRONOUS:
+            raise ValueError(
+                f'SQLiteStore(synchronous={synchronous!r}) must be "FULL" (survives a power '
+                'cut) or "NORMAL" (survives a process crash)'
+            )
+        self._synchronous = synchronous.upper()
+        self._busy_timeout = _check_seconds("busy_timeout", busy_timeout)
+        self._heartbeat_interval = _check_seconds("heartbeat_interval", heartbeat_interval)
+        self._owner_timeout = _check_seconds("owner_timeout", owner_timeout)
+        self._retention = _check_seconds("retention", retention)
+        if self._owner_timeout <= self._heartbeat_interval:
+            raise ValueError(
+                f"SQLiteStore(owner_timeout={owner_timeout!r}) must be longer than "
+                f"heartbeat_interval={heartbeat_interval!r}, or live processes look dead; "
+                "three intervals or more is safe"
+            )
+        if isinstance(batch_max, bool) or not isinstance(batch_max, int) or batch_max < 1:
+            raise ValueError(f"SQLiteStore(batch_max={batch_max!r}) must be an int >= 1")
+        self._batch_max = batch_max
+        self._owner: str | None = None
+        self._opened: asyncio.Future[None] | None = None
+        self._writer: Writer | None = None
+        self._closing = False
+        self._reader: sqlite3.Connection | None = None
+        self._reader_lock = threading.Lock()
+        self._commits = self._failed_writes = 0  # of writers that have stopped
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self._path!r}, synchronous={self._synchronous!r})"
+
+    @property
+    def path(self) -> str:
+        """The database file's path, as given."""
+        return self._path
+
+    @property
+    def commits(self) -> int:
+        """How many transactions this store's writer has committed."""
+        return self._commits + (self._writer.commits if self._writer else 0)
+
+    @property
+    def failed_writes(self) -> int:
+        """How many batched writes (marks, releases) could not be committed (each logged)."""
+        return self._failed_writes + (self._writer.failed_writes if self._writer else 0)
+
+    async def open(self, owner: str) -> None:
+        """Create or migrate the schema, register ``owner`` and start the writer thread,
+        which heartbeats the owner every ``heartbeat_interval``. Idempotent.
+
+        Raises:
+            StoreError: the file cannot be opened, is not a database, cannot use WAL, or
+                has a newer schema (:class:`SchemaVersionError`).
+        """
+        owner = check_owner("open", owner)
+        if self._opened is not None:
+            if owner != self._owner:
+                raise RuntimeError(
+                    f"{self!r} is already open for owner {self._owner!r}; "
+                    "one store object serves one owner"
+                )
+            return await asyncio.shield(self._opened)
+        writer = Writer(
+            self._path,
+            self._connect,
+            owner,
+            heartbeat_interval=self._heartbeat_interval,
+            retention=self._retention,
+            batch_max=self._batch_max,
+        )
+        self._owner, self._writer, self._closing = owner, writer, False
+        self._opened = writer.start()
+        try:
+            await asyncio.shield(self._opened)
+            self._reader = self._connect()
+        except BaseException:
+            # Cancelled or failed: a writer that did start must stop before we forget it.
+            writer.submit(Op("open abandoned", lambda c, n: q.unregister(c, owner), stop=True))
+            writer.join()
+            self._owner = self._opened = self._writer = None
+            raise
+
+    async def close(self) -> None:
+        """Commit every queued write, unregister the owner and stop the writer thread.
+
+        Tasks still owned by this owner become claimable by other processes (as recovered
+        tasks); :meth:`release` them first to hand them over as not started.
+        """
+        writer = self._writer
+        if writer is None or self._closing:
+            return
+        self._closing = True
+        try:
+            await self._call("closing", lambda conn, now: q.unregister(conn, writer.owner), True)
+        finally:
+            writer.join()
+            with self._reader_lock:
+                if self._reader is not None:
+                    self._reader.close()
+            self._commits += writer.commits
+            self._failed_writes += writer.failed_writes
+            self._reader = self._owner = self._opened = self._writer = None
+
+    def _connect(self) -> sqlite3.Connection:
+        return connect(self._path, self._busy_timeout, self._synchronous)
+
+    def _enqueue(self, label: str, run: Callable[[sqlite3.Connection, float], Any]) -> None:
+        self._writer_or_raise().submit(Op(label, run))
+
+    async def _call(
+        self, label: str, run: Callable[[sqlite3.Connection, float], T], stop: bool = False
+    ) -> T:
+        writer = self._writer_or_raise() if not stop else self._writer
+        assert writer is not None
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        writer.submit(Op(label, run, future, stop=stop))
+        return await future
+
+    def _writer_or_raise(self) -> Writer:
+        if self._writer is None or self._closing:
+            state = "closed" if self._closing else "not open"
+            raise RuntimeError(f"{self!r} is {state}: await store.open(owner) first")
+        return self._writer
+
+    async def save(self, tasks: Sequence[StoredTask]) -> builtins.list[str]:
+        """Store ``tasks``; return once committed (and flushed to disk per ``synchronous``).
+
+        Saves queued while the writer is busy share one transaction (group commit). A task
+        whose ``key`` matches an unfinished task, or one that succeeded within
+        ``retention``, is not inserted; neither is a second task with the same key.
+
+        A caller cancelled while it waits does not withdraw the save: it may still commit.
+
+        Returns:
+            The ids of the tasks that were not inserted because of their key.
+
+        Raises:
+            StoreError: nothing of ``tasks`` was stored (disk full, file-size limit,
+                read-only file, locked past ``busy_timeout``, duplicate id...).
+            TypeError: a task is not a :class:`StoredTask` or is not JSON data.
+        """
+        for task in tasks:
+            if not isinstance(task, StoredTask):
+                raise TypeError(f"save() expects StoredTask records, got {type(task).__name__}")
+        if not tasks:
+            return []
+        rows = [q.encode(task) for task in tasks]
+        dedup_window = self._retention
+        return await self._call(
+            f"saving {len(rows)} task(s)",
+            lambda conn, now: q.insert(conn, rows, now - dedup_window),
+        )
+
+    def mark_running(self, id: str, attempt: int) -> None:
+        """Batched, no await: attempt number ``attempt`` (from 1) of task ``id`` started."""
+        self._enqueue(f"mark_running {id}", lambda c, now: q.mark_running(c, id, attempt, now))
+
+    def mark_succeeded(self, id: str) -> None:
+        """Batched, no await: task ``id`` succeeded. A row without a key is deleted; a keyed
+        row is kept without its arguments for ``retention`` seconds (the dedup window)."""
+        self._enqueue(
+            f"mark_succeeded {id}", lambda c, now: q.mark_finished(c, [id], SUCCEEDED, now)
+        )
+
+    def mark_retry(
+        self, id: str, attempt: int, ready_at: float, error_type: str, error_message: str
+    ) -> None:
+        """Batched, no await: attempt ``attempt`` failed; the next may start at ``ready_at``
+        (unix time). The task stays with its owner. ``error_message`` must be redacted."""
+        error = (error_type, error_message)
+        self._enqueue(
+            f"mark_retry {id}", lambda c, now: q.mark_failed(c, id, attempt, ready_at, error, now)
+        )
+
+    def mark_dead(self, id: str, attempt: int, error_type: str, error_message: str) -> None:
+        """Batched, no await: the last attempt failed; the task becomes a dead letter, kept
+        with its arguments until retried or purged. ``error_message`` must be redacted."""
+        error = (error_type, error_message)
+        self._enqueue(
+            f"mark_dead {id}", lambda c, now: q.mark_failed(c, id, attempt, None, error, now)
+        )
+
+    def mark_published(self, ids: Sequence[str]) -> None:
+        """Batched, no await: outbox tasks handed to an external engine (kept like
+        succeeded ones)."""
+        ids = builtins.list(ids)
+        self._enqueue(
+            f"mark_published {len(ids)}", lambda c, now: q.mark_finished(c, ids, PUBLISHED, now)
+        )
+
+    def release(self, ids: Sequence[str]) -> None:
+        """Batched, no await: give unfinished tasks up for the next process (at shutdown).
+        Their owner becomes NULL; a running task goes back to queued, others keep their
+        state. A later claim does not count them as recovered."""
+        ids = builtins.list(ids)
+        self._enqueue(f"release {len(ids)}", lambda c, now: q.release(c, ids, now))
+
+    async def flush(self) -> None:
+        """Wait until every write enqueued so far is committed."""
+        await self._call("flush", lambda conn, now: None)
+
+    async def claim(
+        self,
+        owner: str,
+        limit: int,
+        *,
+        states: Sequence[str] = RUNNABLE,
+        include_stale: bool = True,
+    ) -> builtins.list[StoredTask]:
+        """Take up to ``limit`` tasks, oldest ``ready_at`` first, that are in ``states``,
+        ready (``ready_at`` has passed), and owned by nobody or, with ``include_stale``, by
+        a process whose heartbeat is older than ``owner_timeout`` (or gone).
+
+        The returned tasks belong to ``owner``; a claimed task is ``queued`` (an outbox one
+        stays ``outbox``). ``recovered`` is True for a task taken from a dead owner, and
+        stays True for a task recovered before; a released or spilled task (owner NULL) is
+        not recovered. Stale owners are unregistered in the same transaction.
+        """
+        owner, limit = check_owner("claim", owner), check_limit("claim", limit)
+        states = check_states("claim", states)
+        timeout = self._owner_timeout
+        return await self._call(
+            f"claim by {owner}",
+            lambda c, now: q.claim(c, owner, limit, states, include_stale, now - timeout, now),
+        )
+
+    async def next_ready_at(self, *, states: Sequence[str] = RUNNABLE) -> float | None:
+        """The earliest ``ready_at`` (unix time) among the tasks a claim could take, now or
+        later; None when there are none. Runs after the writes enqueued before it."""
+        states = check_states("next_ready_at", states)
+        timeout = self._owner_timeout
+        return await self._call(
+            "next_ready_at", lambda c, now: q.next_ready_at(c, states, now - timeout)
+        )
+
+    async def retry_dead(
+        self, ids: Sequence[str] = (), *, all_dead: bool = False, owner: str | None = None
+    ) -> int:
+        """Make dead letters ready again: queued, attempt 0, ready now, owned by ``owner``
+        (None: the first live process to claim them). Give ``ids`` or ``all_dead=True``.
+
+        Returns:
+            How many dead letters were retried (ids that are not dead letters are skipped).
+        """
+        chosen = check_ids("retry_dead", ids, all_dead)
+        owner = None if owner is None else check_owner("retry_dead", owner)
+        return await self._call("retry_dead", lambda c, now: q.retry_dead(c, chosen, owner, now))
+
+    async def purge_dead(self, ids: Sequence[str] = (), *, all_dead: bool = False) -> int:
+        """Delete dead letters, given by ``ids`` or ``all_dead=True``; return how many."""
+        chosen = check_ids("purge_dead", ids, all_dead)
+        return await self._call("purge_dead", lambda c, now: q.purge_dead(c, chosen))
+
+    def _read(self, what: str, read: Callable[[sqlite3.Connection], T]) -> T:
+        """Committed data, on the caller's thread, without waiting for the writer."""
+        with self._reader_lock:
+            if self._reader is None:
+                raise RuntimeError(f"{self!r} is not open: await store.open(owner) first")
+            try:
+                return read(self._reader)
+            except sqlite3.Error as exc:
+                raise store_error(self._path, what, exc) from None
+
+    def count_by_state(self) -> dict[str, int]:
+        """How many tasks are in each of the states (every state is a key)."""
+        rows = self._read("counting", lambda c: c.execute(q.COUNT_BY_STATE).fetchall())
+        return {state: 0 for state in STATES} | dict(rows)
+
+    def get(self, id: str) -> StoredTask | None:
+        """The task with this id, or None."""
+        row = self._read("reading", lambda c: c.execute(q.SELECT_ONE, (id,)).fetchone())
+        return None if row is None else q.decode(row)
+
+    def dead_letters(self, limit: int = 100) -> builtins.list[StoredTask]:
+        """Dead letters, the most recent first."""
+        return self.list(DEAD, limit)
+
+    def list(self, state: str | None = None, limit: int = 100) -> builtins.list[StoredTask]:
+        """Tasks in ``state`` (any state if None), the most recently updated first."""
+        if state is not None and state not in STATES:
+            raise ValueError(f"list(state={state!r}) must be None or one of {STATES}")
+        limit = check_limit("list", limit)
+        rows = self._read("listing", lambda c: q.select(c, state, limit))
+        return [q.decode(row) for row in rows]

@@ -1,0 +1,38 @@
+"""Importable side effects for the replay tests: each appends what it was called with to a
+ledger file (one JSON line per call), so a test can see in which process it ran and how."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any
+
+
+def _append(ledger: str, entry: dict[str, Any]) -> None:
+    with open(ledger, "a") as file:
+        file.write(json.dumps({**entry, "pid": os.getpid()}) + "\n")
+
+
+async def record(ledger: str, to: str, *, code: str) -> None:
+    _append(ledger, {"task": "record", "to": to, "code": code})
+
+
+def record_sync(ledger: str, order: int) -> None:
+    _append(ledger, {"task": "record_sync", "order": order})
+
+
+class Receipts:
+    @staticmethod
+    async def send(ledger: str, order: dict[str, Any]) -> None:
+        _append(ledger, {"task": "Receipts.send", "order": order})
+
+
+async def always_fails(ledger: str, address: str) -> None:
+    _append(ledger, {"task": "always_fails"})
+    raise ConnectionError(f"could not reach {address}")
+
+
+async def hangs(ledger: str) -> None:
+    _append(ledger, {"task": "hangs"})
+    await asyncio.sleep(3600)

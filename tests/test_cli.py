@@ -1,0 +1,245 @@
+"""``python -m after_response dead-letters ...`` end to end, in its own process, on a real file."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from after_response._sqlite import SQLiteStore
+from after_response._store import StoredTask
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).parent.parent
+SECRET = "alice@example.com"
+CODE = "code-8f3a-secret"
+
+
+def cli(
+    *args: str, program: Sequence[str] = (sys.executable, "-m", "after_response"), **env: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*program, "dead-letters", *args],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def dead(id: str, target: str, args: list[Any], **fields: Any) -> StoredTask:
+    return StoredTask(id=id, name=target.rpartition(":")[2], target=target, args=args, **fields)
+
+
+async def seed(path: Path, *tasks: StoredTask, alive: StoredTask | None = None) -> None:
+    """Store ``tasks`` as dead letters after 3 failed attempts (and ``alive`` as queued)."""
+    store = SQLiteStore(path)
+    await store.open("seed")
+    await store.save([*tasks, *([alive] if alive else [])])
+    for task in tasks:
+        store.mark_dead(task.id, 3, "ConnectionError", "could not reach [redacted]")
+    await store.close()
+
+
+async def read(path: Path, id: str) -> StoredTask | None:
+    store = SQLiteStore(path)
+    await store.open("reader")
+    task = store.get(id)
+    await store.close()
+    return task
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> Path:
+    """A store with two dead letters (one with a secret argument) and one queued task."""
+    path = tmp_path / "app.sqlite3"
+    ledger = str(tmp_path / "ledger.jsonl")
+    await seed(
+        path,
+        dead("receipt-1", "tests.durable_tasks:record", [ledger, SECRET], kwargs={"code": CODE}),
+        dead("sync-2", "tests.durable_tasks:record_sync", [ledger, 42]),
+        alive=dead("queued-3", "tests.durable_tasks:record_sync", [ledger, 7]),
+    )
+    return path
+
+
+def ledger(db: Path) -> list[dict[str, Any]]:
+    path = db.parent / "ledger.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+async def test_list_prints_an_aligned_table_of_dead_letters(db: Path) -> None:
+    result = cli("list", "--db", str(db))
+    assert result.returncode == 0, result.stderr
+    header, *rows = result.stdout.splitlines()
+    assert header.split() == ["ID", "NAME", "ATTEMPTS", "ERROR", "MESSAGE", "DEAD", "AT"]
+    assert sorted(row.split()[0] for row in rows) == ["receipt-1", "sync-2"]
+    for row in rows:
+        assert row.index("ConnectionError") == header.index("ERROR")
+        assert " 3 " in row
+        assert "UTC" in row
+    assert SECRET not in result.stdout
+    assert CODE not in result.stdout
+
+
+async def test_list_json_names_the_arguments_without_their_values(db: Path) -> None:
+    result = cli("list", "--json", "--db", str(db))
+    assert result.returncode == 0, result.stderr
+    records = {record["id"]: record for record in json.loads(result.stdout)}
+    assert set(records) == {"receipt-1", "sync-2"}
+    receipt = records["receipt-1"]
+    assert receipt["arguments"] == {"positional": 2, "keyword_names": ["code"]}
+    assert (receipt["state"], receipt["attempt"], receipt["error_type"]) == (
+        "dead",
+        3,
+        "ConnectionError",
+    )
+    assert SECRET not in result.stdout
+    assert CODE not in result.stdout
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+async def test_show_prints_the_record_but_never_the_argument_values(
+    db: Path, as_json: bool
+) -> None:
+    result = cli("show", "receipt-1", "--db", str(db), *(["--json"] if as_json else []))
+    assert result.returncode == 0, result.stderr
+    assert "tests.durable_tasks:record" in result.stdout
+    assert SECRET not in result.stdout
+    assert CODE not in result.stdout
+    if not as_json:
+        assert "arguments:   2 positional, keyword names: code (values not shown)" in result.stdout
+        assert "state:       dead (dead letter)" in result.stdout
+
+
+async def test_retry_makes_one_dead_letter_ready_for_a_live_process(db: Path) -> None:
+    result = cli("retry", "receipt-1", "--db", str(db))
+    assert (result.returncode, result.stdout.strip()) == (
+        0,
+        "1 dead letter queued again for a live process of the app",
+    )
+    retried = await read(db, "receipt-1")
+    assert retried is not None
+    assert (retried.state, retried.owner, retried.attempt) == ("queued", None, 0)
+    assert (await read(db, "sync-2")).state == "dead"  # type: ignore[union-attr]
+    assert ledger(db) == [], "retry without --run runs nothing itself"
+
+
+async def test_retry_all_and_purge_take_every_dead_letter(db: Path) -> None:
+    assert cli("retry", "--all", "--db", str(db)).stdout.startswith("2 dead letters")
+    assert cli("purge", "--all", "--db", str(db)).returncode == 1, "none are dead any more"
+    await seed(db, dead("again", "tests.durable_tasks:record_sync", []))
+    purged = cli("purge", "again", "--db", str(db))
+    assert (purged.returncode, purged.stdout.strip()) == (0, "1 dead letter purged")
+    assert await read(db, "again") is None
+    assert await read(db, "receipt-1") is not None
+
+
+async def test_retry_run_runs_the_task_with_its_stored_arguments(db: Path) -> None:
+    result = cli("retry", "receipt-1", "--run", "--db", str(db))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "receipt-1  record  succeeded after 1 attempt(s)"
+    [entry] = ledger(db)
+    assert entry["task"] == "record"
+    assert (entry["to"], entry["code"]) == (SECRET, CODE)
+    assert entry["pid"] != os.getpid()
+    assert await read(db, "receipt-1") is None, "succeeded without a key: deleted"
+
+
+async def test_retry_run_all_honours_targets_timeouts_and_retries(tmp_path: Path) -> None:
+    db, ledger_path = tmp_path / "app.sqlite3", str(tmp_path / "ledger.jsonl")
+    no_backoff = {"attempts": 2, "backoff": 0, "jitter": 0}
+    await seed(
+        db,
+        dead("nested", "tests.durable_tasks:Receipts.send", [ledger_path, {"id": 7}]),
+        dead("sync", "tests.durable_tasks:record_sync", [ledger_path, 42]),
+        dead("hangs", "tests.durable_tasks:hangs", [ledger_path], options={"timeout": 0.2}),
+        dead(
+            "fails",
+            "tests.durable_tasks:always_fails",
+            [ledger_path, SECRET],
+            options={"retry": no_backoff},
+        ),
+        dead("gone", "tests.durable_tasks:no_such_function", []),
+    )
+    result = cli("retry", "--all", "--run", "--db", str(db))
+    assert result.returncode == 1, "some ended dead again"
+    lines = dict(line.split("  ", 1) for line in result.stdout.splitlines())
+    assert lines == {
+        "nested": "Receipts.send  succeeded after 1 attempt(s)",
+        "sync": "record_sync  succeeded after 1 attempt(s)",
+        "hangs": "hangs  dead again (TaskTimeoutError) after 1 attempt(s)",
+        "fails": "always_fails  dead again (ConnectionError) after 2 attempt(s)",
+        "gone": "no_such_function  dead again (AttributeError) after 0 attempt(s)",
+    }
+    ran = [entry["task"] for entry in ledger(tmp_path / "app.sqlite3")]
+    assert sorted(ran) == ["Receipts.send", "always_fails", "always_fails", "hangs", "record_sync"]
+    failed = await read(db, "fails")
+    assert failed is not None
+    assert (failed.state, failed.attempt, failed.owner) == ("dead", 2, None)
+    assert failed.error_message == "could not reach [redacted]"
+    assert SECRET not in result.stdout + result.stderr
+
+
+async def test_the_console_script_and_the_environment_variable(db: Path) -> None:
+    script = Path(sys.executable).parent / "after-response"
+    result = cli("list", program=[str(script)], AFTER_RESPONSE_DB=str(db))
+    assert result.returncode == 0, result.stderr
+    assert "receipt-1" in result.stdout
+
+
+async def test_a_missing_file_is_an_error_and_is_not_created(tmp_path: Path) -> None:
+    missing = tmp_path / "typo.sqlite3"
+    result = cli("list", "--db", str(missing))
+    assert result.returncode == 1
+    assert f"no store at {missing} (the file does not exist)" in result.stderr
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("show", "nope"), ("retry", "nope"), ("retry", "nope", "--run"), ("purge", "nope")],
+)
+async def test_an_unknown_id_is_an_error(db: Path, args: tuple[str, ...]) -> None:
+    result = cli(*args, "--db", str(db))
+    assert result.returncode == 1
+    assert "nope" in result.stderr
+
+
+async def test_a_queued_task_is_not_a_dead_letter_to_retry(db: Path) -> None:
+    result = cli("retry", "queued-3", "--db", str(db))
+    assert result.returncode == 1
+    assert "no dead letter with id queued-3" in result.stderr
+
+
+async def test_a_newer_schema_is_an_error_naming_the_fix(db: Path) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    result = cli("list", "--db", str(db))
+    assert result.returncode == 1
+    assert "schema version 99" in result.stderr
+    assert "upgrade after-response" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("list",), "--db PATH or $AFTER_RESPONSE_DB"),
+        (("retry", "--db", "x.sqlite3"), "either an ID or --all"),
+        (("purge", "a", "--all", "--db", "x.sqlite3"), "either an ID or --all"),
+        (("explode", "--db", "x.sqlite3"), "invalid choice"),
+    ],
+)
+def test_usage_mistakes_exit_with_2(args: tuple[str, ...], message: str) -> None:
+    result = cli(*args, AFTER_RESPONSE_DB="")
+    assert result.returncode == 2
+    assert message in result.stderr
