@@ -176,6 +176,25 @@ async def test_stop_ends_the_thread_and_the_beat(from_a_worker_thread: bool) -> 
 
 
 @pytest.mark.anyio
+async def test_a_stopped_watchdog_starts_again_with_one_thread_and_one_beat() -> None:
+    reports = Reports()
+    watchdog: Watchdog[str] = Watchdog(0.1, reports)
+    watchdog.register_runner(run_side_effect.__code__, describe)
+    watchdog.start()
+    await anyio.to_thread.run_sync(watchdog.stop)
+    watchdog.start()
+    try:
+        assert len(watchdog_threads()) == 1
+        await run_side_effect("send_email#1", blocking)
+        assert (await reports.next())[0] == "send_email#1"
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # a second beat, if any, would have reported by now
+        assert len(reports.reports) == 1
+    finally:
+        watchdog.stop()
+
+
+@pytest.mark.anyio
 async def test_a_threshold_of_none_starts_nothing() -> None:
     watchdog: Watchdog[str] = Watchdog(None, Reports())
     watchdog.register_runner(run_side_effect.__code__, describe)

@@ -129,9 +129,9 @@ class LogAggregator:
                 self._summarise(self._clock())
 
     def _set_timer(self, ends_at: float, now: float) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+        # The non-raising form: from a worker thread, raising and catching costs a microsecond.
+        loop = asyncio._get_running_loop()
+        if loop is None:
             return  # no loop in this thread: the first line after the interval summarises
         self._timer_for = ends_at
         loop.call_later(max(ends_at - now, 0.0), self._on_timer)

@@ -89,17 +89,24 @@ class Watchdog(Generic[T]):
                 f"the loop-blocking threshold must be a positive number of seconds, or None to"
                 f" turn the watchdog off; got {threshold!r}"
             )
-        self.threshold = threshold
+        self._threshold = threshold
         self._on_block = on_block
         self._runners: dict[CodeType, Callable[[FrameType], T | None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._thread: threading.Thread | None = None
+        # One per start, set by stop: a beat or thread left over from an earlier start sees
+        # its own event set and ends, whatever a later start does.
         self._stopping = threading.Event()
         self._handle: asyncio.TimerHandle | None = None
         # Shared with the thread; each is replaced whole, never changed in place.
         self._beat_state: tuple[int, float] = (0, math.inf)  # (beats so far, next beat due)
         self._finding: tuple[int, T | None] | None = None  # (episode's beat count, description)
+
+    @property
+    def threshold(self) -> float | None:
+        """Seconds the loop may be held before it is reported; ``None``: the watchdog is off."""
+        return self._threshold
 
     @property
     def running(self) -> bool:
@@ -121,7 +128,8 @@ class Watchdog(Generic[T]):
         Raises:
             RuntimeError: when ``loop`` is not running in this thread, or when already started.
         """
-        if self.threshold is None:
+        threshold = self._threshold
+        if threshold is None:
             return
         try:
             running = asyncio.get_running_loop()
@@ -136,13 +144,16 @@ class Watchdog(Generic[T]):
             raise RuntimeError("this watchdog is already started; stop() it first")
         self._loop = running
         self._loop_thread = threading.get_ident()
-        self._stopping.clear()
+        self._stopping = stopping = threading.Event()
         self._finding = None
-        period = self.threshold / 2
-        self._handle = running.call_later(period, self._beat)
+        period = threshold / 2
+        self._handle = running.call_later(period, self._beat, stopping)
         self._beat_state = (0, time.monotonic() + period)
         self._thread = threading.Thread(
-            target=self._watch, name="after-response-watchdog", daemon=True
+            target=self._watch,
+            args=(threshold, stopping),
+            name="after-response-watchdog",
+            daemon=True,
         )
         self._thread.start()
 
@@ -162,16 +173,17 @@ class Watchdog(Generic[T]):
 
     # -- on the loop -----------------------------------------------------------------------
 
-    def _beat(self) -> None:
-        if self._stopping.is_set() or self._loop is None or self.threshold is None:
+    def _beat(self, stopping: threading.Event) -> None:
+        threshold, loop = self._threshold, self._loop
+        if stopping.is_set() or threshold is None or loop is None:
             return
         now = time.monotonic()
         beats, due = self._beat_state
-        period = self.threshold / 2
-        self._handle = self._loop.call_later(period, self._beat)
+        period = threshold / 2
+        self._handle = loop.call_later(period, self._beat, stopping)
         self._beat_state = (beats + 1, now + period)
         late = now - due
-        if late <= self.threshold:
+        if late <= threshold:
             return
         finding = self._finding
         description = finding[1] if finding is not None and finding[0] == beats else None
@@ -183,13 +195,12 @@ class Watchdog(Generic[T]):
 
     # -- on the watchdog's thread ----------------------------------------------------------
 
-    def _watch(self) -> None:
-        assert self.threshold is not None
-        tick = self.threshold / 4
+    def _watch(self, threshold: float, stopping: threading.Event) -> None:
+        tick = threshold / 4
         episode = -1  # the beat count of the episode being sampled, -1 between episodes
         confirmed: _Sample[T] | None = None  # what every confirmed sample agrees on
         pending: _Sample[T] | None = None  # the last sample, confirmed if the episode goes on
-        while not self._stopping.wait(tick):
+        while not stopping.wait(tick):
             beats, due = self._beat_state
             if time.monotonic() - due <= tick:
                 # Not held (or no longer): drop the frames, which hold their tasks' locals.
