@@ -176,6 +176,22 @@ def test_new_limits_for_a_name_apply_and_keep_its_recent_starts() -> None:
     assert gate.try_acquire("crm", Limits(max_concurrency=4), 0.3) == math.inf
 
 
+def test_a_raised_limit_lets_the_line_start_at_the_next_wakeup() -> None:
+    gate: LimitGate[str] = LimitGate()
+    assert gate.try_acquire("crm", Limits(max_concurrency=1), 0.0) == 0.0
+    assert gate.try_acquire("crm", Limits(max_concurrency=1), 0.0) == math.inf
+    gate.park("crm", "second")
+    assert gate.try_acquire("crm", Limits(max_concurrency=3), 0.0) == math.inf  # behind it
+    gate.park("crm", "third")
+    assert gate.next_wakeup() == -math.inf  # now
+    assert gate.unpark_due(0.0) == ["second", "third"]
+
+
+def test_a_rate_prints_as_count_per_seconds() -> None:
+    assert str(parse_rate("10/2s")) == "10/2s"
+    assert str(parse_rate("5/min")) == "5/60s"
+
+
 def test_misuse_is_reported() -> None:
     gate: LimitGate[int] = LimitGate()
     with pytest.raises(RuntimeError, match=r"release\('crm'\) without a matching try_acquire"):

@@ -30,21 +30,10 @@ MAX_RATE_COUNT: Final = 1_000_000
 
 _UNITS: Final = {
     "ms": 0.001,
-    "s": 1.0,
-    "sec": 1.0,
-    "second": 1.0,
-    "seconds": 1.0,
-    "m": 60.0,
-    "min": 60.0,
-    "minute": 60.0,
-    "minutes": 60.0,
-    "h": 3600.0,
-    "hr": 3600.0,
-    "hour": 3600.0,
-    "hours": 3600.0,
-    "d": 86400.0,
-    "day": 86400.0,
-    "days": 86400.0,
+    **dict.fromkeys(("s", "sec", "second", "seconds"), 1.0),
+    **dict.fromkeys(("m", "min", "minute", "minutes"), 60.0),
+    **dict.fromkeys(("h", "hr", "hour", "hours"), 3600.0),
+    **dict.fromkeys(("d", "day", "days"), 86400.0),
 }
 _RATE: Final = re.compile(
     r"\s*(?P<count>[0-9.]+)\s*/\s*(?P<period>[0-9]*\.?[0-9]+)?\s*(?P<unit>[A-Za-z]+)\s*"
@@ -182,7 +171,7 @@ def limits_from_options(
 class _Name(Generic[T]):
     """The state of one limited task name."""
 
-    __slots__ = ("limits", "oldest", "running", "starts", "waiting")
+    __slots__ = ("limits", "oldest", "per_seconds", "running", "starts", "waiting")
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
@@ -190,9 +179,11 @@ class _Name(Generic[T]):
         # A ring of the last ``count`` start times; ``starts[oldest]`` is the oldest of them.
         self.starts: array[float] | None = None
         self.oldest = 0
+        self.per_seconds = 0.0
         self.waiting: deque[T] = deque()
         if limits.rate is not None:
             self.starts = array("d", [-math.inf]) * limits.rate.count
+            self.per_seconds = limits.rate.per_seconds
 
     def retune(self, limits: Limits) -> None:
         """Take new limits, keeping the most recent start times."""
@@ -203,6 +194,7 @@ class _Name(Generic[T]):
                 count = limits.rate.count
                 kept = recent[-count:]
                 self.starts = array("d", [-math.inf] * (count - len(kept)) + kept)
+                self.per_seconds = limits.rate.per_seconds
         self.limits = limits
 
     def _chronological(self) -> Iterator[float]:
@@ -219,7 +211,7 @@ class _Name(Generic[T]):
         ring = self.starts
         if ring is not None:
             oldest = self.oldest
-            free_at = ring[oldest] + self.limits.rate.per_seconds  # type: ignore[union-attr]
+            free_at = ring[oldest] + self.per_seconds
             if now < free_at:
                 return free_at - now
             ring[oldest] = now
@@ -234,7 +226,7 @@ class _Name(Generic[T]):
             return None  # a release wakes it
         if self.starts is None:
             return -math.inf  # free now: the dispatcher missed a wake-up
-        return self.starts[self.oldest] + self.limits.rate.per_seconds  # type: ignore[union-attr]
+        return self.starts[self.oldest] + self.per_seconds
 
 
 class LimitGate(Generic[T]):

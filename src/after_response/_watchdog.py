@@ -24,6 +24,10 @@ blame for. ``blocked_for`` is how late the beat ran: a lower bound of the time t
 short by at most one beat period (``threshold / 2``). So a block longer than ``1.5 * threshold``
 is always reported, and no block shorter than ``threshold`` ever is.
 
+The runner must await the side effect in its own frame, in the same task (``await fn(...)``, or
+under a cancel scope), so that the side effect's frames chain up to it; a side effect moved to
+a task of its own (``asyncio.wait_for`` before 3.12 does that) is reported as ``None``.
+
 Costs when on: ``2 / threshold`` beats a second on the loop (20 at 0.1 s), ``4 / threshold``
 thread wake-ups; stacks are walked only while the loop is held. ``threshold=None`` turns it all
 off: no thread, no beat.
