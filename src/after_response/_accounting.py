@@ -71,6 +71,8 @@ class Ledger:
         self.running = 0
         self.queued = 0
         self.retry_waiting = 0
+        #: Waiting for their name's own limits (``max_concurrency``, ``rate_limit``).
+        self.parked = 0
         #: Tasks that left their request: handed to a dispatcher, or ended before (shed,
         #: discarded, abandoned with their request).
         self.left_request = 0
@@ -89,7 +91,7 @@ class Ledger:
 
     @property
     def pending(self) -> int:
-        return self.queued + self.retry_waiting
+        return self.queued + self.retry_waiting + self.parked
 
     def end(self, task: Task, outcome: Outcome) -> None:
         """Count ``task`` in its terminal state; wake the drains it was the last one for."""

@@ -139,6 +139,9 @@ def side_effect(
     timeout: float | _Unset | None = UNSET,
     retry: Retry | _Unset | None = UNSET,
     run_on_error: bool | _Unset = UNSET,
+    durable: bool | _Unset = UNSET,
+    max_concurrency: int | _Unset | None = UNSET,
+    rate_limit: str | _Unset | None = UNSET,
 ) -> Callable[[F], F]:
     """Give a side-effect function its default task options.
 
@@ -154,12 +157,29 @@ def side_effect(
         timeout: seconds an attempt may run before it is cancelled; ``None`` for no limit.
         retry: a :class:`Retry` policy, or ``None`` for a single attempt.
         run_on_error: run the task even when the request fails (exception or 5xx).
+        durable: store the task before the response completes, so that it survives a crash
+            and is replayed (needs ``store=`` on the middleware; the function must be
+            importable by name and its arguments JSON data).
+        max_concurrency: how many tasks of this name run at once, across all requests of
+            the process (within the middleware's own bound); ``None`` for no limit.
+        rate_limit: how often a task of this name may start, as ``"10/s"``, ``"100/m"``,
+            ``"5/500ms"`` or ``"3600/h"``: no window of that length holds more starts.
+            A task waiting for its name's limit holds no global slot; its wait shows as
+            queue time.
 
     Raises:
         TypeError, ValueError: for an option of the wrong type or out of range, or when
             what it decorates is not a function.
     """
-    options = TaskOptions(name=name, timeout=timeout, retry=retry, run_on_error=run_on_error)
+    options = TaskOptions(
+        name=name,
+        timeout=timeout,
+        retry=retry,
+        run_on_error=run_on_error,
+        durable=durable,
+        max_concurrency=max_concurrency,
+        rate_limit=rate_limit,
+    )
 
     def decorate(fn: F) -> F:
         if not callable(fn):

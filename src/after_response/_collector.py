@@ -160,16 +160,33 @@ class Collector:
         timeout: float | _Unset | None = UNSET,
         retry: Retry | _Unset | None = UNSET,
         run_on_error: bool | _Unset = UNSET,
+        durable: bool | _Unset = UNSET,
+        key: str | _Unset | None = UNSET,
+        max_concurrency: int | _Unset | None = UNSET,
+        rate_limit: str | _Unset | None = UNSET,
     ) -> TaskAdder:
         """Per-call options, kept apart from ``fn``'s own keyword arguments::
 
             collector.options(timeout=5, retry=Retry(attempts=3)).add(send_email, to, code)
 
-        Each option overrides the ``@side_effect`` decorator and the middleware default.
-        ``name`` must be low-cardinality (it names spans and metrics).
+        Each option overrides the ``@side_effect`` decorator and the middleware default
+        (see :func:`~after_response.side_effect` for what each means). ``name`` must be
+        low-cardinality (it names spans and metrics). ``key`` (durable tasks only) is an
+        idempotency key: a durable add whose key matches a stored, unfinished or recently
+        succeeded task is not stored again.
         """
         return TaskAdder(
-            self, TaskOptions(name=name, timeout=timeout, retry=retry, run_on_error=run_on_error)
+            self,
+            TaskOptions(
+                name=name,
+                timeout=timeout,
+                retry=retry,
+                run_on_error=run_on_error,
+                durable=durable,
+                key=key,
+                max_concurrency=max_concurrency,
+                rate_limit=rate_limit,
+            ),
         )
 
     # -- internals ---------------------------------------------------------------------------
@@ -187,10 +204,10 @@ class Collector:
         executor = self._executor
         options = info.options if call_options is None else call_options.over(info.options)
         if options is EMPTY_OPTIONS:
-            _, timeout, retry, run_on_error, durable, key = executor.defaults
+            _, timeout, retry, run_on_error, durable, key, limits = executor.defaults
             name = info.name
         else:
-            name, timeout, retry, run_on_error, durable, key = options.resolve(
+            name, timeout, retry, run_on_error, durable, key, limits = options.resolve(
                 executor.defaults, info.name
             )
         info.check_arguments(args, kwargs, bound_self, name)
@@ -209,6 +226,10 @@ class Collector:
             retry,
             run_on_error,
             self.request,
+            None,
+            durable,
+            key,
+            limits,
         )
         task = Task(record, fn, info.is_async, contextvars.copy_context(), executor.ledger.add())
         executor.telemetry.added(task)

@@ -12,6 +12,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from types import FrameType
 from typing import Any, Final
 
 import anyio
@@ -19,6 +20,7 @@ import anyio
 from ._accounting import Ledger, Stats
 from ._dead_letters import DeadLetters
 from ._endings import Endings
+from ._limited import NameLimits
 from ._logs import logger
 from ._options import Resolved
 from ._runner import Runner
@@ -27,6 +29,7 @@ from ._task import Outcome, Task, set_running_task
 from ._tasks import NativeTasks, Spawner, loop_handle, running_asyncio
 from ._telemetry import Telemetry
 from ._threads import WorkerThreads
+from ._watchdog import Watchdog
 
 #: Seconds that tasks get, once cancelled at the shutdown deadline, to finish; those still
 #: running after it (a task that catches ``CancelledError`` and carries on) are abandoned.
@@ -49,6 +52,9 @@ class Executor(Endings):
         self._gate_waiters: deque[anyio.Event] = deque()
         self.held = 0
         self.refused = 0
+        self._limits = NameLimits(self._limits_ready)
+        self._watchdog: Watchdog[Task] = Watchdog(settings.loop_block_threshold, self._blocked)
+        self._watchdog.register_runner(Executor._run.__code__, _task_of_frame)
         self._queue: deque[Task] = deque()
         #: Tasks of requests waiting for room (at most max_pending), and their wake-ups.
         self._waiting = 0
@@ -78,7 +84,7 @@ class Executor(Endings):
                 overflow.append(task)
             elif ledger.running < self.max_concurrency:
                 self._take(task, owner, now)
-                self._start(task)
+                self._start(task)  # or parks it, to wait for its name's own limits
             elif ledger.pending < self.max_pending:
                 self._take(task, owner, now)
                 self._queue.append(task)
@@ -138,24 +144,35 @@ class Executor(Endings):
         self.ledger.left_request += 1
 
     def _start(self, task: Task) -> None:
+        """Give ``task`` a slot and run it; or, if its name is at its own limits, park it
+        in its name's line (pending, holding no slot)."""
+        if task.record.limits is not None and not task.gated and not self._limits.admit(task):
+            self.ledger.parked += 1
+            self.telemetry.pending(task, 1)
+            return
         self.ledger.running += 1
         task.slot = True
         self.telemetry.running(task, 1)
-        assert task.owner is not None
+        owner = task.owner
         # Spawned inside the task's context: the new asyncio task runs in a copy of it, the
         # request's contextvars (and so its current span) as they were at add() time.
-        owner = task.owner
         if type(owner) is NativeTasks:
             task.context.run(owner.spawn, self._run(task), task)
         else:
             task.context.run(owner.start_soon, self._run, task)
 
     def _release(self, task: Task) -> None:
-        if not task.slot:
-            return
-        task.slot = False
-        self.ledger.running -= 1
-        self.telemetry.running(task, -1)
+        """Give back the slots ``task`` holds (if any), and start what may start now."""
+        if task.gated:
+            self._limits.release(task)
+        if task.slot:
+            task.slot = False
+            self.ledger.running -= 1
+            self.telemetry.running(task, -1)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Start queued tasks while there are free slots."""
         queue = self._queue
         ledger = self.ledger
         while queue and ledger.running < self.max_concurrency and not self._closing:
@@ -166,6 +183,14 @@ class Executor(Endings):
             self._wake_room_waiter()
         if self._gate_waiters:
             self._wake_gate()
+
+    def _limits_ready(self, tasks: list[Task]) -> None:
+        """Tasks whose name's limits let them start: first in the queue (they waited)."""
+        for task in reversed(tasks):
+            self.ledger.parked -= 1
+            self._queue.appendleft(task)
+            self.ledger.queued += 1
+        self._dispatch()
 
     @property
     def saturated(self) -> bool:
@@ -250,7 +275,12 @@ class Executor(Endings):
         task.ready_at = time.perf_counter()
         if task.slot:
             return True
-        if ledger.running < self.max_concurrency and not self._queue and not self._closing:
+        if (
+            ledger.running < self.max_concurrency
+            and not self._queue
+            and not self._closing
+            and task.record.limits is None  # a limited task passes its name's gate again
+        ):
             ledger.running += 1
             task.slot = True
             self.telemetry.running(task, 1)
@@ -258,7 +288,7 @@ class Executor(Endings):
         self._queue.append(task)
         ledger.queued += 1
         self.telemetry.pending(task, 1)
-        return False
+        return False  # the caller's release starts it, if a slot is free
 
     def _cancel_cause(self) -> str:
         return (
@@ -297,10 +327,12 @@ class Executor(Endings):
             if running_asyncio():
                 tasks = NativeTasks()
                 self.background = tasks
+                self._watchdog.start()
                 task_status.started()
                 try:
                     await self._stopped.wait()
                 finally:
+                    self._watchdog.stop()
                     self.background = None
                     for task in await tasks.aclose(CANCEL_GRACE):
                         self.left_behind(task)
@@ -333,17 +365,30 @@ class Executor(Endings):
             )
             self._closing = True
             queued, self._queue = list(self._queue), deque()
+            parked = self._limits.take_parked()
             self.ledger.queued = 0
-            for task in queued:
+            self.ledger.parked = 0
+            for task in (*queued, *parked):
                 self.telemetry.pending(task, -1)
             self.abandon(queued, "shutdown_timeout elapsed before it started", taken=True)
+            self.abandon(
+                parked,
+                "shutdown_timeout elapsed while it waited for its name's own limits",
+                taken=True,
+            )
             for room in (*self._room_waiters, *self._gate_waiters):
                 room.set()
         self._stopped.set()
         await self._serving_done.wait()
         await self.dead_letters.flush(CANCEL_GRACE)
+        self.telemetry.aggregator.flush()
         self._closing = False
         self._stopped = None
+
+    def _blocked(self, task: Task | None, blocked_for: float) -> None:
+        threshold = self._watchdog.threshold
+        assert threshold is not None
+        self.telemetry.loop_blocked(task, blocked_for, threshold)
 
     async def _drain_everything(self, timeout: float | None) -> bool:
         """Wait until nothing at all is outstanding, tasks added meanwhile included."""
@@ -355,3 +400,13 @@ class Executor(Endings):
             if not await self.ledger.drain(left):
                 return False
         return True
+
+
+def _task_of_frame(frame: FrameType) -> Task | None:
+    """The task an ``Executor._run`` frame runs (for the loop watchdog, in its thread): marked,
+    so that its attempt's span gets an event when the attempt ends."""
+    task = frame.f_locals.get("task")
+    if not isinstance(task, Task):
+        return None
+    task.blocked = True
+    return task

@@ -40,6 +40,23 @@ def log_task(
     """
     if not logger.isEnabledFor(level):
         return
+    message, arguments, extra = task_line(task, what, args, span)
+    if exc is None:
+        logger.log(level, message, *arguments, extra=extra)
+        return
+    extra["error_type"] = qualified_type(exc)
+    log_record = logger.makeRecord(
+        logger.name, level, __file__, 0, message, arguments, None, "log_task", extra
+    )
+    _, stacktrace = exception_text(exc, task.fn, task.record.args, task.record.kwargs)
+    log_record.exc_text = stacktrace.rstrip("\n")
+    logger.handle(log_record)
+
+
+def task_line(
+    task: Task, what: str, args: tuple[object, ...], span: Span | None = None
+) -> tuple[str, tuple[object, ...], dict[str, Any]]:
+    """The message, its arguments and the ``extra`` fields of a line about ``task``."""
     record = task.record
     extra: dict[str, Any] = {
         "task_name": record.name,
@@ -49,17 +66,11 @@ def log_task(
     }
     extra.update(trace_ids(span if span is not None else task.context.run(trace.get_current_span)))
     message = _PREFIX + what + " [task %s]"
-    arguments = (record.name, record.request.method, record.request.path, *args, record.id)
-    if exc is None:
-        logger.log(level, message, *arguments, extra=extra)
-        return
-    extra["error_type"] = qualified_type(exc)
-    log_record = logger.makeRecord(
-        logger.name, level, __file__, 0, message, arguments, None, "log_task", extra
+    return (
+        message,
+        (record.name, record.request.method, record.request.path, *args, record.id),
+        extra,
     )
-    _, stacktrace = exception_text(exc, task.fn, record.args, record.kwargs)
-    log_record.exc_text = stacktrace.rstrip("\n")
-    logger.handle(log_record)
 
 
 def trace_ids(span: Span) -> Mapping[str, str]:

@@ -37,6 +37,7 @@ class Instruments:
         self.retries: dict[str, int] = {}
         self.pending: dict[str, int] = {}
         self.running: dict[str, int] = {}
+        self.loop_blocked: dict[str, int] = {}
         observed = (
             (meter.create_observable_counter, "added", _observe(self.added), "{task}",
              "Tasks added by requests."),
@@ -48,6 +49,8 @@ class Instruments:
              "{task}", "Tasks queued or waiting to retry."),
             (meter.create_observable_up_down_counter, "running", _observe(self.running),
              "{task}", "Tasks running now."),
+            (meter.create_observable_counter, "loop_blocked", _observe(self.loop_blocked),
+             "{event}", "Times a side effect held the event loop past the threshold."),
         )  # fmt: skip
         for create, name, callback, unit, description in observed:
             create(

@@ -76,6 +76,12 @@ class AfterResponseMiddleware:
             task that ends without success: failed or timed out after its last attempt,
             shed, or abandoned. A plain function: it runs in a thread of its own, off the
             event loop, one dead letter after another.
+        loop_block_threshold: seconds a side effect may hold the event loop before a
+            WARNING names it (with a span event and a metric); ``None`` turns the watchdog
+            off. It costs no work per task: one heartbeat timer and one thread.
+        log_interval: seconds over which repeated lines about tasks of one name that were
+            shed, discarded, abandoned or released are aggregated: the first in full, the
+            rest counted into one summary line per name and reason.
         tracer_provider: OpenTelemetry tracer provider (default: the global one).
         meter_provider: OpenTelemetry meter provider (default: the global one).
         state_key: the name of the collector on ``request.state``.
@@ -100,6 +106,8 @@ class AfterResponseMiddleware:
         run_on_error: bool = False,
         max_threads: int = 40,
         on_dead_letter: DeadLetterHook | None = None,
+        loop_block_threshold: float | None = 0.1,
+        log_interval: float = 5.0,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
         state_key: str = "after_response",
@@ -118,6 +126,8 @@ class AfterResponseMiddleware:
             max_threads=max_threads,
             on_dead_letter=on_dead_letter,
             state_key=state_key,
+            loop_block_threshold=loop_block_threshold,
+            log_interval=log_interval,
         )
         self.app = app
         self.settings = settings
@@ -125,7 +135,7 @@ class AfterResponseMiddleware:
         self.state_key = state_key
         self._executor = Executor(
             settings,
-            Telemetry(tracer_provider, meter_provider),
+            Telemetry(tracer_provider, meter_provider, log_interval=settings.log_interval),
             defaults=Resolved("", task_timeout, retry or NO_RETRY, run_on_error),
         )
         #: Backpressure: new requests wait for room before their handler runs.

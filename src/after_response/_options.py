@@ -7,6 +7,8 @@ import random
 from dataclasses import dataclass
 from typing import Final, NamedTuple, TypeVar
 
+from ._limits import Limits, limits_from_options
+
 T = TypeVar("T")
 
 OPTIONS_ATTRIBUTE: Final = "__after_response_options__"
@@ -115,6 +117,8 @@ class TaskOptions:
     run_on_error: bool | _Unset = UNSET
     durable: bool | _Unset = UNSET
     key: str | _Unset | None = UNSET
+    max_concurrency: int | _Unset | None = UNSET
+    rate_limit: str | _Unset | None = UNSET
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, _Unset) and (not isinstance(self.name, str) or not self.name):
@@ -137,6 +141,10 @@ class TaskOptions:
             )
         if isinstance(self.key, str) and not self.key:
             raise ValueError('key must not be empty; for example key=f"order-{order.id}-receipt"')
+        limits_from_options(  # checks both, with their own messages
+            None if isinstance(self.max_concurrency, _Unset) else self.max_concurrency,
+            None if isinstance(self.rate_limit, _Unset) else self.rate_limit,
+        )
 
     def over(self, fallback: TaskOptions) -> TaskOptions:
         """These options, with every unset field taken from ``fallback``."""
@@ -147,6 +155,8 @@ class TaskOptions:
             run_on_error=_pick(self.run_on_error, fallback.run_on_error),
             durable=_pick(self.durable, fallback.durable),
             key=_pick(self.key, fallback.key),
+            max_concurrency=_pick(self.max_concurrency, fallback.max_concurrency),
+            rate_limit=_pick(self.rate_limit, fallback.rate_limit),
         )
 
     def resolve(self, defaults: Resolved, default_name: str) -> Resolved:
@@ -158,6 +168,7 @@ class TaskOptions:
             _pick(self.run_on_error, defaults.run_on_error),
             _pick(self.durable, defaults.durable),
             _pick(self.key, defaults.key),
+            limits_from_options(_pick(self.max_concurrency, None), _pick(self.rate_limit, None)),
         )
 
 
@@ -170,6 +181,7 @@ class Resolved(NamedTuple):
     run_on_error: bool
     durable: bool = False
     key: str | None = None
+    limits: Limits | None = None
 
 
 def _pick(value: T | _Unset, fallback: T) -> T:

@@ -11,6 +11,7 @@ import itertools
 import os
 from typing import Any, Final, NamedTuple
 
+from ._limits import Limits
 from ._options import Retry
 
 
@@ -48,6 +49,8 @@ class TaskRecord(NamedTuple):
     durable: bool = False
     #: Idempotency key: a durable add whose key matches a stored task is not stored again.
     key: str | None = None
+    #: Per task name: how many run at once, how often one starts (``None``: no limit).
+    limits: Limits | None = None
 
 
 def _new_prefix() -> str:

@@ -35,6 +35,8 @@ class Runner:
         telemetry = self.telemetry
         started = time.perf_counter()
         span = telemetry.attempt_started(task, started - task.ready_at)
+        if span is not None:
+            task.span = span.span
         exc: BaseException | None = None
         try:
             if await self._call_with_deadline(task):

@@ -31,6 +31,8 @@ class Settings:
     on_dead_letter: DeadLetterHook | None = None
     state_key: str = "after_response"
     store: Any = None
+    loop_block_threshold: float | None = 0.1
+    log_interval: float = 5.0
 
     def __post_init__(self) -> None:
         _check_count("max_concurrency", self.max_concurrency, minimum=1)
@@ -69,6 +71,10 @@ class Settings:
         if not isinstance(self.run_on_error, bool):
             raise TypeError(f"run_on_error must be True or False, got {self.run_on_error!r}")
         check_hook(self.on_dead_letter)
+        check_timeout("loop_block_threshold", self.loop_block_threshold)
+        check_timeout("log_interval", self.log_interval)
+        if self.log_interval is None:
+            raise ValueError("log_interval must be a positive number of seconds, not None")
         if not isinstance(self.state_key, str) or not self.state_key:
             raise TypeError(f"state_key must be a non-empty string, got {self.state_key!r}")
 

@@ -54,9 +54,11 @@ class Task:
 
     __slots__ = (
         "attempt",
+        "blocked",
         "context",
         "done",
         "fn",
+        "gated",
         "is_async",
         "on_end",
         "owner",
@@ -64,6 +66,7 @@ class Task:
         "record",
         "seq",
         "slot",
+        "span",
     )
 
     def __init__(
@@ -87,7 +90,13 @@ class Task:
         self.owner: Any = None
         #: Whether it holds one of the ``max_concurrency`` slots now.
         self.slot = False
+        #: Whether it holds a slot of its name's own limits (``max_concurrency``, rate).
+        self.gated = False
         self.done = False
+        #: The current attempt's span, if tracing is on.
+        self.span: Any = None
+        #: Set by the loop watchdog's thread while this task holds the event loop.
+        self.blocked = False
 
     @property
     def name(self) -> str:

@@ -7,6 +7,7 @@ provider is still the proxy or a no-op) every verb below short-circuits on a ``N
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Final, Generic, TypeVar
@@ -14,7 +15,8 @@ from typing import Final, Generic, TypeVar
 from opentelemetry import metrics, trace
 
 from . import _tracing, _version
-from ._logs import log_task
+from ._aggregate import LogAggregator
+from ._logs import log_task, logger, task_line
 from ._metrics import Instruments, is_noop_meter_provider
 from ._task import Outcome, Task
 from ._tracing import AttemptSpan
@@ -77,7 +79,11 @@ class Telemetry:
         self,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
+        *,
+        log_interval: float = 5.0,
     ) -> None:
+        #: Lines about tasks that never ran come in floods: aggregated per name and reason.
+        self.aggregator = LogAggregator(logger, log_interval)
         self._tracer = _FromProvider(
             tracer_provider,
             trace.get_tracer_provider,
@@ -147,6 +153,9 @@ class Telemetry:
     ) -> None:
         """An attempt ended with ``outcome`` (``RETRY`` if it runs again)."""
         if span is not None:
+            if task.blocked:  # seen by the loop watchdog while this attempt ran
+                task.blocked = False
+                span.span.add_event("after_response.loop_blocked")
             _tracing.end_attempt(span, task, outcome, exc)
         instruments = self._instruments.value
         if instruments is not None:
@@ -157,6 +166,35 @@ class Telemetry:
                     "after_response.task.outcome": outcome,
                 },
             )
+
+    def ended_line(
+        self, task: Task, outcome: Outcome, level: int, what: str, *args: object
+    ) -> None:
+        """The line of a task that ended abandoned, shed, discarded or released, through the
+        aggregator: the first per task name and outcome in an interval in full, the rest
+        counted into one summary line."""
+        if logger.isEnabledFor(level):
+            message, arguments, extra = task_line(task, what, args)
+            self.aggregator.emit(
+                level, (task.record.name, outcome.value), message, arguments, extra
+            )
+
+    def loop_blocked(self, task: Task | None, blocked_for: float, threshold: float) -> None:
+        """A side effect (``task``) held the event loop for ``blocked_for`` seconds."""
+        if task is None:
+            return  # not a side effect: the app's own code, not ours to name
+        log_task(
+            logging.WARNING,
+            task,
+            "held the event loop for %.3fs (more than loop_block_threshold=%ss): an async "
+            "side effect must not block; run blocking code in a plain def function (it runs "
+            "in a worker thread) or await an async client",
+            blocked_for,
+            threshold,
+        )
+        instruments = self._instruments.value
+        if instruments is not None:
+            _count(instruments.loop_blocked, task.record.name, 1)
 
     def retried(self, task: Task) -> None:
         """``task`` failed an attempt and will run again."""
@@ -171,8 +209,9 @@ class Telemetry:
             _count(instruments.finished, (task.record.name, outcome), 1)
 
     def unrun(self, task: Task, outcome: Outcome, level: int, what: str, *args: object) -> None:
-        """``task`` ended without running (discarded, shed, abandoned): a line and a span."""
-        log_task(level, task, what, *args)
+        """``task`` ended without running (discarded, shed, abandoned, released): a span,
+        and a line, aggregated with the others of its name and outcome (no log storms)."""
+        self.ended_line(task, outcome, level, what, *args)
         tracer = self._tracer.get()
         if tracer is not None:
             _tracing.record_unrun(tracer, task, outcome)
