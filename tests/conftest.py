@@ -7,6 +7,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+# The project's own pytest plugin, loaded here rather than through its entry point (which
+# pyproject's addopts turns off): an entry-point plugin is imported before coverage starts.
+pytest_plugins = ["after_response.pytest_plugin"]
+
 
 @pytest.fixture
 def anyio_backend() -> str:
