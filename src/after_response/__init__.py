@@ -26,6 +26,8 @@ from ._errors import (
 )
 from ._middleware import AfterResponseMiddleware
 from ._options import Retry
+from ._sqlite import SQLiteStore
+from ._store import StoreError
 from ._task import CurrentTask, DeadLetter, current_task
 from ._version import VERSION as __version__
 
@@ -39,7 +41,9 @@ __all__ = [
     "NoActiveRequestError",
     "NoCurrentTaskError",
     "Retry",
+    "SQLiteStore",
     "Stats",
+    "StoreError",
     "TaskAbandonedError",
     "TaskAdder",
     "TaskShedError",

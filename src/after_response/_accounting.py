@@ -21,7 +21,11 @@ class Stats:
     """A snapshot of the counts; see ``AfterResponseMiddleware.stats()``.
 
     ``added == collected + pending + running + succeeded + failed + timed_out + discarded
-    + shed + abandoned`` holds at every snapshot. ``retried`` counts extra attempts, not tasks.
+    + shed + abandoned + deduplicated + released`` holds at every snapshot. ``retried``
+    counts extra attempts, not tasks. With a durable store: ``stored`` counts the durable
+    tasks committed, ``recovered`` those taken over from a process that died (they are
+    counted in ``added`` too), ``deduplicated`` the durable adds not stored again because of
+    their key, and ``released`` the durable tasks left in the store at shutdown.
     """
 
     added: int
@@ -35,6 +39,10 @@ class Stats:
     shed: int
     abandoned: int
     retried: int
+    deduplicated: int = 0
+    released: int = 0
+    stored: int = 0
+    recovered: int = 0
 
     @property
     def finished(self) -> int:
@@ -46,6 +54,8 @@ class Stats:
             + self.discarded
             + self.shed
             + self.abandoned
+            + self.deduplicated
+            + self.released
         )
 
 
@@ -77,6 +87,8 @@ class Ledger:
         #: discarded, abandoned with their request).
         self.left_request = 0
         self._waiters: list[_Waiter] = []
+        self.stored = 0
+        self.recovered = 0
 
     def add(self) -> int:
         """Count a task a request added; its sequence number."""
@@ -137,4 +149,8 @@ class Ledger:
             shed=counts[Outcome.SHED],
             abandoned=counts[Outcome.ABANDONED],
             retried=self.retried,
+            deduplicated=counts[Outcome.DEDUPLICATED],
+            released=counts[Outcome.RELEASED],
+            stored=self.stored,
+            recovered=self.recovered,
         )

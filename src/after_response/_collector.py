@@ -13,8 +13,9 @@ from types import FunctionType, MethodType
 from typing import TYPE_CHECKING, Any, Final, ParamSpec
 
 from . import _mode
-from ._callable import callable_info
+from ._callable import CallableInfo, callable_info
 from ._dispatch import Dispatcher
+from ._durable import check_storable, trace_carrier
 from ._errors import NoActiveRequestError
 from ._inline import InlineDispatcher
 from ._logs import log_task
@@ -106,6 +107,8 @@ class Collector:
     _call_soon: Callable[..., Any] | None = None
     #: Tasks that found no room at hand-over, for the request's call to wait with.
     overflow: list[Task] | None = None
+    #: Durable tasks added since the last save.
+    unsaved: list[Task] | None = None
 
     def __init__(self, executor: Executor, method: str, path: str) -> None:
         self._executor = executor
@@ -211,6 +214,11 @@ class Collector:
                 executor.defaults, info.name
             )
         info.check_arguments(args, kwargs, bound_self, name)
+        context = contextvars.copy_context()
+        carrier = None
+        if durable or key is not None:
+            self._check_durable(fn, info, bound_self, args, kwargs, name, durable)
+            carrier = trace_carrier(context)
         if _mode.captured is not None:
             _mode.captured.append(
                 CapturedCall(name, fn, args, kwargs, timeout, retry, run_on_error, *self.request)
@@ -226,15 +234,19 @@ class Collector:
             retry,
             run_on_error,
             self.request,
-            None,
+            carrier,
             durable,
             key,
             limits,
         )
-        task = Task(record, fn, info.is_async, contextvars.copy_context(), executor.ledger.add())
+        task = Task(record, fn, info.is_async, context, executor.ledger.add())
         executor.telemetry.added(task)
         if self._state == _OPEN:
             self._tasks.append(task)
+            if durable:
+                if self.unsaved is None:
+                    self.unsaved = []
+                self.unsaved.append(task)
             return
         call_soon = self._call_soon or executor.call_soon_threadsafe
         if call_soon is not None and threading.get_ident() != (
@@ -244,6 +256,39 @@ class Collector:
             call_soon(self._add_late, task)
         else:
             self._add_late(task)
+
+    def _check_durable(
+        self,
+        fn: Callable[..., Any],
+        info: CallableInfo,
+        bound_self: tuple[Any, ...],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        name: str,
+        durable: bool,
+    ) -> None:
+        if not durable:
+            raise TypeError(
+                f"add({name}, ...): key= is the idempotency key of a durable side effect; "
+                f"add durable=True: options(durable=True, key=...).add({name}, ...)"
+            )
+        if self._executor.journal is None:
+            raise TypeError(
+                f"add({name}, ...) with durable=True needs a durable store, and the middleware "
+                "has none: AfterResponseMiddleware(app, store=SQLiteStore("
+                '"after_response.sqlite3"))'
+            )
+        check_storable(fn, info, bound_self, args, kwargs, name)
+
+    def take_unsaved(self) -> list[Task]:
+        """The durable tasks not stored yet (the middleware stores them before the response
+        starts, and again before its last message)."""
+        unsaved, self.unsaved = self.unsaved or [], None
+        return unsaved
+
+    def forget(self, tasks: set[Task]) -> None:
+        """Drop ``tasks`` from those held (a durable add that was deduplicated)."""
+        self._tasks = [task for task in self._tasks if task not in tasks]
 
     def _add_late(self, task: Task) -> None:
         """A task added after the response was complete: one rule, whoever adds it (a side
@@ -262,6 +307,9 @@ class Collector:
             executor.shed([task], "it was added after its request had ended, with no executor")
             return
         log_task(logging.DEBUG, task, "added after its response was complete; submitted now")
+        if task.record.durable:
+            executor.save_then_submit(task, dispatcher)
+            return
         overflow = dispatcher.submit([task])
         if overflow:
             executor.shed(overflow, "it was added after its response, and the queue was full")

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from ._accounting import Ledger
 from ._dead_letters import DeadLetters
 from ._errors import TaskAbandonedError, TaskShedError
+from ._journal import Journal
 from ._logs import log_task
 from ._task import DeadLetter, Outcome, Task
 from ._telemetry import Telemetry
@@ -17,10 +18,18 @@ from ._telemetry import Telemetry
 class Endings:
     """The terminal states, shared by every dispatcher of one middleware."""
 
-    def __init__(self, ledger: Ledger, telemetry: Telemetry, dead_letters: DeadLetters) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        telemetry: Telemetry,
+        dead_letters: DeadLetters,
+        journal: Journal | None,
+    ) -> None:
         self.ledger = ledger
         self.telemetry = telemetry
         self.dead_letters = dead_letters
+        #: The durable store's bookkeeping, if the middleware has a store.
+        self.journal = journal
 
     def end(
         self, task: Task, outcome: Outcome, exc: BaseException | None = None, *, attempts: int
@@ -33,13 +42,42 @@ class Endings:
         on_end, task.on_end = task.on_end, None
         if on_end is not None:
             on_end()
+        journal = self.journal
+        if journal is not None and task.record.durable:
+            if outcome is Outcome.SUCCEEDED:
+                journal.succeeded(task)
+            elif exc is not None and outcome is not Outcome.RELEASED:
+                journal.dead(task, exc)
         if exc is not None:
             self.dead_letters.submit(
                 task, DeadLetter(task.record.name, task.record.id, exc, attempts, outcome.value)
             )
 
+    def release(self, tasks: Iterable[Task], reason: str, *, taken: bool = True) -> None:
+        """Durable tasks this process will not finish: left in the store, unowned, for the
+        next process (or a live one) to claim. Not an error: nothing is lost."""
+        tasks = list(tasks)
+        assert self.journal is not None
+        self.journal.release(tasks)
+        for task in tasks:
+            if not taken:
+                self.ledger.left_request += 1
+            self.telemetry.ended_line(
+                task, Outcome.RELEASED, logging.WARNING, "released to the store: %s", reason
+            )
+            self.end(task, Outcome.RELEASED, attempts=task.attempt - 1)
+
     def shed(self, tasks: Iterable[Task], reason: str) -> None:
-        """End tasks that found no room (or no executor): logged, counted, dead-lettered."""
+        """End tasks that found no room (or no executor): logged, counted, dead-lettered.
+        Durable tasks are not shed: they stay in the store, for when there is room."""
+        tasks = list(tasks)
+        if self.journal is not None and any(task.record.durable for task in tasks):
+            self.release(
+                [task for task in tasks if task.record.durable],
+                f"{reason}; it waits in the store for room",
+                taken=False,
+            )
+            tasks = [task for task in tasks if not task.record.durable]
         for task in tasks:
             self.ledger.left_request += 1
             self.telemetry.unrun(task, Outcome.SHED, logging.ERROR, "shed: %s", reason)

@@ -16,10 +16,11 @@ from types import FrameType
 from typing import Any, Final
 
 import anyio
+import anyio.lowlevel
 
 from ._accounting import Ledger, Stats
 from ._dead_letters import DeadLetters
-from ._endings import Endings
+from ._journal import Journal
 from ._limited import NameLimits
 from ._logs import logger
 from ._options import Resolved
@@ -29,6 +30,7 @@ from ._task import Outcome, Task, set_running_task
 from ._tasks import NativeTasks, Spawner, loop_handle, running_asyncio
 from ._telemetry import Telemetry
 from ._threads import WorkerThreads
+from ._waiting import Waiting
 from ._watchdog import Watchdog
 
 #: Seconds that tasks get, once cancelled at the shutdown deadline, to finish; those still
@@ -36,7 +38,7 @@ from ._watchdog import Watchdog
 CANCEL_GRACE: Final = 1.0
 
 
-class Executor(Endings):
+class Executor(Waiting):
     """Runs tasks concurrently under an exact bound, with a bounded queue in front of it."""
 
     def __init__(self, settings: Settings, telemetry: Telemetry, *, defaults: Resolved) -> None:
@@ -46,7 +48,8 @@ class Executor(Endings):
         self.overflow_timeout = settings.overflow_timeout
         #: Backpressure: a request's tasks wait for room as long as it takes, never shed.
         self.backpressure = settings.overflow == "backpressure"
-        super().__init__(Ledger(), telemetry, DeadLetters(settings.on_dead_letter))
+        journal = None if settings.store is None else Journal(settings.store)
+        super().__init__(Ledger(), telemetry, DeadLetters(settings.on_dead_letter), journal)
         self.runner = Runner(telemetry, WorkerThreads(settings.max_threads))
         #: New requests held by backpressure, and how many were answered 503.
         self._gate_waiters: deque[anyio.Event] = deque()
@@ -93,50 +96,6 @@ class Executor(Endings):
             else:
                 overflow.append(task)
         return overflow
-
-    async def submit_waiting(self, tasks: list[Task], owner: Spawner | None = None) -> None:
-        """Submit ``tasks``, waiting up to ``overflow_timeout`` for room; shed what is left.
-
-        Called by a request's ASGI call after its response was sent. At most
-        ``max_pending`` tasks wait this way; tasks beyond that are shed at once.
-        """
-        room = len(tasks) if self.backpressure else max(0, self.max_pending - self._waiting)
-        if len(tasks) > room:
-            self.shed(
-                tasks[room:],
-                f"the queue was full and {self._waiting} task(s) already waited for room "
-                f"(max_pending={self.max_pending})",
-            )
-            tasks = tasks[:room]
-        if not tasks:
-            return
-        self._waiting += len(tasks)
-        waiting = tasks
-        try:
-            with anyio.move_on_after(None if self.backpressure else self.overflow_timeout):
-                while waiting and not self._closing:
-                    room_event = anyio.Event()
-                    self._room_waiters.append(room_event)
-                    try:
-                        await room_event.wait()
-                    finally:
-                        if not room_event.is_set():
-                            self._room_waiters.remove(room_event)
-                    before = len(waiting)
-                    waiting = self.submit(waiting, owner)
-                    self._waiting -= before - len(waiting)
-                    if waiting:
-                        self._wake_room_waiter()  # ours did not all fit; the next may
-        finally:
-            self._waiting -= len(waiting)
-            if waiting:
-                self.shed(
-                    waiting,
-                    "shutdown began while it waited for room"
-                    if self._closing
-                    else f"the queue stayed full (max_pending={self.max_pending}) for "
-                    f"overflow_timeout={self.overflow_timeout}s",
-                )
 
     def _take(self, task: Task, owner: Spawner, now: float) -> None:
         task.owner = owner
@@ -192,40 +151,6 @@ class Executor(Endings):
             self.ledger.queued += 1
         self._dispatch()
 
-    @property
-    def saturated(self) -> bool:
-        """Whether the queue is full (requests' tasks would have to wait for room)."""
-        return self.background is not None and self.ledger.pending + self._waiting >= max(
-            1, self.max_pending
-        )
-
-    async def wait_for_room(self, timeout: float) -> bool:
-        """Backpressure: wait until the queue has room, at most ``timeout``; ``False`` if it
-        still had none."""
-        self.held += 1
-        with anyio.move_on_after(timeout):
-            while self.saturated and not self._closing:
-                room = anyio.Event()
-                self._gate_waiters.append(room)
-                try:
-                    await room.wait()
-                finally:
-                    if not room.is_set():
-                        self._gate_waiters.remove(room)
-            return True
-        return False
-
-    def _wake_gate(self) -> None:
-        """Let in as many held requests as the queue has room for (at least one)."""
-        room = max(1, self.max_pending - self.ledger.pending - self._waiting)
-        while self._gate_waiters and room > 0:
-            self._gate_waiters.popleft().set()
-            room -= 1
-
-    def _wake_room_waiter(self) -> None:
-        if self._room_waiters:
-            self._room_waiters.popleft().set()
-
     # -- running ------------------------------------------------------------------------------
 
     async def _run(self, task: Task) -> None:
@@ -236,17 +161,20 @@ class Executor(Endings):
                 try:
                     outcome, exc = await self.runner.attempt(task, may_retry=not self._closing)
                 except anyio.get_cancelled_exc_class():
-                    self.abandon_running(task, f"{self._cancel_cause()} while it ran")
+                    if self._releases(task):
+                        self.release([task], "shutdown_timeout elapsed while it ran")
+                    else:
+                        self.abandon_running(task, f"{self._cancel_cause()} while it ran")
                     raise
                 if outcome is not Outcome.RETRY:
                     self.end(task, outcome, exc, attempts=task.attempt)
                     return
-                if not await self._back_off(task):
+                if not await self._back_off(task, exc):
                     return  # queued again: whoever frees a slot runs its next attempt
         finally:
             self._release(task)  # if it still holds one, whatever ended it
 
-    async def _back_off(self, task: Task) -> bool:
+    async def _back_off(self, task: Task, exc: BaseException | None) -> bool:
         """Wait out the delay before the next attempt; ``True`` when the task holds a slot
         for it, ``False`` when it was queued again.
 
@@ -258,6 +186,8 @@ class Executor(Endings):
         ledger.retried += 1
         self.telemetry.retried(task)
         task.attempt += 1
+        if self.journal is not None and task.record.durable and exc is not None:
+            self.journal.retrying(task, delay, exc)  # a restart keeps the attempt and delay
         gives_slot_back = ledger.pending < self.max_pending
         if gives_slot_back:
             self._release(task)
@@ -266,7 +196,10 @@ class Executor(Endings):
         try:
             await anyio.sleep(delay)
         except anyio.get_cancelled_exc_class():
-            self.abandon([task], f"{self._cancel_cause()} while it waited to retry", taken=True)
+            if self._releases(task):
+                self.release([task], "shutdown_timeout elapsed while it waited to retry")
+            else:
+                self.abandon([task], f"{self._cancel_cause()} while it waited to retry", taken=True)
             raise
         finally:
             if gives_slot_back:
@@ -290,6 +223,10 @@ class Executor(Endings):
         self.telemetry.pending(task, 1)
         return False  # the caller's release starts it, if a slot is free
 
+    def _releases(self, task: Task) -> bool:
+        """Whether shutdown gives ``task`` back to the store rather than abandoning it."""
+        return self._closing and task.record.durable and self.journal is not None
+
     def _cancel_cause(self) -> str:
         return (
             "shutdown_timeout elapsed" if self._closing else "its request's ASGI call was cancelled"
@@ -299,6 +236,9 @@ class Executor(Endings):
         """End a task that went on running after it was cancelled (it caught the
         cancellation): its owner stops waiting for it."""
         self._release(task)
+        if self._releases(task):
+            self.release([task], "it went on running after shutdown cancelled it")
+            return
         self.abandon_running(
             task,
             f"{self._cancel_cause()}, and it went on running {CANCEL_GRACE}s after it was "
@@ -324,10 +264,14 @@ class Executor(Endings):
         self.call_soon_threadsafe = loop_handle()
         self._closing = False
         try:
+            if self.journal is not None:
+                await self.journal.open()
             if running_asyncio():
                 tasks = NativeTasks()
                 self.background = tasks
                 self._watchdog.start()
+                if self.journal is not None:
+                    tasks.spawn(self._recover(), None)
                 task_status.started()
                 try:
                     await self._stopped.wait()
@@ -370,18 +314,22 @@ class Executor(Endings):
             self.ledger.parked = 0
             for task in (*queued, *parked):
                 self.telemetry.pending(task, -1)
-            self.abandon(queued, "shutdown_timeout elapsed before it started", taken=True)
-            self.abandon(
-                parked,
-                "shutdown_timeout elapsed while it waited for its name's own limits",
-                taken=True,
-            )
+            unstarted = [*queued, *parked]
+            if self.journal is not None:
+                self.release(
+                    [task for task in unstarted if task.record.durable],
+                    "shutdown_timeout elapsed before it started",
+                )
+                unstarted = [task for task in unstarted if not task.record.durable]
+            self.abandon(unstarted, "shutdown_timeout elapsed before it started", taken=True)
             for room in (*self._room_waiters, *self._gate_waiters):
                 room.set()
         self._stopped.set()
         await self._serving_done.wait()
         await self.dead_letters.flush(CANCEL_GRACE)
         self.telemetry.aggregator.flush()
+        if self.journal is not None:
+            await self.journal.close()
         self._closing = False
         self._stopped = None
 

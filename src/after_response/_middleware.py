@@ -17,10 +17,12 @@ from . import _mode
 from ._accounting import Stats
 from ._collector import Collector, _current
 from ._dead_letters import DeadLetterHook
+from ._errors import AfterResponseError
 from ._executor import Executor
 from ._logs import logger
 from ._options import NO_RETRY, Resolved, Retry, check_timeout
 from ._settings import Settings
+from ._store import Store, StoreError
 from ._telemetry import Telemetry
 
 #: Final messages other than ``http.response.body``, with the key that says "more follows".
@@ -76,6 +78,10 @@ class AfterResponseMiddleware:
             task that ends without success: failed or timed out after its last attempt,
             shed, or abandoned. A plain function: it runs in a thread of its own, off the
             event loop, one dead letter after another.
+        store: a durable store (``SQLiteStore("after_response.sqlite3")``) for side effects
+            that must not be lost: ``durable=True`` ones are stored before their response
+            completes, replayed after a crash, dead-lettered in the store. See
+            :class:`SQLiteStore`.
         loop_block_threshold: seconds a side effect may hold the event loop before a
             WARNING names it (with a span event and a metric); ``None`` turns the watchdog
             off. It costs no work per task: one heartbeat timer and one thread.
@@ -106,6 +112,7 @@ class AfterResponseMiddleware:
         run_on_error: bool = False,
         max_threads: int = 40,
         on_dead_letter: DeadLetterHook | None = None,
+        store: Store | None = None,
         loop_block_threshold: float | None = 0.1,
         log_interval: float = 5.0,
         tracer_provider: trace.TracerProvider | None = None,
@@ -128,6 +135,7 @@ class AfterResponseMiddleware:
             state_key=state_key,
             loop_block_threshold=loop_block_threshold,
             log_interval=log_interval,
+            store=store,
         )
         self.app = app
         self.settings = settings
@@ -171,24 +179,46 @@ class AfterResponseMiddleware:
             return
 
         status = 0
-        trailers = complete = client_gone = False
+        trailers = complete = client_gone = refused = False
 
         async def send_watching(message: Message) -> None:
-            nonlocal status, trailers, complete, client_gone
+            nonlocal status, trailers, complete, client_gone, refused
+            kind = message["type"]
+            if kind == "http.response.body":
+                final = not (trailers or message.get("more_body", False))
+            elif kind == "http.response.start":
+                final = False
+            else:
+                final = kind in _OTHER_FINAL and not message.get(_OTHER_FINAL[kind], False)
+            if refused:  # the response became a 503: the app's own messages go nowhere
+                if final:
+                    complete = True
+                    await send({"type": "http.response.body", "body": _STORE_FAILED_BODY})
+                return
+            if collector.unsaved and (final or kind == "http.response.start"):
+                # Durable side effects are stored before the client can hold a response
+                # that promises them: before it starts, and before its last message.
+                starting = kind == "http.response.start"
+                if not await self._store(collector, message["status"] if starting else status):
+                    if not starting:
+                        raise StoreUnavailableError(
+                            "a durable side effect added while the response streamed could "
+                            "not be stored: the response is not completed"
+                        )
+                    refused = True
+                    status = 503
+                    await send(_STORE_FAILED_START)
+                    return
             try:
                 await send(message)
             except OSError:
                 client_gone = True
                 raise
-            kind = message["type"]
-            if kind == "http.response.body":
-                if trailers or message.get("more_body", False):
-                    return
-            elif kind == "http.response.start":
+            if kind == "http.response.start":
                 status = message["status"]
                 trailers = message.get("trailers", False)
                 return
-            elif kind not in _OTHER_FINAL or message.get(_OTHER_FINAL[kind], False):
+            if not final:
                 return
             # The server has the whole response: the request's tasks may start now.
             complete = True
@@ -263,6 +293,39 @@ class AfterResponseMiddleware:
         return self._executor.stats()
 
     # -- requests ----------------------------------------------------------------------------
+
+    async def _store(self, collector: Collector, status: int) -> bool:
+        """Store the request's unsaved durable tasks; ``False`` if the store failed (logged).
+
+        A response that fails (5xx) stores nothing but its ``run_on_error`` tasks: the
+        others are discarded with the request's other tasks.
+        """
+        tasks = collector.take_unsaved()
+        if status >= 500:
+            tasks = [task for task in tasks if task.record.run_on_error]
+        if not tasks:
+            return True
+        try:
+            deduplicated = await self._executor.save(tasks)
+        except StoreError as exc:
+            logger.error(
+                "after-response could not store %d durable side effect(s) of %s %s, so the "
+                "response is a 503 (never a complete response for a side effect that was not "
+                "stored): %s",
+                len(tasks),
+                collector.request.method,
+                collector.request.path,
+                exc,
+                extra={
+                    "request_method": collector.request.method,
+                    "request_path": collector.request.path,
+                    "error_type": type(exc).__qualname__,
+                },
+            )
+            return False
+        if deduplicated:
+            collector.forget(deduplicated)
+        return True
 
     async def _admit(self, scope: Scope, send: Send) -> bool:
         """Backpressure: hold a new request while the queue is full, at most
@@ -394,6 +457,18 @@ class AfterResponseMiddleware:
                 await self._executor.stop(self.shutdown_timeout)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+_STORE_FAILED_START: Final = {
+    "type": "http.response.start",
+    "status": 503,
+    "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"1")],
+}
+_STORE_FAILED_BODY: Final = b"service unavailable: the request's side effects could not be stored\n"
+
+
+class StoreUnavailableError(AfterResponseError, RuntimeError):
+    """A durable side effect could not be stored, so the response was not completed."""
 
 
 #: Exceptions frameworks raise when the client went away (matched by name: no imports).

@@ -22,6 +22,10 @@ class Outcome(str, enum.Enum):
     DISCARDED = "discarded"
     SHED = "shed"
     ABANDONED = "abandoned"
+    #: A durable add whose key matched a stored task: not stored, not run again.
+    DEDUPLICATED = "deduplicated"
+    #: A durable task left unfinished at shutdown: in the store, for the next process.
+    RELEASED = "released"
     #: An attempt that failed and will run again: never a task's terminal state.
     RETRY = "retry"
 
@@ -41,6 +45,8 @@ TERMINAL: Final = (
     Outcome.DISCARDED,
     Outcome.SHED,
     Outcome.ABANDONED,
+    Outcome.DEDUPLICATED,
+    Outcome.RELEASED,
 )
 
 
@@ -64,6 +70,7 @@ class Task:
         "owner",
         "ready_at",
         "record",
+        "recovered",
         "seq",
         "slot",
         "span",
@@ -97,6 +104,8 @@ class Task:
         self.span: Any = None
         #: Set by the loop watchdog's thread while this task holds the event loop.
         self.blocked = False
+        #: A durable task taken over from a process that died.
+        self.recovered = False
 
     @property
     def name(self) -> str:
@@ -172,4 +181,4 @@ def current_task() -> CurrentTask:
             "function passed to add()); call it from the side effect itself, or from code "
             "it calls."
         )
-    return CurrentTask(task.record.id, task.record.name, task.attempt)
+    return CurrentTask(task.record.id, task.record.name, task.attempt, task.recovered)

@@ -1,0 +1,128 @@
+"""The executor's link to a durable store: it saves durable tasks before their response
+completes, writes down how each attempt ends, releases what shutdown leaves unfinished, and
+claims the tasks of processes that died (or that were released or spilled) to run them here.
+
+Delivery is at-least-once: a task whose process died mid-run runs again, with the same id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from typing import Final
+
+from ._callable import CallableInfo
+from ._durable import context_from_carrier, from_stored, to_stored
+from ._logs import logger, qualified_type
+from ._redact import exception_text
+from ._store import QUEUED, StoredTask, StoreError
+from ._task import Task
+
+#: Tasks claimed at most in one go.
+CLAIM_BATCH: Final = 256
+
+
+def new_owner_id() -> str:
+    """This process's name in the store: host, pid and a random part (pids are reused)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+
+
+class Journal:
+    """Durable bookkeeping for one executor, over one store."""
+
+    def __init__(self, store: object) -> None:
+        self.store = store  # an SQLiteStore, or anything with its methods
+        self.owner = new_owner_id()
+        self.opened = False
+        self.stored = 0
+        self.recovered = 0
+
+    async def open(self) -> None:
+        await self.store.open(self.owner)  # type: ignore[attr-defined]
+        self.opened = True
+
+    async def close(self) -> None:
+        if self.opened:
+            self.opened = False
+            await self.store.close()  # type: ignore[attr-defined]
+
+    async def save(self, tasks: Sequence[Task]) -> set[str]:
+        """Store ``tasks`` (committed when this returns); the ids deduplicated by key.
+
+        Raises:
+            StoreError: nothing was stored.
+        """
+        rows = [to_stored(task.record, self.owner, QUEUED) for task in tasks]
+        deduplicated = set(await self.store.save(rows))  # type: ignore[attr-defined]
+        self.stored += len(rows) - len(deduplicated)
+        return deduplicated
+
+    def succeeded(self, task: Task) -> None:
+        self._write("mark_succeeded", task.record.id)
+
+    def retrying(self, task: Task, delay: float, exc: BaseException) -> None:
+        kind, message = _error(task, exc)
+        self._write(
+            "mark_retry", task.record.id, task.attempt - 1, time.time() + delay, kind, message
+        )
+
+    def dead(self, task: Task, exc: BaseException) -> None:
+        kind, message = _error(task, exc)
+        self._write("mark_dead", task.record.id, task.attempt, kind, message)
+
+    def release(self, tasks: Sequence[Task]) -> None:
+        if tasks:
+            self._write("release", [task.record.id for task in tasks])
+
+    async def claim(self, limit: int, next_seq: object) -> list[Task]:
+        """Take up to ``limit`` tasks that no live process owns, as live tasks to run here.
+
+        A task whose function cannot be imported any more becomes a dead letter at once.
+        """
+        rows: list[StoredTask] = await self.store.claim(  # type: ignore[attr-defined]
+            self.owner, min(limit, CLAIM_BATCH)
+        )
+        tasks: list[Task] = []
+        for row in rows:
+            record, fn = from_stored(row)
+            if fn is None:
+                logger.error(
+                    "after-response stored task %s (%s) cannot run: %s cannot be imported any "
+                    "more; it is a dead letter now",
+                    row.name,
+                    row.id,
+                    row.target,
+                    extra={"task_name": row.name, "task_id": row.id},
+                )
+                self._write("mark_dead", row.id, row.attempt, "ImportError", row.target)
+                continue
+            info = CallableInfo(fn)
+            task = Task(
+                record, fn, info.is_async, context_from_carrier(record.trace_context or {}),
+                next_seq(),  # type: ignore[operator]
+            )  # fmt: skip
+            task.attempt = row.attempt + 1
+            task.recovered = row.recovered
+            tasks.append(task)
+        self.recovered += sum(1 for task in tasks if task.recovered)
+        return tasks
+
+    def _write(self, method: str, *args: object) -> None:
+        try:
+            getattr(self.store, method)(*args)
+        except (StoreError, RuntimeError) as exc:  # the store closed or broke: say so
+            logger.log(
+                logging.ERROR,
+                "after-response durable store: %s failed (%s); the task may run again after "
+                "a restart (delivery is at-least-once)",
+                method,
+                type(exc).__qualname__,
+            )
+
+
+def _error(task: Task, exc: BaseException) -> tuple[str, str]:
+    message, _ = exception_text(exc, task.fn, task.record.args, task.record.kwargs)
+    return qualified_type(exc), message

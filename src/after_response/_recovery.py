@@ -1,0 +1,105 @@
+"""The executor's durable side: storing durable tasks before their response completes, and
+claiming the stored tasks that no live process owns (a dead process's, released, spilled)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Final
+
+import anyio
+
+from ._dispatch import Dispatcher
+from ._endings import Endings
+from ._logs import log_task, logger
+from ._store import StoreError
+from ._task import Outcome, Task
+
+if TYPE_CHECKING:
+    from ._tasks import Spawner
+
+#: Seconds between two looks at the durable store for tasks nobody live owns.
+RECOVERY_INTERVAL: Final = 1.0
+
+
+class Durable(Endings):
+    """What the executor does with a durable store (mixed into ``Executor``)."""
+
+    max_concurrency: int
+    max_pending: int
+    background: Spawner | None
+    _waiting: int
+    _closing: bool
+
+    if TYPE_CHECKING:
+
+        def submit(self, tasks: list[Task], owner: Spawner | None = None) -> list[Task]: ...
+
+    async def save(self, tasks: list[Task]) -> set[Task]:
+        """Store durable ``tasks`` before their response completes; those deduplicated by
+        key are ended (logged, counted) and returned.
+
+        Raises:
+            StoreError: nothing was stored.
+        """
+        assert self.journal is not None
+        deduplicated_ids = await self.journal.save(tasks)
+        self.ledger.stored = self.journal.stored
+        deduplicated = {task for task in tasks if task.record.id in deduplicated_ids}
+        for task in deduplicated:
+            self.ledger.left_request += 1
+            log_task(
+                logging.INFO,
+                task,
+                "deduplicated: a stored task has its key (it runs once)",
+            )
+            self.end(task, Outcome.DEDUPLICATED, attempts=0)
+        return deduplicated
+
+    def save_then_submit(self, task: Task, dispatcher: Dispatcher) -> None:
+        """A durable task added after its response: stored first, then submitted."""
+        owner = self.background
+        if owner is None:
+            self.shed([task], "it was added after its request had ended, with no executor")
+            return
+        owner.start_soon(self._save_then_submit, task, dispatcher)
+
+    async def _save_then_submit(self, task: Task, dispatcher: Dispatcher) -> None:
+        try:
+            if task in await self.save([task]):
+                return
+        except StoreError as exc:
+            log_task(logging.ERROR, task, "could not be stored (%s); not run", exc)
+            self.ledger.left_request += 1
+            self.end(task, Outcome.FAILED, exc, attempts=0)
+            return
+        overflow = dispatcher.submit([task])
+        if overflow:
+            self.shed(overflow, "it was added after its response, and the queue was full")
+
+    async def _recover(self) -> None:
+        """Claim stored tasks nobody live owns (a dead process's, released, spilled), as
+        room allows; at start-up, then every ``RECOVERY_INTERVAL`` seconds."""
+        assert self.journal is not None
+        while True:
+            room = (
+                self.max_concurrency
+                + self.max_pending
+                - self.ledger.running
+                - (self.ledger.pending + self._waiting)
+            )
+            if room > 0 and not self._closing:
+                try:
+                    tasks = await self.journal.claim(room, self.ledger.add)
+                except (StoreError, RuntimeError) as exc:
+                    logger.error("after-response durable store: claiming failed (%s)", exc)
+                    tasks = []
+                self.ledger.recovered = self.journal.recovered
+                for task in tasks:
+                    self.telemetry.added(task)
+                overflow = self.submit(tasks)
+                if overflow:
+                    self.release(overflow, "no room after all", taken=False)
+                if len(tasks) >= room:
+                    await anyio.lowlevel.checkpoint()
+                    continue
+            await anyio.sleep(RECOVERY_INTERVAL)

@@ -1,0 +1,147 @@
+"""Durable side effects through the middleware, in-process under a real uvicorn: stored
+before the response completes, run at once, recorded, deduplicated by key, replayed with
+the same id, released at shutdown (the crash and multi-process tests are in
+tests/test_durable_crash.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from after_response import AfterResponseMiddleware, Retry, SQLiteStore
+
+from . import durable_tasks
+from .servers import serve_uvicorn
+
+pytestmark = pytest.mark.anyio
+
+
+def ledger_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def stored(path: Path) -> SQLiteStore:
+    """The store at ``path``, opened to read it (as the command line does)."""
+    store = SQLiteStore(path)
+    await store.open("test-reader")
+    return store
+
+
+def checkout_app(ledger: Path, **options: Any) -> Starlette:
+    async def checkout(request: Request) -> JSONResponse:
+        order = request.query_params.get("order", "42")
+        request.state.after_response.options(durable=True, **options).add(
+            durable_tasks.record, str(ledger), f"buyer-{order}@example.com", code=order
+        )
+        return JSONResponse({"order": order})
+
+    return Starlette(routes=[Route("/checkout", checkout, methods=["POST"])])
+
+
+async def test_a_durable_side_effect_is_stored_runs_and_leaves_nothing_behind(
+    tmp_path: Path,
+) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    store = SQLiteStore(tmp_path / "after_response.sqlite3")
+    middleware = AfterResponseMiddleware(checkout_app(ledger), store=store)
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        response = await client.post("/checkout")
+        assert response.status_code == 200
+        assert await middleware.drain(timeout=5)
+        stats = middleware.stats()
+    assert [entry["code"] for entry in ledger_lines(ledger)] == ["42"]
+    assert (stats.stored, stats.succeeded, stats.recovered) == (1, 1, 0)
+    store = await stored(tmp_path / "after_response.sqlite3")
+    assert not any(store.count_by_state().values())  # done, no key: nothing is kept
+    await store.close()
+
+
+async def test_a_key_makes_a_double_submitted_checkout_send_one_receipt(
+    tmp_path: Path,
+) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    store = SQLiteStore(tmp_path / "after_response.sqlite3")
+    middleware = AfterResponseMiddleware(checkout_app(ledger, key="order-42-receipt"), store=store)
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        assert (await client.post("/checkout")).status_code == 200
+        assert await middleware.drain(timeout=5)
+        assert (await client.post("/checkout")).status_code == 200
+        assert await middleware.drain(timeout=5)
+        stats = middleware.stats()
+    assert len(ledger_lines(ledger)) == 1
+    assert (stats.stored, stats.deduplicated, stats.succeeded) == (1, 1, 1)
+    assert stats.added == stats.succeeded + stats.deduplicated
+
+
+def test_durable_adds_fail_at_add_with_what_to_fix(tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    errors: list[str] = []
+
+    async def endpoint(request: Request) -> JSONResponse:
+        collector = request.state.after_response
+        for call in (
+            lambda: collector.options(durable=True).add(lambda: None),
+            lambda: collector.options(durable=True).add(
+                durable_tasks.record, "l", ("a", "tuple"), code="1"
+            ),
+            lambda: collector.options(durable=True).add(
+                durable_tasks.record, "l", "x", code=object()
+            ),
+            lambda: collector.options(key="k").add(durable_tasks.record, "l", "x", code="1"),
+        ):
+            try:
+                call()
+            except TypeError as exc:
+                errors.append(str(exc))
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    with TestClient(AfterResponseMiddleware(app)) as client:
+        client.get("/")
+        no_store = errors[:]
+        errors.clear()
+    with TestClient(AfterResponseMiddleware(app, store=SQLiteStore(tmp_path / "s.db"))) as client:
+        client.get("/")
+    assert all("store=SQLiteStore" in e for e in no_store[:3])
+    assert "importable by a stable name" in errors[0]
+    assert "argument 2 (a tuple) does not come back the same from JSON" in errors[1]
+    assert "argument code= (a object) cannot be stored as JSON" in errors[2]
+    assert "add durable=True" in errors[3]
+    assert not any("buyer" in e or "tuple')" in e for e in errors)
+
+
+async def test_a_retried_durable_task_keeps_its_id_and_dead_letters_stay_in_the_store(
+    tmp_path: Path,
+) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    path = tmp_path / "after_response.sqlite3"
+
+    async def endpoint(request: Request) -> JSONResponse:
+        request.state.after_response.options(
+            durable=True, retry=Retry(attempts=2, backoff=0.01)
+        ).add(durable_tasks.always_fails, str(ledger), "crm.example.com")
+        return JSONResponse({})
+
+    middleware = AfterResponseMiddleware(
+        Starlette(routes=[Route("/", endpoint)]), store=SQLiteStore(path)
+    )
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get("/")
+        assert await middleware.drain(timeout=5)
+    store = await stored(path)
+    [dead] = store.dead_letters()
+    await store.close()
+    assert (dead.name, dead.attempt, dead.error_type) == ("always_fails", 2, "ConnectionError")
+    assert dead.error_message == "could not reach [redacted]"
+    assert len(ledger_lines(ledger)) == 2
