@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -145,3 +146,33 @@ async def test_a_retried_durable_task_keeps_its_id_and_dead_letters_stay_in_the_
     assert (dead.name, dead.attempt, dead.error_type) == ("always_fails", 2, "ConnectionError")
     assert dead.error_message == "could not reach [redacted]"
     assert len(ledger_lines(ledger)) == 2
+
+
+async def test_spill_writes_what_finds_no_room_to_the_store_and_runs_it_later(
+    tmp_path: Path,
+) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+
+    async def endpoint(request: Request) -> JSONResponse:
+        for order in range(20):  # not durable: spilled only because there is no room
+            request.state.after_response.add(durable_tasks.record_sync, str(ledger), order)
+        return JSONResponse({})
+
+    middleware = AfterResponseMiddleware(
+        Starlette(routes=[Route("/", endpoint)]),
+        store=SQLiteStore(tmp_path / "after_response.sqlite3"),
+        max_concurrency=1,
+        max_pending=1,
+        overflow="spill",
+    )
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get("/")
+        assert await middleware.drain(timeout=5)
+        with anyio.fail_after(20):  # the spilled ones come back through recovery, 1 s apart
+            while len(ledger_lines(ledger)) < 20:  # noqa: ASYNC110 - a bounded poll
+                await anyio.sleep(0.05)
+        stats = middleware.stats()
+    assert sorted(entry["order"] for entry in ledger_lines(ledger)) == list(range(20))
+    assert stats.shed == 0
+    assert stats.released == 18  # spilled: in the store, then claimed and run
+    assert stats.added == 20 + 18  # a claimed task is added again, as a recovered one would be

@@ -73,6 +73,17 @@ def _check_json(value: object, which: str, name: str) -> None:
         )
 
 
+def storable(fn: Callable[..., Any], record: TaskRecord) -> bool:
+    """Whether a task that was not added durable could still be stored (to spill it)."""
+    if record.target is None or _unbound(resolve(record.target)) is not _unbound(fn):
+        return False
+    try:
+        text = json.dumps([list(record.args), record.kwargs], allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return bool(json.loads(text) == [list(record.args), record.kwargs])
+
+
 def _unbound(fn: object) -> object:
     return getattr(fn, "__func__", fn)
 

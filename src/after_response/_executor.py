@@ -48,6 +48,7 @@ class Executor(Waiting):
         self.overflow_timeout = settings.overflow_timeout
         #: Backpressure: a request's tasks wait for room as long as it takes, never shed.
         self.backpressure = settings.overflow == "backpressure"
+        self.spill = settings.overflow == "spill"
         journal = None if settings.store is None else Journal(settings.store)
         super().__init__(Ledger(), telemetry, DeadLetters(settings.on_dead_letter), journal)
         self.runner = Runner(telemetry, WorkerThreads(settings.max_threads))
@@ -142,6 +143,8 @@ class Executor(Waiting):
             self._wake_room_waiter()
         if self._gate_waiters:
             self._wake_gate()
+        if self.backlog and not queue and self.room_freed is not None:
+            self.room_freed.set()  # the store holds tasks that wait for room
 
     def _limits_ready(self, tasks: list[Task]) -> None:
         """Tasks whose name's limits let them start: first in the queue (they waited)."""

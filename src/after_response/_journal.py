@@ -17,6 +17,7 @@ from typing import Final
 from ._callable import CallableInfo
 from ._durable import context_from_carrier, from_stored, to_stored
 from ._logs import logger, qualified_type
+from ._record import TaskRecord
 from ._redact import exception_text
 from ._store import QUEUED, StoredTask, StoreError
 from ._task import Task
@@ -49,13 +50,15 @@ class Journal:
             self.opened = False
             await self.store.close()  # type: ignore[attr-defined]
 
-    async def save(self, tasks: Sequence[Task]) -> set[str]:
-        """Store ``tasks`` (committed when this returns); the ids deduplicated by key.
+    async def save(self, records: Sequence[TaskRecord], *, owned: bool = True) -> set[str]:
+        """Store ``records`` (committed when this returns); the ids deduplicated by key.
+        ``owned=False`` stores them for any process to claim (spilled).
 
         Raises:
             StoreError: nothing was stored.
         """
-        rows = [to_stored(task.record, self.owner, QUEUED) for task in tasks]
+        owner = self.owner if owned else None
+        rows = [to_stored(record, owner, QUEUED) for record in records]
         deduplicated = set(await self.store.save(rows))  # type: ignore[attr-defined]
         self.stored += len(rows) - len(deduplicated)
         return deduplicated

@@ -38,6 +38,8 @@ class Instruments:
         self.pending: dict[str, int] = {}
         self.running: dict[str, int] = {}
         self.loop_blocked: dict[str, int] = {}
+        self.stored: dict[str, int] = {}
+        self.recovered: dict[str, int] = {}
         observed = (
             (meter.create_observable_counter, "added", _observe(self.added), "{task}",
              "Tasks added by requests."),
@@ -51,6 +53,10 @@ class Instruments:
              "{task}", "Tasks running now."),
             (meter.create_observable_counter, "loop_blocked", _observe(self.loop_blocked),
              "{event}", "Times a side effect held the event loop past the threshold."),
+            (meter.create_observable_counter, "stored", _observe(self.stored), "{task}",
+             "Durable tasks committed to the store."),
+            (meter.create_observable_counter, "recovered", _observe(self.recovered), "{task}",
+             "Durable tasks taken over from a process that died."),
         )  # fmt: skip
         for create, name, callback, unit, description in observed:
             create(

@@ -4,11 +4,13 @@ claiming the stored tasks that no live process owns (a dead process's, released,
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
 
 import anyio
 
 from ._dispatch import Dispatcher
+from ._durable import storable, trace_carrier
 from ._endings import Endings
 from ._logs import log_task, logger
 from ._store import StoreError
@@ -26,6 +28,12 @@ class Durable(Endings):
 
     max_concurrency: int
     max_pending: int
+    #: overflow="spill": tasks that find no room are written to the store, not shed.
+    spill: bool
+    #: Whether the store may hold tasks to claim as soon as there is room, and the event
+    #: that wakes the claiming loop when a slot frees.
+    backlog = False
+    room_freed: anyio.Event | None = None
     background: Spawner | None
     _waiting: int
     _closing: bool
@@ -42,9 +50,12 @@ class Durable(Endings):
             StoreError: nothing was stored.
         """
         assert self.journal is not None
-        deduplicated_ids = await self.journal.save(tasks)
+        deduplicated_ids = await self.journal.save([task.record for task in tasks])
         self.ledger.stored = self.journal.stored
         deduplicated = {task for task in tasks if task.record.id in deduplicated_ids}
+        for task in tasks:
+            if task not in deduplicated:
+                self.telemetry.stored(task)
         for task in deduplicated:
             self.ledger.left_request += 1
             log_task(
@@ -54,6 +65,38 @@ class Durable(Endings):
             )
             self.end(task, Outcome.DEDUPLICATED, attempts=0)
         return deduplicated
+
+    def shed(self, tasks: Iterable[Task], reason: str) -> None:
+        """With ``overflow="spill"``, tasks that find no room go to the store (those that can
+        be stored: importable by name, JSON arguments), to run when there is room."""
+        tasks = list(tasks)
+        owner = self.background
+        if self.spill and self.journal is not None and owner is not None:
+            spilled = [
+                task for task in tasks if not task.record.durable and storable(task.fn, task.record)
+            ]
+            if spilled:
+                self.backlog = True
+                owner.start_soon(self._spill, spilled, reason)
+                tasks = [task for task in tasks if task not in spilled]
+        super().shed(tasks, reason)
+
+    async def _spill(self, tasks: list[Task], reason: str) -> None:
+        assert self.journal is not None
+        records = [
+            task.record._replace(trace_context=trace_carrier(task.context)) for task in tasks
+        ]
+        try:
+            await self.journal.save(records, owned=False)
+        except StoreError as exc:
+            Endings.shed(self, tasks, f"{reason}, and spilling it to the store failed ({exc})")
+            return
+        for task in tasks:
+            self.ledger.left_request += 1
+            self.telemetry.ended_line(
+                task, Outcome.RELEASED, logging.WARNING, "spilled to the store: %s", reason
+            )
+            self.end(task, Outcome.RELEASED, attempts=0)
 
     def save_then_submit(self, task: Task, dispatcher: Dispatcher) -> None:
         """A durable task added after its response: stored first, then submitted."""
@@ -96,10 +139,15 @@ class Durable(Endings):
                 self.ledger.recovered = self.journal.recovered
                 for task in tasks:
                     self.telemetry.added(task)
+                    if task.recovered:
+                        self.telemetry.recovered(task)
                 overflow = self.submit(tasks)
                 if overflow:
                     self.release(overflow, "no room after all", taken=False)
-                if len(tasks) >= room:
-                    await anyio.lowlevel.checkpoint()
-                    continue
-            await anyio.sleep(RECOVERY_INTERVAL)
+                # A full batch: more may wait in the store; look again as soon as a slot frees.
+                self.backlog = len(tasks) >= room
+            else:
+                self.backlog = self.backlog or room <= 0
+            self.room_freed = anyio.Event()
+            with anyio.move_on_after(RECOVERY_INTERVAL):
+                await self.room_freed.wait()

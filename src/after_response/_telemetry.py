@@ -196,6 +196,18 @@ class Telemetry:
         if instruments is not None:
             _count(instruments.loop_blocked, task.record.name, 1)
 
+    def stored(self, task: Task) -> None:
+        """Durable ``task`` was committed to the store."""
+        instruments = self._instruments.get()
+        if instruments is not None:
+            _count(instruments.stored, task.record.name, 1)
+
+    def recovered(self, task: Task) -> None:
+        """Durable ``task`` was taken over from a process that died."""
+        instruments = self._instruments.get()
+        if instruments is not None:
+            _count(instruments.recovered, task.record.name, 1)
+
     def retried(self, task: Task) -> None:
         """``task`` failed an attempt and will run again."""
         instruments = self._instruments.value

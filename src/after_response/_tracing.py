@@ -124,10 +124,15 @@ def mark(span: Span, task: Task, outcome: Outcome, exc: BaseException | None) ->
 
 def span_attributes(task: Task) -> dict[str, Any]:
     """Attributes shared by every span of this task."""
-    return {
+    attributes = {
         **_function_attributes(task.record.name, _code_target(task.fn)),
         "after_response.task.id": task.record.id,
     }
+    if task.record.durable:
+        attributes["after_response.task.durable"] = True
+        if task.recovered:
+            attributes["after_response.task.recovered"] = True
+    return attributes
 
 
 def _code_target(fn: Any) -> Any:

@@ -32,6 +32,9 @@ class Waiting(Durable):
         Called by a request's ASGI call after its response was sent. At most
         ``max_pending`` tasks wait this way; tasks beyond that are shed at once.
         """
+        if self.spill:  # disk is the buffer: nothing waits in memory
+            self.shed(tasks, "the queue was full")
+            return
         room = len(tasks) if self.backpressure else max(0, self.max_pending - self._waiting)
         if len(tasks) > room:
             self.shed(
