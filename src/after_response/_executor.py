@@ -99,10 +99,11 @@ class Executor(Endings):
         """
         room = max(0, self.max_pending - self._waiting)
         if len(tasks) > room:
+            # Counted with this request's own tasks that do get a place to wait.
             self.shed(
                 tasks[room:],
-                f"the queue was full and {self._waiting} task(s) already waited for room "
-                f"(max_pending={self.max_pending})",
+                f"the queue was full and {self._waiting + room} task(s) already waited for "
+                f"room, the most allowed (max_pending={self.max_pending})",
             )
             tasks = tasks[:room]
         if not tasks:
@@ -181,6 +182,8 @@ class Executor(Endings):
             while True:
                 try:
                     outcome, exc = await self.runner.attempt(task, may_retry=not self._closing)
+                except GeneratorExit:
+                    raise  # left behind, then closed with its loop: no loop to ask below
                 except anyio.get_cancelled_exc_class():
                     self.abandon_running(task, f"{self._cancel_cause()} while it ran")
                     raise

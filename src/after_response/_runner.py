@@ -42,15 +42,16 @@ class Runner:
             else:
                 exc = TaskTimeoutError(f"{task.record.name} timed out after {task.record.timeout}s")
                 outcome = Outcome.TIMED_OUT
-        except anyio.get_cancelled_exc_class() as error:
-            if _cancelled_by_owner(task):
+        except BaseException as error:
+            if task.done and isinstance(error, GeneratorExit):
+                # Left behind at shutdown, then closed with its loop: it has its outcome.
+                raise
+            if isinstance(error, anyio.get_cancelled_exc_class()) and _cancelled_by_owner(task):
                 telemetry.attempt_ended(
                     task, span, Outcome.ABANDONED, None, time.perf_counter() - started
                 )
                 raise
-            exc, outcome = error, Outcome.FAILED  # the side effect raised it itself
-        except BaseException as error:
-            exc, outcome = error, Outcome.FAILED
+            exc, outcome = error, Outcome.FAILED  # a CancelledError it raised itself too
         if exc is not None and may_retry and task.record.retry.should_retry(task.attempt, exc):
             telemetry.attempt_ended(task, span, Outcome.RETRY, exc, time.perf_counter() - started)
             log_task(
@@ -123,6 +124,11 @@ def _cancelled_by_owner(task: Task) -> bool:
 def _raised_itself(exc: BaseException) -> str:
     if isinstance(exc, Exception):
         return ""
+    if isinstance(exc, anyio.get_cancelled_exc_class()):
+        return (
+            f" (it raised {type(exc).__qualname__} itself, without being cancelled, which is "
+            "treated as a failure)"
+        )
     return (
         f" (it raised {type(exc).__qualname__}, which is treated as a failure: a side effect "
         "cannot stop the server)"
