@@ -24,9 +24,12 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import Message
 
 from after_response import AfterResponseMiddleware, Collector, DeadLetter, Retry, Stats, current
 
+from .apps import app_adding
+from .asgi import call, http_scope
 from .servers import SERVERS, serve_uvicorn
 
 pytestmark = [pytest.mark.anyio, pytest.mark.server]
@@ -616,3 +619,81 @@ async def test_a_task_raising_cancelled_error_itself_is_logged_as_failed_saying_
     for line in lines:
         assert "failed after 1 attempt(s) (it raised CancelledError itself" in line
         assert "ASGI call was cancelled" not in line
+
+
+def test_a_task_cancelled_without_a_lifespan_shutdown_is_abandoned_saying_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The event loop closes (``asyncio.run()`` returns) while a task runs and no lifespan
+    shutdown came: the loop cancels the task, which is abandoned, not failed."""
+    letters: list[DeadLetter] = []
+    delivered = threading.Event()
+
+    def hook(letter: DeadLetter) -> None:
+        letters.append(letter)
+        delivered.set()
+
+    async def blocked() -> None:
+        await asyncio.sleep(3600)
+
+    middleware = AfterResponseMiddleware(
+        app_adding(blocked), on_dead_letter=hook, shutdown_timeout=0.1
+    )
+
+    async def serve_without_shutdown() -> None:
+        started = asyncio.Event()
+        messages = [{"type": "lifespan.startup"}]
+
+        async def receive() -> Message:
+            if messages:
+                return messages.pop()
+            await asyncio.Event().wait()  # no shutdown ever comes
+            raise AssertionError("unreachable")
+
+        async def send(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                started.set()
+
+        scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+        lifespan_call = asyncio.get_running_loop().create_task(middleware(scope, receive, send))
+        await started.wait()
+        await call(middleware, http_scope())
+        await until(lambda: middleware.stats().running == 1)
+        assert not lifespan_call.done()
+
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    asyncio.run(serve_without_shutdown())
+    assert delivered.wait(5)
+    stats = middleware.stats()
+    assert_identity(stats)
+    assert (stats.running, stats.failed, stats.abandoned) == (0, 0, 1)
+    assert [letter.outcome for letter in letters] == ["abandoned"]
+    [line] = task_lines(caplog, "blocked")
+    assert " abandoned: it was cancelled from outside after-response" in line
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Task.cancelling() tells it apart")
+async def test_a_task_cancelled_by_other_code_is_abandoned_not_failed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    letters: list[DeadLetter] = []
+
+    async def cancelled_by_a_stranger() -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        asyncio.get_running_loop().call_soon(me.cancel)  # as a library might
+        await asyncio.sleep(3600)
+
+    middleware = AfterResponseMiddleware(
+        app_adding(cancelled_by_a_stranger), on_dead_letter=letters.append
+    )
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        assert (await client.get("/")).text == "ok"
+        assert await middleware.drain(timeout=5)
+    stats = middleware.stats()
+    assert_identity(stats)
+    assert (stats.failed, stats.abandoned) == (0, 1)
+    assert [letter.outcome for letter in letters] == ["abandoned"]
+    [line] = task_lines(caplog, "cancelled_by_a_stranger")
+    assert " abandoned: it was cancelled from outside after-response while it ran " in line

@@ -59,6 +59,9 @@ class Executor(Endings):
         self._closing = False
         #: The owner of tasks between lifespan startup and shutdown, if any.
         self.background: Spawner | None = None
+        #: The last lifespan's owner, kept once it stops: its tasks' cancellations are told
+        #: apart from those of a request's own owner (no lifespan).
+        self._lifespan_owner: Spawner | None = None
         self._stopped: anyio.Event | None = None
         self._serving_done: anyio.Event | None = None
         #: The loop's thread, and how to call onto the loop from another thread.
@@ -185,7 +188,7 @@ class Executor(Endings):
                 except GeneratorExit:
                     raise  # left behind, then closed with its loop: no loop to ask below
                 except anyio.get_cancelled_exc_class():
-                    self.abandon_running(task, f"{self._cancel_cause()} while it ran")
+                    self.abandon_running(task, f"{self._cancel_cause(task)} while it ran")
                     raise
                 if outcome is not Outcome.RETRY:
                     self.end(task, outcome, exc, attempts=task.attempt)
@@ -215,7 +218,7 @@ class Executor(Endings):
         try:
             await anyio.sleep(delay)
         except anyio.get_cancelled_exc_class():
-            self.abandon([task], f"{self._cancel_cause()} while it waited to retry", taken=True)
+            self.abandon([task], f"{self._cancel_cause(task)} while it waited to retry", taken=True)
             raise
         finally:
             if gives_slot_back:
@@ -234,10 +237,16 @@ class Executor(Endings):
         self.telemetry.pending(task, 1)
         return False
 
-    def _cancel_cause(self) -> str:
-        return (
-            "shutdown_timeout elapsed" if self._closing else "its request's ASGI call was cancelled"
-        )
+    def _cancel_cause(self, task: Task) -> str:
+        if self._closing:
+            return "shutdown_timeout elapsed"
+        if task.owner is None or task.owner is not self._lifespan_owner:
+            return "its request's ASGI call was cancelled"
+        # Not the deadline: something else cancelled it, or its owner (the lifespan's task
+        # was cancelled: the server, or its event loop's teardown, ended it without shutdown).
+        if self.background is None:
+            return "it was cancelled from outside after-response, without a lifespan shutdown"
+        return "it was cancelled from outside after-response"
 
     def left_behind(self, task: Task) -> None:
         """End a task that went on running after it was cancelled (it caught the
@@ -245,7 +254,7 @@ class Executor(Endings):
         self._release(task)
         self.abandon_running(
             task,
-            f"{self._cancel_cause()}, and it went on running {CANCEL_GRACE}s after it was "
+            f"{self._cancel_cause(task)}, and it went on running {CANCEL_GRACE}s after it was "
             "cancelled; left behind",
         )
 
@@ -270,7 +279,7 @@ class Executor(Endings):
         try:
             if running_asyncio():
                 tasks = NativeTasks()
-                self.background = tasks
+                self.background = self._lifespan_owner = tasks
                 task_status.started()
                 try:
                     await self._stopped.wait()
@@ -280,7 +289,7 @@ class Executor(Endings):
                         self.left_behind(task)
             else:
                 async with anyio.create_task_group() as task_group:
-                    self.background = task_group
+                    self.background = self._lifespan_owner = task_group
                     task_status.started()
                     await self._stopped.wait()
                     task_group.cancel_scope.cancel()

@@ -8,6 +8,7 @@ came from the task's owner (the shutdown deadline, or its request's call) leaves
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -46,7 +47,7 @@ class Runner:
             if task.done and isinstance(error, GeneratorExit):
                 # Left behind at shutdown, then closed with its loop: it has its outcome.
                 raise
-            if isinstance(error, anyio.get_cancelled_exc_class()) and _cancelled_by_owner(task):
+            if isinstance(error, anyio.get_cancelled_exc_class()) and _cancelled(task):
                 telemetry.attempt_ended(
                     task, span, Outcome.ABANDONED, None, time.perf_counter() - started
                 )
@@ -114,11 +115,23 @@ class Runner:
             await result
 
 
-def _cancelled_by_owner(task: Task) -> bool:
+def _cancelled(task: Task) -> bool:
+    """Whether the attempt's ``CancelledError`` comes from a cancellation (its owner's, or
+    one from outside, as the event loop's teardown cancels every task), rather than from
+    the side effect raising it itself."""
     owner = task.owner
     if type(owner) is NativeTasks:
-        return owner.cancelled_by_owner()
+        return owner.cancelled_by_owner() or _cancel_requested()
     return True  # an anyio task group (trio): its cancellations are the only ones we see
+
+
+def _cancel_requested() -> bool:
+    # Task.cancelling() (3.11+) counts the cancel() calls not yet uncancelled: none when a
+    # side effect raises CancelledError itself. On 3.10 such a cancellation counts as raised.
+    if not HAS_UNCANCEL:
+        return False
+    current = asyncio.current_task()
+    return current is not None and current.cancelling() > 0  # type: ignore[attr-defined,unused-ignore]
 
 
 def _raised_itself(exc: BaseException) -> str:
