@@ -1,7 +1,7 @@
 """Every fault ends in one accounted state and the server keeps serving (issue 9), on real
 servers in the test's own loop: BaseExceptions from side effects, exceptions whose str()
 raises, generator functions, dead-letter hooks, add() messages, overflow accounting,
-drain() under load, and late adds."""
+drain() under load, late adds, and what a cancelled task's log line says."""
 
 from __future__ import annotations
 
