@@ -328,8 +328,11 @@ class Collector:
             if overflow:
                 self.overflow = overflow
 
-    def close(self) -> None:
-        """The request's call is over: later tasks go straight to the executor."""
+    def close(self, failed: str | None = None) -> None:
+        """The request's call is over: later tasks go straight to the executor, or are
+        discarded if the request failed (``failed`` says why) and it held no tasks then."""
+        if self._state == _OPEN:
+            self._failed = failed
         self._state = _HANDED_OVER
 
     async def run_inline(self, *, failed: str | None) -> None:

@@ -66,6 +66,9 @@ class Executor(Waiting):
         self._closing = False
         #: The owner of tasks between lifespan startup and shutdown, if any.
         self.background: Spawner | None = None
+        #: The last lifespan's owner, kept once it stops: its tasks' cancellations are told
+        #: apart from those of a request's own owner (no lifespan).
+        self._lifespan_owner: Spawner | None = None
         self._stopped: anyio.Event | None = None
         self._serving_done: anyio.Event | None = None
         #: The loop's thread, and how to call onto the loop from another thread.
@@ -163,11 +166,13 @@ class Executor(Waiting):
             while True:
                 try:
                     outcome, exc = await self.runner.attempt(task, may_retry=not self._closing)
+                except GeneratorExit:
+                    raise  # left behind, then closed with its loop: no loop to ask below
                 except anyio.get_cancelled_exc_class():
                     if self._releases(task):
                         self.release([task], "shutdown_timeout elapsed while it ran")
                     else:
-                        self.abandon_running(task, f"{self._cancel_cause()} while it ran")
+                        self.abandon_running(task, f"{self._cancel_cause(task)} while it ran")
                     raise
                 if outcome is not Outcome.RETRY:
                     self.end(task, outcome, exc, attempts=task.attempt)
@@ -202,7 +207,8 @@ class Executor(Waiting):
             if self._releases(task):
                 self.release([task], "shutdown_timeout elapsed while it waited to retry")
             else:
-                self.abandon([task], f"{self._cancel_cause()} while it waited to retry", taken=True)
+                cause = self._cancel_cause(task)
+                self.abandon([task], f"{cause} while it waited to retry", taken=True)
             raise
         finally:
             if gives_slot_back:
@@ -230,10 +236,16 @@ class Executor(Waiting):
         """Whether shutdown gives ``task`` back to the store rather than abandoning it."""
         return self._closing and task.record.durable and self.journal is not None
 
-    def _cancel_cause(self) -> str:
-        return (
-            "shutdown_timeout elapsed" if self._closing else "its request's ASGI call was cancelled"
-        )
+    def _cancel_cause(self, task: Task) -> str:
+        if self._closing:
+            return "shutdown_timeout elapsed"
+        if task.owner is None or task.owner is not self._lifespan_owner:
+            return "its request's ASGI call was cancelled"
+        # Not the deadline: something else cancelled it, or its owner (the lifespan's task
+        # was cancelled: the server, or its event loop's teardown, ended it without shutdown).
+        if self.background is None:
+            return "it was cancelled from outside after-response, without a lifespan shutdown"
+        return "it was cancelled from outside after-response"
 
     def left_behind(self, task: Task) -> None:
         """End a task that went on running after it was cancelled (it caught the
@@ -244,7 +256,7 @@ class Executor(Waiting):
             return
         self.abandon_running(
             task,
-            f"{self._cancel_cause()}, and it went on running {CANCEL_GRACE}s after it was "
+            f"{self._cancel_cause(task)}, and it went on running {CANCEL_GRACE}s after it was "
             "cancelled; left behind",
         )
 
@@ -271,7 +283,7 @@ class Executor(Waiting):
                 await self.journal.open()
             if running_asyncio():
                 tasks = NativeTasks()
-                self.background = tasks
+                self.background = self._lifespan_owner = tasks
                 self._watchdog.start()
                 if self.journal is not None:
                     tasks.spawn(self._recover(), None)
@@ -285,7 +297,7 @@ class Executor(Waiting):
                         self.left_behind(task)
             else:
                 async with anyio.create_task_group() as task_group:
-                    self.background = task_group
+                    self.background = self._lifespan_owner = task_group
                     task_status.started()
                     await self._stopped.wait()
                     task_group.cancel_scope.cancel()

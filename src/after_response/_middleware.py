@@ -240,13 +240,13 @@ class AfterResponseMiddleware:
             self._finish_cancelled(collector, _status_failure(status))
             raise
         _current.reset(token)
+        if status == 0 and not client_gone:
+            failed = "the app returned without sending a response"
+        else:
+            failed = _status_failure(status)
         if collector.holding or collector.overflow:
-            if status == 0 and not client_gone:
-                failed = "the app returned without sending a response"
-            else:
-                failed = _status_failure(status)
             await self._finish(collector, failed)
-        collector.close()
+        collector.close(failed)  # late adds follow the request's verdict
 
     async def _websocket(
         self, scope: Scope, receive: Receive, send: Send, collector: Collector, token: Token[Any]
@@ -386,7 +386,7 @@ class AfterResponseMiddleware:
             await collector.run_inline(failed=failed)
         finally:
             collector.overflow = None
-            collector.close()
+            collector.close(failed)
 
     def _finish_cancelled(self, collector: Collector, failed: str | None) -> None:
         """The request's call was cancelled: nothing here may await."""
@@ -404,7 +404,7 @@ class AfterResponseMiddleware:
                     collector.overflow = None
             else:
                 collector.abandon("its request's ASGI call was cancelled before they could run")
-        collector.close()
+        collector.close(failed)
 
     # -- lifespan ----------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ came from the task's owner (the shutdown deadline, or its request's call) leaves
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -44,15 +45,16 @@ class Runner:
             else:
                 exc = TaskTimeoutError(f"{task.record.name} timed out after {task.record.timeout}s")
                 outcome = Outcome.TIMED_OUT
-        except anyio.get_cancelled_exc_class() as error:
-            if _cancelled_by_owner(task):
+        except BaseException as error:
+            if task.done and isinstance(error, GeneratorExit):
+                # Left behind at shutdown, then closed with its loop: it has its outcome.
+                raise
+            if isinstance(error, anyio.get_cancelled_exc_class()) and _cancelled(task):
                 telemetry.attempt_ended(
                     task, span, Outcome.ABANDONED, None, time.perf_counter() - started
                 )
                 raise
-            exc, outcome = error, Outcome.FAILED  # the side effect raised it itself
-        except BaseException as error:
-            exc, outcome = error, Outcome.FAILED
+            exc, outcome = error, Outcome.FAILED  # a CancelledError it raised itself too
         if exc is not None and may_retry and task.record.retry.should_retry(task.attempt, exc):
             telemetry.attempt_ended(task, span, Outcome.RETRY, exc, time.perf_counter() - started)
             log_task(
@@ -115,16 +117,33 @@ class Runner:
             await result
 
 
-def _cancelled_by_owner(task: Task) -> bool:
+def _cancelled(task: Task) -> bool:
+    """Whether the attempt's ``CancelledError`` comes from a cancellation (its owner's, or
+    one from outside, as the event loop's teardown cancels every task), rather than from
+    the side effect raising it itself."""
     owner = task.owner
     if type(owner) is NativeTasks:
-        return owner.cancelled_by_owner()
+        return owner.cancelled_by_owner() or _cancel_requested()
     return True  # an anyio task group (trio): its cancellations are the only ones we see
+
+
+def _cancel_requested() -> bool:
+    # Task.cancelling() (3.11+) counts the cancel() calls not yet uncancelled: none when a
+    # side effect raises CancelledError itself. On 3.10 such a cancellation counts as raised.
+    if not HAS_UNCANCEL:
+        return False
+    current = asyncio.current_task()
+    return current is not None and current.cancelling() > 0  # type: ignore[attr-defined,unused-ignore]
 
 
 def _raised_itself(exc: BaseException) -> str:
     if isinstance(exc, Exception):
         return ""
+    if isinstance(exc, anyio.get_cancelled_exc_class()):
+        return (
+            f" (it raised {type(exc).__qualname__} itself, without being cancelled, which is "
+            "treated as a failure)"
+        )
     return (
         f" (it raised {type(exc).__qualname__}, which is treated as a failure: a side effect "
         "cannot stop the server)"

@@ -5,6 +5,7 @@ awaits them when it stops: no task outlives its owner."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import sys
@@ -126,7 +127,26 @@ class NativeTasks:
         with anyio.move_on_after(grace):
             while self._tasks:
                 await asyncio.wait(list(self._tasks))
+        for task in self._tasks:
+            _forget(task)
         return list(self._tasks.values())
+
+
+def _forget(task: asyncio.Task[Any]) -> None:
+    """Take a task that outlived its cancellation out of the loop's registry of tasks.
+
+    At exit, ``asyncio.run()`` and ``asyncio.Runner`` (hypercorn) cancel every task of the
+    loop and wait for all of them: forever, for one that catches the cancellation and
+    carries on, so the process would never exit. Forgotten, it runs on while the loop does
+    and is dropped with it. ``_unregister_task`` is private: without it, nothing is done.
+    """
+    unregister = getattr(asyncio.tasks, "_unregister_task", None)
+    if unregister is not None:
+        with contextlib.suppress(Exception):
+            unregister(task)
+    # It was logged as left behind: no "Task was destroyed but it is pending!" at exit.
+    with contextlib.suppress(AttributeError):
+        task._log_destroy_pending = False  # type: ignore[attr-defined]
 
 
 #: What runs a job's task: the executor's own asyncio task set, or an anyio task group.

@@ -37,10 +37,11 @@ class Waiting(Durable):
             return
         room = len(tasks) if self.backpressure else max(0, self.max_pending - self._waiting)
         if len(tasks) > room:
+            # Counted with this request's own tasks that do get a place to wait.
             self.shed(
                 tasks[room:],
-                f"the queue was full and {self._waiting} task(s) already waited for room "
-                f"(max_pending={self.max_pending})",
+                f"the queue was full and {self._waiting + room} task(s) already waited for "
+                f"room, the most allowed (max_pending={self.max_pending})",
             )
             tasks = tasks[:room]
         if not tasks:

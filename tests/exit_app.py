@@ -1,0 +1,90 @@
+"""An app for the server-exit tests, served in a subprocess by uvicorn, hypercorn or granian.
+
+Configured through environment variables (a server's CLI passes nothing else through):
+
+- ``EXIT_APP_MODE``: what ``GET /start`` adds: ``ignore-cancel`` (async tasks that catch
+  ``CancelledError`` and keep running) or ``blocking`` (sync tasks that ``time.sleep(60)``
+  in worker threads);
+- ``EXIT_APP_TASKS``: how many tasks ``GET /start`` adds;
+- ``EXIT_APP_SHUTDOWN_TIMEOUT``: the middleware's ``shutdown_timeout``.
+
+``GET /health`` answers ``ok``; ``GET /stats`` answers ``middleware.stats()`` as JSON. The
+app's own lifespan shutdown prints :data:`SHUTDOWN_MARKER` to stdout; the ``after_response``
+logger writes to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+
+from after_response import AfterResponseMiddleware
+
+SHUTDOWN_MARKER = "exit-app: the app's own shutdown ran"
+IGNORE_CANCEL_NAME = "ignores_cancellation"
+BLOCKING_NAME = "blocks_its_thread"
+
+MODE = os.environ.get("EXIT_APP_MODE", "ignore-cancel")
+TASKS = int(os.environ.get("EXIT_APP_TASKS", "1"))
+SHUTDOWN_TIMEOUT = float(os.environ.get("EXIT_APP_SHUTDOWN_TIMEOUT", "0.5"))
+
+_handler = logging.StreamHandler(sys.stderr)
+_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+logging.getLogger("after_response").addHandler(_handler)
+logging.getLogger("after_response").setLevel(logging.INFO)
+
+
+async def ignores_cancellation() -> None:
+    """Catches every cancellation and carries on, for longer than any test waits."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(60)
+
+
+def blocks_its_thread() -> None:
+    """Blocks its worker thread; nothing can interrupt it."""
+    time.sleep(60)
+
+
+async def start(request: Request) -> PlainTextResponse:
+    effect = ignores_cancellation if MODE == "ignore-cancel" else blocks_its_thread
+    name = IGNORE_CANCEL_NAME if MODE == "ignore-cancel" else BLOCKING_NAME
+    for _ in range(TASKS):
+        request.state.after_response.options(name=name, timeout=None).add(effect)
+    return PlainTextResponse("started")
+
+
+async def health(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("ok")
+
+
+async def stats(request: Request) -> JSONResponse:
+    return JSONResponse(dataclasses.asdict(app.stats()))
+
+
+@contextlib.asynccontextmanager
+async def lifespan(_: Starlette) -> AsyncIterator[None]:
+    yield
+    print(SHUTDOWN_MARKER, flush=True)
+
+
+app = AfterResponseMiddleware(
+    Starlette(
+        routes=[Route("/start", start), Route("/health", health), Route("/stats", stats)],
+        lifespan=lifespan,
+    ),
+    shutdown_timeout=SHUTDOWN_TIMEOUT,
+    max_threads=max(TASKS, 1),
+)

@@ -1,0 +1,168 @@
+"""``shutdown_timeout`` is a hard bound: on SIGTERM the server process exits, on uvicorn,
+hypercorn and granian alike, whatever its side effects do (real subprocess servers).
+
+A task that catches ``CancelledError`` and carries on is left behind once the grace passes;
+a sync task blocked in its worker thread is abandoned (daemon threads do not keep the
+process alive). Either way each is logged by name and the app's own shutdown runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from after_response._executor import CANCEL_GRACE
+
+from .exit_app import BLOCKING_NAME, IGNORE_CANCEL_NAME, SHUTDOWN_MARKER
+from .servers import bound_socket
+
+pytestmark = pytest.mark.server
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = 3
+SHUTDOWN_TIMEOUT = 0.5
+#: Slack on top of shutdown_timeout + the grace: the server's own shutdown, interpreter exit.
+MARGIN = 5.0
+
+COMMANDS: dict[str, Callable[[int], list[str]]] = {
+    "uvicorn": lambda port: [
+        *("-m", "uvicorn", "tests.exit_app:app"),
+        *("--host", "127.0.0.1", "--port", str(port)),
+    ],
+    "hypercorn": lambda port: [
+        *("-m", "hypercorn", "tests.exit_app:app"),
+        *("--bind", f"127.0.0.1:{port}"),
+    ],
+    "granian": lambda port: [
+        *("-m", "granian", "--interface", "asgi"),
+        *("--host", "127.0.0.1", "--port", str(port), "tests.exit_app:app"),
+    ],
+}
+
+
+class Served:
+    """A server subprocess and where its output goes."""
+
+    def __init__(self, process: subprocess.Popen[bytes], url: str, output: Path) -> None:
+        self.process = process
+        self.url = url
+        self._output = output
+
+    def stdout(self) -> str:
+        return (self._output / "stdout").read_text()
+
+    def stderr(self) -> str:
+        return (self._output / "stderr").read_text()
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=5)
+
+
+@contextmanager
+def serve(server: str, mode: str, output: Path) -> Iterator[Served]:
+    """Start ``server`` on ``tests.exit_app`` in ``mode``; wait until ``/health`` answers.
+
+    Whatever happens, the process (and anything it spawned, granian's workers) is
+    SIGKILLed on the way out if it is still there.
+    """
+    with bound_socket() as free:
+        port = free.getsockname()[1]
+    env = {
+        **os.environ,
+        "EXIT_APP_MODE": mode,
+        "EXIT_APP_TASKS": str(TASKS),
+        "EXIT_APP_SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT),
+        "PYTHONUNBUFFERED": "1",
+    }
+    with (output / "stdout").open("wb") as stdout, (output / "stderr").open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, *COMMANDS[server](port)],
+            cwd=ROOT,
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,  # its own process group: the cleanup reaches its workers
+        )
+    served = Served(process, f"http://127.0.0.1:{port}", output)
+    try:
+        wait_for(lambda: _answers(served), 20, f"{server} to answer /health", served)
+        yield served
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+
+def _answers(served: Served) -> bool:
+    try:
+        return served.get("/health").text == "ok"
+    except httpx.TransportError:
+        return False
+
+
+def wait_for(condition: Callable[[], bool], seconds: float, what: str, served: Served) -> None:
+    """Poll ``condition`` until it holds (bounded), failing early if the server died."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if served.process.poll() is not None:
+            pytest.fail(f"the server exited while waiting for {what}:\n{served.stderr()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {seconds}s waiting for {what}:\n{served.stderr()}")
+        time.sleep(0.05)
+
+
+def running(served: Served) -> int:
+    stats = json.loads(served.get("/stats").text)
+    assert stats["added"] == TASKS
+    return int(stats["running"])
+
+
+def terminate_and_wait(served: Served) -> None:
+    """SIGTERM, then the process must exit within shutdown_timeout + grace + margin."""
+    served.process.send_signal(signal.SIGTERM)
+    bound = SHUTDOWN_TIMEOUT + CANCEL_GRACE + MARGIN
+    try:
+        served.process.wait(bound)
+    except subprocess.TimeoutExpired:
+        pytest.fail(
+            f"the server was still running {bound}s after SIGTERM "
+            f"(shutdown_timeout={SHUTDOWN_TIMEOUT}s):\n{served.stdout()}\n{served.stderr()}"
+        )
+
+
+def lines_naming(text: str, name: str, *words: str) -> list[str]:
+    return [line for line in text.splitlines() if name in line and all(w in line for w in words)]
+
+
+@pytest.mark.parametrize("server", sorted(COMMANDS))
+def test_a_task_ignoring_cancellation_is_left_behind_and_the_server_exits(
+    server: str, tmp_path: Path
+) -> None:
+    with serve(server, "ignore-cancel", tmp_path) as served:
+        assert served.get("/start").text == "started"
+        wait_for(lambda: running(served) == TASKS, 10, "the tasks to run", served)
+        terminate_and_wait(served)
+        assert SHUTDOWN_MARKER in served.stdout()
+        left_behind = lines_naming(served.stderr(), IGNORE_CANCEL_NAME, "abandoned", "left behind")
+        assert len(left_behind) == TASKS, served.stderr()
+
+
+@pytest.mark.parametrize("server", sorted(COMMANDS))
+def test_blocked_sync_tasks_are_abandoned_and_the_server_exits(server: str, tmp_path: Path) -> None:
+    with serve(server, "blocking", tmp_path) as served:
+        assert served.get("/start").text == "started"
+        wait_for(lambda: running(served) == TASKS, 10, "the tasks to run", served)
+        terminate_and_wait(served)
+        assert SHUTDOWN_MARKER in served.stdout()
+        abandoned = lines_naming(served.stderr(), BLOCKING_NAME, "abandoned", "shutdown_timeout")
+        assert len(abandoned) == TASKS, served.stderr()
