@@ -415,6 +415,7 @@ async def test_overflow_runs_one_queues_one_lets_one_wait_and_sheds_the_rest_at_
         max_concurrency=1,
         max_pending=1,
         overflow_timeout=1.0,
+        log_interval=1e-9,  # every shed line in full: this test reads each one
     )
 
     def snapshot() -> Stats:
