@@ -4,21 +4,23 @@
 
 uvicorn with its default settings serves ``fairness_app.py`` on 127.0.0.1 (a fresh server per
 phase). A probe client sends ``GET /health`` (no side effects) on one keep-alive connection
-every ``--interval`` seconds and records its latency, in three phases:
+every ``--interval`` seconds and records its latency, in these phases:
 
 - idle: no other traffic;
 - flood: ``--clients`` keep-alive clients send ``--requests`` ``POST /flood`` each, one after
   the other, each adding ``--effects`` side effects of ``await asyncio.sleep(0.010)``. The
   flood's client runs in a process of its own at the lowest CPU priority (``os.nice(19)``), so
   that it measures the server, not the client;
-- control: the same flood against a server whose ``/flood`` adds no side effect.
+- the same flood with ``overflow="backpressure"`` and ``exempt_paths=("/health",)`` (skip it
+  with ``--no-backpressure``);
+- control: the same flood against a server whose ``/flood`` adds no side effect, repeated
+  ``--control-floods`` times (one lasts about a second: too few probes for a p99).
 
 It prints /health p50 and p99 in each phase and their ratios to idle, the side effects
 completed per second during the flood (``middleware.stats()``, read by the flood's client just
 before its first request and just after its last), shed counts and the lines the
 ``after_response`` logger wrote. Then it floods once more with cProfile on the server's loop
-(``--profile-seconds``) and prints where the loop's time went. ``--backpressure`` adds a flood
-with ``overflow="backpressure"`` and ``exempt_paths=("/health",)``.
+(``--profile-seconds``) and prints where the loop's time went.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,6 +50,8 @@ HOST = "127.0.0.1"
 #: 2-core machine (1,800-2,200/s); the target is 80% of it.
 TODAY_RATE = 2000.0
 TARGET_P50, TARGET_P99, TARGET_RATE = 3.0, 5.0, 0.8
+#: The CPU the server is pinned to (the last one; the clients keep the others), if any.
+SERVER_CPU: int | None = None
 
 # -- HTTP/1.1 on a raw connection (the flood's client must cost as little as it can) ------------
 
@@ -188,7 +193,7 @@ def flood_result(client: subprocess.Popen[str]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def server(effects: int, overflow: str = "shed") -> Iterator[int]:
+def server(effects: int, overflow: str = "shed", options: tuple[str, ...] = ()) -> Iterator[int]:
     """A fresh uvicorn serving ``fairness_app.py``; yields its port."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -197,8 +202,10 @@ def server(effects: int, overflow: str = "shed") -> Iterator[int]:
     listener.set_inheritable(True)
     port = listener.getsockname()[1]
     command = [sys.executable, str(HERE / "fairness_app.py"), f"--fd={listener.fileno()}"]
+    if SERVER_CPU is not None and shutil.which("taskset"):
+        command = ["taskset", "-c", str(SERVER_CPU), *command]
     process = subprocess.Popen(
-        [*command, f"--effects={effects}", f"--overflow={overflow}"],
+        [*command, f"--effects={effects}", f"--overflow={overflow}", *options],
         pass_fds=(listener.fileno(),),
         stdout=subprocess.DEVNULL,  # uvicorn's access log: one line per request
         stderr=subprocess.DEVNULL,
@@ -263,8 +270,8 @@ def measure_idle(port: int, args: argparse.Namespace) -> dict[str, Any]:
     return {"latency_ms": probe.latencies_ms(), "probe_failures": probe.failures}
 
 
-def measure_profile(args: argparse.Namespace) -> dict[str, Any]:
-    with server(args.effects) as port:
+def measure_profile(args: argparse.Namespace, options: tuple[str, ...]) -> dict[str, Any]:
+    with server(args.effects, options=options) as port:
         warm_up(port, args.interval)
         client = start_flood(port, args)
         time.sleep(args.profile_seconds / 4)  # the flood's client starts, connects
@@ -437,9 +444,23 @@ def main() -> int:
     parser.add_argument("--idle-seconds", type=float, default=10, help="idle probing")
     parser.add_argument("--profile-seconds", type=float, default=4, help="0: no profile")
     parser.add_argument("--top", type=int, default=12, help="functions listed per group")
-    parser.add_argument("--backpressure", action="store_true", help='also overflow="backpressure"')
     parser.add_argument(
-        "--control-floods", type=int, default=5, help="control floods (each is short)"
+        "--no-backpressure",
+        dest="backpressure",
+        action="store_false",
+        help='skip the flood with overflow="backpressure"',
+    )
+    parser.add_argument(
+        "--control-floods", type=int, default=5, help="control floods (each is short); 0: none"
+    )
+    parser.add_argument(
+        "--max-concurrency", type=int, help="the middleware's max_concurrency (default: its own)"
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin the server to the last CPU and the clients to the others (not the default: "
+        "the issue's scenario pins nothing)",
     )
     parser.add_argument("--drain-timeout", type=float, default=120, help="seconds")
     parser.add_argument("--json", help="also write the raw results to this file")
@@ -453,25 +474,44 @@ def main() -> int:
         return 0
     if args.smoke:
         args.clients, args.requests, args.idle_seconds, args.profile_seconds = 4, 10, 1.0, 0.5
+        args.control_floods = 1
 
+    global SERVER_CPU
+    info = _support.machine()  # before pinning: it counts the usable CPUs
+    usable = sorted(os.sched_getaffinity(0))
+    if args.pin and len(usable) > 1:
+        SERVER_CPU = usable[-1]
+        os.sched_setaffinity(0, set(usable[:-1]))  # the probe and the flood's client
+    options = () if args.max_concurrency is None else (f"--max-concurrency={args.max_concurrency}",)
     results: dict[str, Any] = {}
-    with server(args.effects) as port:
+    with server(args.effects, options=options) as port:
         warm_up(port, args.interval)
         results["idle"] = measure_idle(port, args)
         results["flood"] = measure_flood(port, args)
     if args.backpressure:
-        with server(args.effects, "backpressure") as port:
+        with server(args.effects, "backpressure", options) as port:
             warm_up(port, args.interval)
             results["backpressure"] = measure_flood(port, args)
-    with server(0) as port:
-        warm_up(port, args.interval)
-        results["control"] = measure_flood(port, args, args.control_floods)
+    if args.control_floods > 0:
+        with server(0) as port:
+            warm_up(port, args.interval)
+            results["control"] = measure_flood(port, args, args.control_floods)
     if args.profile_seconds > 0:
-        results["profile"] = measure_profile(args)
-    _support.print_machine()
+        results["profile"] = measure_profile(args, options)
+    _support.print_machine(info)
+    print(
+        "Pinning: "
+        + (
+            f"server on CPU {SERVER_CPU}, the probe and the flood's client on the others\n"
+            if SERVER_CPU is not None
+            else "none\n"
+        )
+    )
     print(
         f"uvicorn {_uvicorn_version()} (defaults: {_uvicorn_stack()}, access log on), "
-        f"after-response defaults (max_concurrency=100, max_pending=10,000, overflow=shed)\n"
+        "after-response defaults (max_concurrency=100, max_pending=10,000, overflow=shed)"
+        + ("" if args.max_concurrency is None else f" but max_concurrency={args.max_concurrency}")
+        + "\n"
     )
     ok = report(results, args)
     if args.json:

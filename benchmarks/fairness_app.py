@@ -71,7 +71,9 @@ class LineCounter(logging.Filter):
         return True
 
 
-def build_app(effects: int, overflow: str, lines: LineCounter) -> AfterResponseMiddleware:
+def build_app(
+    effects: int, overflow: str, lines: LineCounter, max_concurrency: int | None
+) -> AfterResponseMiddleware:
     profiler: cProfile.Profile | None = None
 
     async def flood(request: Request) -> Response:
@@ -122,10 +124,12 @@ def build_app(effects: int, overflow: str, lines: LineCounter) -> AfterResponseM
             Route("/bench/profile/stop", profile_stop, methods=["POST"]),
         ]
     )
+    options: dict[str, Any] = {}  # every default, unless told
     if overflow == "backpressure":
-        middleware = AfterResponseMiddleware(app, overflow=overflow, exempt_paths=("/health",))
-    else:
-        middleware = AfterResponseMiddleware(app)  # every default
+        options.update(overflow=overflow, exempt_paths=("/health",))
+    if max_concurrency is not None:
+        options.update(max_concurrency=max_concurrency)
+    middleware = AfterResponseMiddleware(app, **options)
     return middleware
 
 
@@ -168,13 +172,14 @@ def main() -> None:
     parser.add_argument("--fd", type=int, required=True, help="a listening TCP socket")
     parser.add_argument("--effects", type=int, default=50, help="side effects per /flood")
     parser.add_argument("--overflow", default="shed", choices=("shed", "backpressure"))
+    parser.add_argument("--max-concurrency", type=int, help="default: the middleware's own")
     args = parser.parse_args()
     lines = LineCounter()
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(logging.WARNING)
     handler.addFilter(lines)
     logging.getLogger().addHandler(handler)
-    config = uvicorn.Config(build_app(args.effects, args.overflow, lines))
+    config = uvicorn.Config(build_app(args.effects, args.overflow, lines, args.max_concurrency))
     # socket.socket(fileno=...) keeps the socket's real family (uvicorn's own --fd assumes a
     # Unix socket).
     uvicorn.Server(config).run(sockets=[socket.socket(fileno=args.fd)])
