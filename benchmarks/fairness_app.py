@@ -158,8 +158,10 @@ def profile_report(profiler: cProfile.Profile, top: int) -> dict[str, Any]:
         )
     by_self = sorted(functions, key=lambda row: row["tottime"], reverse=True)
     functions.sort(key=lambda row: row["cumtime"], reverse=True)
+    iterations = sum(f["calls"] for f in functions if f["function"].endswith("(_run_once)"))
     return {
         "total": total,
+        "loop_iterations": iterations,
         "groups": groups,
         "self": by_self[:top],
         "after_response": [f for f in functions if f["group"] == "after_response"][:top],
