@@ -60,6 +60,20 @@ def test_overload_benchmark_accounts_for_every_task() -> None:
     assert "added == succeeded+failed+timed_out+discarded+shed+abandoned" in output
 
 
+def test_fairness_benchmark_prints_latency_ratios_and_the_loop_profile() -> None:
+    output = run_benchmark("fairness.py")
+    assert "GET /health latency" in output
+    for label in (
+        "flood, 50 side effects per request",
+        'flood, overflow="backpressure", /health exempt',
+        "control floods, no side effects",
+    ):
+        assert label in output
+    assert "flood /health p50 ≤ 3x idle p50" in output
+    assert "Where the server's loop thread spent" in output
+    assert "after_response: top functions by cumulative time" in output
+
+
 def test_load_benchmark_writes_results_and_plot_draws_them(tmp_path: Path) -> None:
     needs_wrk()
     results = tmp_path / "results.json"
