@@ -100,9 +100,15 @@ class LogAggregator:
         "abandoned: shutdown_timeout elapsed") that ends the summary line. Nothing is
         counted at a level the logger does not write.
         """
-        logger = self._logger
-        if not logger.isEnabledFor(level):
-            return
+        if self.admit(level, key):
+            self._logger.log(level, message, *args, extra=extra)
+
+    def admit(self, level: int, key: tuple[str, str]) -> bool:
+        """Whether a line of ``key`` is to be written now (the first in the interval);
+        otherwise it is counted for the summary. For callers that build the line only when
+        it is written: under a flood, most are not."""
+        if not self._logger.isEnabledFor(level):
+            return False
         now = self._clock()
         with self._lock:
             ends_at = self._ends_at
@@ -114,13 +120,13 @@ class LogAggregator:
             seen = self._keys.get(key)
             if seen is None:
                 self._keys[key] = _Key(now)
-                logger.log(level, message, *args, extra=extra)
-                return
+                return True
             seen.count += 1
             if level > seen.level:
                 seen.level = level
             if self._timer_for != ends_at:
                 self._set_timer(ends_at, now)
+            return False
 
     def flush(self) -> None:
         """Write the summaries of the open interval now, and close it."""

@@ -61,8 +61,10 @@ class Waiting(Durable):
                     before = len(waiting)
                     waiting = self.submit(waiting, owner)
                     self._waiting -= before - len(waiting)
-                    if waiting:
-                        self._wake_room_waiter()  # ours did not all fit; the next may
+                    if waiting and len(waiting) < before:
+                        # Some of ours fit, the rest did not; a waiter with fewer tasks may.
+                        # When none fit, wake nobody: a ring of wake-ups spins the loop.
+                        self._wake_room_waiter()
         finally:
             self._waiting -= len(waiting)
             if waiting:
