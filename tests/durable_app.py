@@ -87,9 +87,9 @@ async def checkout(request: Request) -> JSONResponse:
 
 async def charge(request: Request) -> JSONResponse:
     order = int(request.query_params["order"])
-    request.state.after_response.options(
-        durable=True, retry=Retry(attempts=2, backoff=0.01)
-    ).add(durable_ledger.charge, LEDGER, order, card_holder=f"holder-{order}@example.com")
+    request.state.after_response.options(durable=True, retry=Retry(attempts=2, backoff=0.01)).add(
+        durable_ledger.charge, LEDGER, order, card_holder=f"holder-{order}@example.com"
+    )
     return JSONResponse({"order": order})
 
 
