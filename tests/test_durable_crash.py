@@ -114,7 +114,8 @@ async def test_kill_9_under_load_then_restart_runs_every_side_effect_of_every_2x
     assert all(len(of_order) <= 2 for of_order in by_order.values())
     first_recovered = min(run["at"] for run in replayed)
     print(
-        f"\n{len(load.completed)} complete 2xx, {len(load.failed)} requests cut by the kill; "
+        f"\n{len(load.completed)} complete 2xx, {len(load.failed)} requests failed (cut or "
+        "refused) after the kill; "
         f"{len(in_flight)} tasks in flight at the kill (running + queued), "
         f"{len(set(load.completed) - ran_before_kill)} of them promised by a 2xx; "
         f"{len(duplicated)} ran twice; first recovered run {first_recovered - restarted:.2f}s "
