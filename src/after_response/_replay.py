@@ -8,6 +8,7 @@ policy, and records the outcome in the store.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import importlib
 import inspect
 import time
@@ -15,9 +16,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
+from ._durable import from_stored
 from ._errors import TaskTimeoutError
 from ._options import NO_RETRY, Retry
 from ._store import Store, StoredTask
+from ._task import Task, _running
 
 #: Shorter argument strings are left in messages: they would match ordinary words.
 _MIN_REDACTED_LENGTH: Final = 4
@@ -81,13 +84,23 @@ def _retry_policy(options: dict[str, Any]) -> Retry:
     return Retry(**{field: stored[field] for field in _RETRY_FIELDS if field in stored})
 
 
-async def _attempt(fn: Callable[..., Any], task: StoredTask, timeout: float | None) -> None:
-    result = fn(*task.args, **task.kwargs)  # a sync function runs here, unbounded
-    if inspect.isawaitable(result):
-        try:
-            await asyncio.wait_for(result, timeout)
-        except asyncio.TimeoutError:
-            raise TaskTimeoutError(f"the attempt timed out after {timeout} s") from None
+async def _attempt(
+    fn: Callable[..., Any], task: StoredTask, attempt: int, timeout: float | None
+) -> None:
+    # current_task() works here as in a live process: a side effect that sends its id as an
+    # idempotency key must not fail just because the command line runs it.
+    live = Task(from_stored(task)[0], fn, inspect.iscoroutinefunction(fn), contextvars.Context(), 0)
+    live.attempt, live.recovered = attempt, task.recovered
+    token = _running.set(live)
+    try:
+        result = fn(*task.args, **task.kwargs)  # a sync function runs here, unbounded
+        if inspect.isawaitable(result):
+            try:
+                await asyncio.wait_for(result, timeout)
+            except asyncio.TimeoutError:
+                raise TaskTimeoutError(f"the attempt timed out after {timeout} s") from None
+    finally:
+        _running.reset(token)
 
 
 async def replay(store: Store, task: StoredTask) -> Outcome:
@@ -108,7 +121,7 @@ async def replay(store: Store, task: StoredTask) -> Outcome:
         attempt += 1
         store.mark_running(task.id, attempt)
         try:
-            await _attempt(fn, task, timeout)
+            await _attempt(fn, task, attempt, timeout)
         except Exception as exc:
             error_type, message = type(exc).__name__, redact(str(exc), task)
             if retry.should_retry(attempt, exc):
