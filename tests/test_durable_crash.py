@@ -343,11 +343,6 @@ def test_a_replayed_side_effect_continues_its_request_s_trace(
     assert replayed["attributes"]["after_response.task.id"] == run["id"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the core does not set after_response.task.recovered on spans yet (issue 11, "
-    "Semantics 8); remove this mark when it does",
-)
 def test_a_replayed_side_effect_s_span_says_it_was_recovered(
     spans_across_a_crash: tuple[dict[str, Any], dict[str, Any], dict[str, Any]],
 ) -> None:

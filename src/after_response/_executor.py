@@ -317,7 +317,8 @@ class Executor(Waiting):
             outstanding = self.ledger.outstanding
             logger.error(
                 "shutdown: %d after-response task(s) still unfinished after "
-                "shutdown_timeout=%ss; abandoning them",
+                "shutdown_timeout=%ss; cancelling them (durable ones go back to the store, "
+                "for the next process)",
                 outstanding,
                 timeout,
                 extra={"abandoned_count": outstanding},

@@ -3,6 +3,7 @@ response is complete, and ties the executor's lifetime to the server's lifespan.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Awaitable, Callable, Collection
 from contextvars import Token
@@ -308,6 +309,10 @@ class AfterResponseMiddleware:
         try:
             deduplicated = await self._executor.save(tasks)
         except StoreError as exc:
+            if not self._executor.telemetry.aggregator.admit(
+                logging.ERROR, ("durable store", "response became a 503")
+            ):
+                return False  # counted: one line per interval while the store is broken
             logger.error(
                 "after-response could not store %d durable side effect(s) of %s %s, so the "
                 "response is a 503 (never a complete response for a side effect that was not "

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from . import _sqlite_queries as q
+from ._aggregate import LogAggregator
 from ._store import StoreError
 
 Run = Callable[[sqlite3.Connection, float], Any]
@@ -109,6 +110,7 @@ class Writer:
         self.path, self.owner = path, owner
         self.commits = 0
         self.failed_writes = 0
+        self._failures = LogAggregator(logger, 5.0)
         self._connect = connect
         self._heartbeat_interval = heartbeat_interval
         self._retention = retention
@@ -197,7 +199,15 @@ class Writer:
                 value = store_error(self.path, op.label, value)
                 if op.future is None:
                     self.failed_writes += 1
-                    logger.error("could not commit a batched write: %s", value)
+                    # A broken store fails every heartbeat and mark: one line per kind of
+                    # write per interval, then a count.
+                    self._failures.emit(
+                        logging.ERROR,
+                        ("durable store", op.label.split(" ", 1)[0]),
+                        "could not commit a batched write: %s",
+                        (value,),
+                        {},
+                    )
             if op.future is not None and op.loop is not None:
                 by_loop.setdefault(op.loop, []).append((op.future, ok, value))
         for loop, items in by_loop.items():
