@@ -1,5 +1,6 @@
 """Helpers shared by the benchmark scripts: statistics, tables, the machine, memory, and a
-minimal in-process ASGI "server" (lifespan and fake requests) for the in-process benchmarks.
+minimal in-process ASGI "server" (lifespan and fake requests) and the floors (the least a
+middleware could do) for the in-process benchmarks.
 
 The scripts import this module as a sibling (``python benchmarks/NAME.py`` puts
 ``benchmarks/`` first on ``sys.path``).
@@ -13,12 +14,12 @@ import os
 import platform
 import statistics
 import sys
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from starlette.types import ASGIApp, Message
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 
@@ -238,3 +239,47 @@ class Completion:
 def main_guard(run: Callable[[], int | None]) -> None:
     """Run a benchmark's ``main`` and exit with its status."""
     sys.exit(run() or 0)
+
+
+# -- floors: the least a middleware could do, for the in-process benchmarks to compare with ----
+
+_FLOOR_TASKS: set[asyncio.Task[None]] = set()
+
+
+def start_task(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run ``coroutine`` as a bare asyncio task (``create_task`` runs it in a copy of the
+    current context, as after-response runs each task), held until it is done."""
+    task = asyncio.get_running_loop().create_task(coroutine)
+    _FLOOR_TASKS.add(task)
+    task.add_done_callback(_FLOOR_TASKS.discard)
+
+
+class SendWatcher:
+    """A pure ASGI middleware that only watches for the final body: the floor for "no task".
+
+    Given ``side_effect``, the floor for "one task": once the final body has been sent, the
+    request's call starts ``side_effect()`` as a bare task (as after-response starts one).
+    """
+
+    def __init__(
+        self, app: ASGIApp, side_effect: Callable[[], Coroutine[Any, Any, None]] | None = None
+    ) -> None:
+        self.app = app
+        self.side_effect = side_effect
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        side_effect = self.side_effect
+        complete = False
+
+        async def send_watching(message: Message) -> None:
+            nonlocal complete
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
+                if side_effect is not None:
+                    start_task(side_effect())
+
+        await self.app(scope, receive, send_watching)
