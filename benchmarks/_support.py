@@ -185,7 +185,8 @@ async def lifespan(app: ASGIApp) -> AsyncIterator[None]:
     to_app: asyncio.Queue[Message] = asyncio.Queue()
     from_app: asyncio.Queue[Message] = asyncio.Queue()
     scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": {}}
-    task = asyncio.create_task(app(scope, to_app.get, from_app.put))  # type: ignore[arg-type]
+    running = app(scope, to_app.get, from_app.put)  # type: ignore[arg-type]
+    task: asyncio.Task[None] = asyncio.create_task(running)
 
     async def expect(kind: str) -> None:
         getter = asyncio.ensure_future(from_app.get())
