@@ -52,6 +52,16 @@ def test_overhead_benchmark_prints_its_table_and_targets_against_floors() -> Non
         assert f"- {target}" in targets
 
 
+def test_hot_path_profile_prints_a_table_of_pieces_per_configuration() -> None:
+    output = run_benchmark("profile_hot_path.py")
+    for config in ("plain", "tracing", "metrics", "no-lifespan"):
+        assert f"### One request, one task, {config}: exclusive time by piece" in output
+    for piece in ("| add:", "| record:", "| admission:", "| spawn:", "| attempt:", "| accounting:"):
+        assert piece in output
+    assert "| telemetry:" in output
+    assert "| OpenTelemetry: the API and SDK" in output
+
+
 def test_executor_benchmark_prints_its_tables() -> None:
     output = run_benchmark("executor.py")
     assert "Executor throughput" in output
