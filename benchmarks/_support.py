@@ -1,6 +1,6 @@
-"""Helpers shared by the benchmark scripts: statistics, tables, the machine, memory, and a
-minimal in-process ASGI "server" (lifespan and fake requests) and the floors (the least a
-middleware could do) for the in-process benchmarks.
+"""Helpers shared by the benchmark scripts: statistics, tables, the machine, wrk, memory,
+and a minimal in-process ASGI "server" (lifespan and fake requests) and the floors (the
+least a middleware could do) for the in-process benchmarks.
 
 The scripts import this module as a sibling (``python benchmarks/NAME.py`` puts
 ``benchmarks/`` first on ``sys.path``).
@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import os
 import platform
+import re
+import shutil
 import statistics
+import subprocess
 import sys
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -121,6 +126,51 @@ def pin_to_cpu(cpu: int | None) -> int | None:
     except (AttributeError, OSError):
         return None
     return chosen
+
+
+# -- real servers and wrk ----------------------------------------------------------------------
+
+
+def pinned(command: list[str], cpu: int | None) -> list[str]:
+    """``command``, run on CPU ``cpu`` only (with ``taskset``, when there is one)."""
+    if cpu is None or shutil.which("taskset") is None:
+        return command
+    return ["taskset", "-c", str(cpu), *command]
+
+
+def post(base_url: str, path: str, timeout: float) -> Any:
+    """POST an empty body; the answer, parsed if it is JSON."""
+    request = urllib.request.Request(base_url + path, data=b"", method="POST")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        body = response.read()
+    return json.loads(body) if body.startswith(b"{") else body.decode()
+
+
+def run_wrk(
+    url: str, seconds: float, script: Path, connections: int, threads: int, cpu: int | None
+) -> dict[str, Any]:
+    """Run wrk with ``script``, which prints one ``WRK_RESULT {json}`` line; that JSON, with
+    the count of non-2xx/3xx responses as ``non_2xx``."""
+    command = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        url,
+    ]
+    completed = subprocess.run(pinned(command, cpu), capture_output=True, text=True, check=True)
+    match = re.search(r"^WRK_RESULT (\{.*\})$", completed.stdout, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"wrk printed no result:\n{completed.stdout}\n{completed.stderr}")
+    result: dict[str, Any] = json.loads(match.group(1))
+    match = re.search(r"Non-2xx or 3xx responses: (\d+)", completed.stdout)
+    result["non_2xx"] = int(match.group(1)) if match else 0
+    return result
 
 
 # -- memory ------------------------------------------------------------------------------------

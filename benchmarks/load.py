@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -52,43 +51,9 @@ STACKS = {
 }
 
 
-def pinned(command: list[str], cpu: int | None) -> list[str]:
-    if cpu is None or shutil.which("taskset") is None:
-        return command
-    return ["taskset", "-c", str(cpu), *command]
-
-
-def post(base_url: str, path: str, timeout: float) -> Any:
-    request = urllib.request.Request(base_url + path, data=b"", method="POST")
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        body = response.read()
-    return json.loads(body) if body.startswith(b"{") else body.decode()
-
-
 def run_wrk(args: argparse.Namespace, url: str, seconds: float, cpu: int | None) -> dict[str, Any]:
-    command = pinned(
-        [
-            "wrk",
-            f"-t{args.threads}",
-            f"-c{args.connections}",
-            f"-d{max(1, round(seconds))}s",
-            "--latency",
-            "--timeout",
-            "10s",
-            "-s",
-            str(HERE / "wrk_login.lua"),
-            url,
-        ],
-        cpu,
-    )
-    completed = subprocess.run(command, capture_output=True, text=True, check=True)
-    match = re.search(r"^WRK_RESULT (\{.*\})$", completed.stdout, re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"wrk printed no result:\n{completed.stdout}\n{completed.stderr}")
-    result: dict[str, Any] = json.loads(match.group(1))
-    match = re.search(r"Non-2xx or 3xx responses: (\d+)", completed.stdout)
-    result["non_2xx"] = int(match.group(1)) if match else 0
-    return result
+    script = HERE / "wrk_login.lua"
+    return _support.run_wrk(url, seconds, script, args.connections, args.threads, cpu)
 
 
 def start_server(
@@ -109,7 +74,7 @@ def start_server(
         with socket.socket() as free:
             free.bind(("127.0.0.1", 0))
             port = free.getsockname()[1]
-        server = subprocess.Popen(pinned([*command, "--port", str(port)], cpu))
+        server = subprocess.Popen(_support.pinned([*command, "--port", str(port)], cpu))
         return server, f"http://127.0.0.1:{port}", None
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -117,7 +82,8 @@ def start_server(
     listener.listen(1024)
     listener.set_inheritable(True)
     server = subprocess.Popen(
-        pinned([*command, "--fd", str(listener.fileno())], cpu), pass_fds=(listener.fileno(),)
+        _support.pinned([*command, "--fd", str(listener.fileno())], cpu),
+        pass_fds=(listener.fileno(),),
     )
     return server, f"http://127.0.0.1:{listener.getsockname()[1]}", listener
 
@@ -149,10 +115,10 @@ def measure_variant(
         loop = wait_until_ready(base_url, server)
         if args.warmup > 0:
             run_wrk(args, base_url + "/login", args.warmup, client_cpu)
-            post(base_url, "/bench/drain?timeout=60", timeout=90)
-            post(base_url, "/bench/reset", timeout=10)
+            _support.post(base_url, "/bench/drain?timeout=60", timeout=90)
+            _support.post(base_url, "/bench/reset", timeout=10)
         wrk = run_wrk(args, base_url + "/login", args.duration, client_cpu)
-        drained = post(base_url, f"/bench/drain?timeout={args.drain_timeout}", timeout=120)
+        drained = _support.post(base_url, f"/bench/drain?timeout={args.drain_timeout}", timeout=120)
     finally:
         server.send_signal(signal.SIGTERM)
         try:

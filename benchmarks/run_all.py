@@ -4,7 +4,8 @@
 
 Runs overhead.py, profile_hot_path.py, load.py, executor.py, overload.py and plot.py one
 after the other (each prints its table as it finishes) and collects their tables, with the
-machine and the date, into RESULTS.md. Exits non-zero if a benchmark failed (not if a target was missed).
+machine and the date, into RESULTS.md. Exits non-zero if a benchmark failed (not if a
+target was missed).
 """
 
 from __future__ import annotations
