@@ -153,6 +153,7 @@ def measure_variant(
         "lost": drained["lost"],
         "settled": drained["settled"],
         "stats": drained.get("stats"),
+        "stats_at_end_of_load": drained.get("stats_at_end_of_load"),
     }
 
 
@@ -182,7 +183,9 @@ def ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else float("nan")
 
 
-def print_stack(stack: str, results: dict[str, dict[str, Any]], judge: bool) -> list[Any]:
+def print_stack(
+    stack: str, results: dict[str, dict[str, Any]], args: argparse.Namespace
+) -> list[Any]:
     """The stack's table and targets; returns its row of the summary across stacks."""
     rows = []
     for result in results.values():
@@ -218,6 +221,7 @@ def print_stack(stack: str, results: dict[str, dict[str, Any]], judge: bool) -> 
         rows,
     )
     all_done = all(r["completed"] == r["requested"] and r["settled"] for r in results.values())
+    judge = not args.smoke
     targets: list[tuple[str, str, bool | None]] = []
     summary: list[Any] = [stack, "n/a", "n/a", "n/a"]
     ours, theirs = results.get("after-response"), results.get("starlette")
@@ -248,6 +252,13 @@ def print_stack(stack: str, results: dict[str, dict[str, Any]], judge: bool) -> 
                         delay <= 0.3 if judge else None,
                     )
                 )
+    if ours and ours.get("stats_at_end_of_load"):
+        at_end = ours["stats_at_end_of_load"]
+        print(
+            f"after-response when the load stopped (first round): {at_end['running']:,} running "
+            f"(max_concurrency={args.max_concurrency:,}), {at_end['pending']:,} pending "
+            "(max_pending=10,000, load_app.py's default).\n"
+        )
     idle, none = results.get("after-response-idle"), results.get("none")
     if idle and none:
         cost = ratio(none["requests_per_s"], idle["requests_per_s"])
@@ -328,7 +339,7 @@ def main() -> int:
         f"warm-up, {args.rounds} round(s), stacks and variants interleaved); {pinning}; "
         f"after-response with max_concurrency={args.max_concurrency}.\n"
     )
-    summary = [print_stack(stack, results[stack], not args.smoke) for stack in args.stacks]
+    summary = [print_stack(stack, results[stack], args) for stack in args.stacks]
     _support.print_table(
         "Load targets by server stack (after-response against Starlette BackgroundTasks)",
         ("stack", "req/s (≥ 1.1x)", "p99 (≤ 0.5x)", "both", "no side effect lost"),

@@ -204,6 +204,9 @@ def build_app(variant: str, max_concurrency: int, max_pending: int) -> ASGIApp:
 
     async def drain(request: Request) -> Response:
         timeout = float(request.query_params.get("timeout", "60"))
+        # Called as the load stops: what the executor holds then shows whether it ran at
+        # its bounds (max_concurrency running, pending filling up).
+        at_end = middleware.stats().__dict__ if middleware is not None else None
         settled = await LEDGER.settled(timeout)
         result: dict[str, Any] = {
             "settled": settled,
@@ -218,6 +221,7 @@ def build_app(variant: str, max_concurrency: int, max_pending: int) -> ASGIApp:
         if middleware is not None:
             await middleware.drain(timeout)
             result["stats"] = middleware.stats().__dict__
+            result["stats_at_end_of_load"] = at_end
         return Response(json.dumps(result), media_type="application/json")
 
     async def reset(request: Request) -> Response:
