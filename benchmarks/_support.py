@@ -1,5 +1,6 @@
-"""Helpers shared by the benchmark scripts: statistics, tables, the machine, memory, and a
-minimal in-process ASGI "server" (lifespan and fake requests) for the in-process benchmarks.
+"""Helpers shared by the benchmark scripts: statistics, tables, the machine, wrk, memory,
+and a minimal in-process ASGI "server" (lifespan and fake requests) and the floors (the
+least a middleware could do) for the in-process benchmarks.
 
 The scripts import this module as a sibling (``python benchmarks/NAME.py`` puts
 ``benchmarks/`` first on ``sys.path``).
@@ -9,16 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import os
 import platform
+import re
+import shutil
 import statistics
+import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from starlette.types import ASGIApp, Message
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 
@@ -122,6 +128,51 @@ def pin_to_cpu(cpu: int | None) -> int | None:
     return chosen
 
 
+# -- real servers and wrk ----------------------------------------------------------------------
+
+
+def pinned(command: list[str], cpu: int | None) -> list[str]:
+    """``command``, run on CPU ``cpu`` only (with ``taskset``, when there is one)."""
+    if cpu is None or shutil.which("taskset") is None:
+        return command
+    return ["taskset", "-c", str(cpu), *command]
+
+
+def post(base_url: str, path: str, timeout: float) -> Any:
+    """POST an empty body; the answer, parsed if it is JSON."""
+    request = urllib.request.Request(base_url + path, data=b"", method="POST")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        body = response.read()
+    return json.loads(body) if body.startswith(b"{") else body.decode()
+
+
+def run_wrk(
+    url: str, seconds: float, script: Path, connections: int, threads: int, cpu: int | None
+) -> dict[str, Any]:
+    """Run wrk with ``script``, which prints one ``WRK_RESULT {json}`` line; that JSON, with
+    the count of non-2xx/3xx responses as ``non_2xx``."""
+    command = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        url,
+    ]
+    completed = subprocess.run(pinned(command, cpu), capture_output=True, text=True, check=True)
+    match = re.search(r"^WRK_RESULT (\{.*\})$", completed.stdout, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"wrk printed no result:\n{completed.stdout}\n{completed.stderr}")
+    result: dict[str, Any] = json.loads(match.group(1))
+    match = re.search(r"Non-2xx or 3xx responses: (\d+)", completed.stdout)
+    result["non_2xx"] = int(match.group(1)) if match else 0
+    return result
+
+
 # -- memory ------------------------------------------------------------------------------------
 
 
@@ -184,7 +235,8 @@ async def lifespan(app: ASGIApp) -> AsyncIterator[None]:
     to_app: asyncio.Queue[Message] = asyncio.Queue()
     from_app: asyncio.Queue[Message] = asyncio.Queue()
     scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": {}}
-    task = asyncio.create_task(app(scope, to_app.get, from_app.put))  # type: ignore[arg-type]
+    running: Any = app(scope, to_app.get, from_app.put)  # an ASGI app's call is a coroutine
+    task: asyncio.Task[None] = asyncio.create_task(running)
 
     async def expect(kind: str) -> None:
         getter = asyncio.ensure_future(from_app.get())
@@ -238,3 +290,47 @@ class Completion:
 def main_guard(run: Callable[[], int | None]) -> None:
     """Run a benchmark's ``main`` and exit with its status."""
     sys.exit(run() or 0)
+
+
+# -- floors: the least a middleware could do, for the in-process benchmarks to compare with ----
+
+_FLOOR_TASKS: set[asyncio.Task[None]] = set()
+
+
+def start_task(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run ``coroutine`` as a bare asyncio task (``create_task`` runs it in a copy of the
+    current context, as after-response runs each task), held until it is done."""
+    task = asyncio.get_running_loop().create_task(coroutine)
+    _FLOOR_TASKS.add(task)
+    task.add_done_callback(_FLOOR_TASKS.discard)
+
+
+class SendWatcher:
+    """A pure ASGI middleware that only watches for the final body: the floor for "no task".
+
+    Given ``side_effect``, the floor for "one task": once the final body has been sent, the
+    request's call starts ``side_effect()`` as a bare task (as after-response starts one).
+    """
+
+    def __init__(
+        self, app: ASGIApp, side_effect: Callable[[], Coroutine[Any, Any, None]] | None = None
+    ) -> None:
+        self.app = app
+        self.side_effect = side_effect
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        side_effect = self.side_effect
+        complete = False
+
+        async def send_watching(message: Message) -> None:
+            nonlocal complete
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
+                if side_effect is not None:
+                    start_task(side_effect())
+
+        await self.app(scope, receive, send_watching)

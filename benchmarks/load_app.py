@@ -1,6 +1,13 @@
-"""The login app that ``load.py`` serves under uvicorn, one variant per server process.
+"""The login app that ``load.py`` serves, one variant per server process, on one of three
+server stacks.
 
-    python benchmarks/load_app.py VARIANT --fd FD [--max-concurrency N]
+    python benchmarks/load_app.py VARIANT --stack STACK (--fd FD | --port PORT)
+        [--max-concurrency N]
+
+Stacks: ``uvicorn-h11`` (uvicorn's pure-Python h11 parser on the asyncio loop),
+``uvicorn-uvloop`` (``uvicorn[standard]``: httptools on uvloop) and ``granian`` (its Rust
+HTTP runtime, one worker, the event loop it picks by default). Uvicorn serves the
+listening socket ``--fd``; granian binds ``--port`` itself.
 
 ``POST /login`` reads a JSON body and has four side effects of 50 ms each (``asyncio.sleep``,
 standing in for an SMTP send, an analytics beacon, a CRM sync and a webhook). The variants
@@ -16,7 +23,8 @@ differ only in how the side effects are run:
 An outermost recorder notes, for each login, when its response was sent (the final body
 ``send`` returned) and when its last side effect finished. ``POST /bench/drain`` waits until
 every side effect requested so far has finished (or was reported lost) and returns the
-counts and the per-request delays; ``POST /bench/reset`` starts a fresh ledger.
+counts, the per-request delays and the process's peak RSS; ``POST /bench/reset`` starts a
+fresh ledger; ``GET /bench/ready`` names the event loop the app runs on.
 """
 
 from __future__ import annotations
@@ -24,10 +32,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import time
 from typing import Any
 
+import _support
 import asgi_background
 import uvicorn
 from starlette.applications import Starlette
@@ -47,6 +57,9 @@ VARIANTS = (
     "after-response",
     "after-response-idle",
 )
+#: Server stacks: how each runs the app (uvicorn's loop and HTTP parser; granian).
+UVICORN_STACKS = {"uvicorn-h11": ("asyncio", "h11"), "uvicorn-uvloop": ("uvloop", "httptools")}
+STACKS = (*UVICORN_STACKS, "granian")
 EFFECTS_PER_LOGIN = 4
 EFFECT_SECONDS = 0.05
 
@@ -186,10 +199,14 @@ def build_app(variant: str, max_concurrency: int, max_pending: int) -> ASGIApp:
     middleware: AfterResponseMiddleware | None = None
 
     async def ready(request: Request) -> Response:
-        return PlainTextResponse("ready")
+        loop = type(asyncio.get_running_loop())
+        return JSONResponse({"loop": f"{loop.__module__}.{loop.__qualname__}"})
 
     async def drain(request: Request) -> Response:
         timeout = float(request.query_params.get("timeout", "60"))
+        # Called as the load stops: what the executor holds then shows whether it ran at
+        # its bounds (max_concurrency running, pending filling up).
+        at_end = middleware.stats().__dict__ if middleware is not None else None
         settled = await LEDGER.settled(timeout)
         result: dict[str, Any] = {
             "settled": settled,
@@ -198,10 +215,13 @@ def build_app(variant: str, max_concurrency: int, max_pending: int) -> ASGIApp:
             "completed": LEDGER.completed,
             "lost": LEDGER.lost,
             "delays": LEDGER.delays,
+            # From the process that runs the app (granian's is a worker of its own).
+            "peak_rss_mib": _support.peak_rss_mib(),
         }
         if middleware is not None:
             await middleware.drain(timeout)
             result["stats"] = middleware.stats().__dict__
+            result["stats_at_end_of_load"] = at_end
         return Response(json.dumps(result), media_type="application/json")
 
     async def reset(request: Request) -> Response:
@@ -229,15 +249,58 @@ def build_app(variant: str, max_concurrency: int, max_pending: int) -> ASGIApp:
     return Recorder(app)
 
 
+def app_from_environment() -> ASGIApp:
+    """The app for granian, which imports it in its worker: the options come from the
+    environment ``main()`` sets."""
+    return build_app(
+        os.environ["LOAD_APP_VARIANT"],
+        int(os.environ["LOAD_APP_MAX_CONCURRENCY"]),
+        int(os.environ["LOAD_APP_MAX_PENDING"]),
+    )
+
+
+def serve_granian(port: int) -> None:
+    from granian import Granian
+    from granian.constants import Interfaces
+    from granian.log import LogLevels
+
+    Granian(
+        "load_app:app_from_environment",
+        factory=True,
+        address="127.0.0.1",
+        port=port,
+        interface=Interfaces.ASGI,
+        workers=1,
+        log_level=LogLevels.warning,
+        working_dir=_support.BENCHMARKS_DIR,
+    ).serve()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("variant", choices=VARIANTS)
-    parser.add_argument("--fd", type=int, required=True, help="a listening TCP socket")
+    parser.add_argument("--stack", choices=STACKS, default="uvicorn-h11")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--fd", type=int, help="a listening TCP socket (uvicorn)")
+    where.add_argument("--port", type=int, help="a free port on 127.0.0.1 (granian)")
     parser.add_argument("--max-concurrency", type=int, default=100)
     parser.add_argument("--max-pending", type=int, default=10_000)
     args = parser.parse_args()
+    if args.stack == "granian":
+        if args.port is None:
+            parser.error("granian binds its own socket: pass --port, not --fd")
+        os.environ["LOAD_APP_VARIANT"] = args.variant
+        os.environ["LOAD_APP_MAX_CONCURRENCY"] = str(args.max_concurrency)
+        os.environ["LOAD_APP_MAX_PENDING"] = str(args.max_pending)
+        serve_granian(args.port)
+        return
+    if args.fd is None:
+        parser.error("uvicorn serves a listening socket: pass --fd, not --port")
+    loop, http = UVICORN_STACKS[args.stack]
     config = uvicorn.Config(
         build_app(args.variant, args.max_concurrency, args.max_pending),
+        loop=loop,
+        http=http,
         lifespan="on",
         log_level="warning",
         access_log=False,

@@ -7,6 +7,11 @@ every ``--batch`` requests, as a server does between reads) and, when it adds a 
 clock runs until every task has run: the measured cost includes running the side effect,
 not just queueing it. Variants run interleaved, round after round; the table shows the
 median time per request and the median of the per-round ratios to the bare app.
+
+The targets are stated against floor rows measured in the same run (a pass-through
+middleware, a bare ``create_task`` per request, the same plus one SDK span), so that a
+target means the same on any machine; each derived number is computed within a round, and
+the median over rounds is reported.
 """
 
 from __future__ import annotations
@@ -28,16 +33,29 @@ import asgi_background
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from after_response import AfterResponseMiddleware
 
+SendWatcher = _support.SendWatcher
+
 COMPLETION: _support.Completion
+
+BARE = "bare Starlette app"
+NO_TASK = "after-response, no task"
+FLOOR_SEND = "floor: pass-through middleware watching send, no task"
+ONE_TASK = "after-response, one task"
+FLOOR_TASK = "floor: bare create_task per request, run to completion"
+TRACING = "after-response, one task, tracing on"
+FLOOR_SPAN = "floor: create_task plus one SDK span (same no-op span processor)"
+METRICS = "after-response, one task, metrics on"
+NO_LIFESPAN = "after-response, one task, no lifespan"
 
 
 async def noop_task() -> None:
@@ -63,37 +81,9 @@ async def asgi_background_endpoint(request: Request) -> PlainTextResponse:
     return PlainTextResponse("ok")
 
 
-TASKS: set[asyncio.Task[None]] = set()
-
-
 async def create_task_endpoint(request: Request) -> PlainTextResponse:
-    # The floor for "one task": a bare asyncio task, started before the response, with no
-    # bounds, accounting, timeout or context handling.
-    task = asyncio.get_running_loop().create_task(noop_task())
-    TASKS.add(task)
-    task.add_done_callback(TASKS.discard)
+    _support.start_task(noop_task())  # in the handler: it starts before the response is sent
     return PlainTextResponse("ok")
-
-
-class SendWatcher:
-    """The floor for "no task": a pure ASGI middleware that only watches for the final body."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        complete = False
-
-        async def send_watching(message: Message) -> None:
-            nonlocal complete
-            await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                complete = True
-
-        await self.app(scope, receive, send_watching)
 
 
 def starlette(endpoint: Callable[[Request], Any]) -> Starlette:
@@ -105,10 +95,8 @@ class Variant:
     name: str
     build: Callable[[], AbstractAsyncContextManager[ASGIApp]]
     tasks_per_request: int
-    #: Which target, if any, this variant's ratio is checked against.
-    target: float | None = None
-    seconds: list[float] = field(default_factory=list)
-    ratios: list[float] = field(default_factory=list)
+    #: µs per request, one value per counted round.
+    micros: list[float] = field(default_factory=list)
 
 
 @asynccontextmanager
@@ -129,6 +117,18 @@ def tracer_provider() -> TracerProvider:
     return provider
 
 
+def span_floor_app() -> ASGIApp:
+    """The tracing floor: a bare task per request that starts and ends one SDK span."""
+    tracer = tracer_provider().get_tracer("overhead-floor")
+
+    async def traced_noop() -> None:
+        span = tracer.start_span("after_response noop_task", kind=SpanKind.INTERNAL)
+        COMPLETION.tick()
+        span.end()
+
+    return SendWatcher(starlette(bare_endpoint), traced_noop)
+
+
 @asynccontextmanager
 async def aiojobs_app() -> AsyncIterator[ASGIApp]:
     scheduler = aiojobs.Scheduler(limit=100, pending_limit=10_000)
@@ -145,47 +145,32 @@ async def aiojobs_app() -> AsyncIterator[ASGIApp]:
 
 def variants() -> list[Variant]:
     ar = AfterResponseMiddleware
+    adding = after_response_endpoint
     return [
-        Variant("bare Starlette app", lambda: with_lifespan(starlette(bare_endpoint)), 0),
+        Variant(BARE, lambda: with_lifespan(starlette(bare_endpoint)), 0),
+        Variant(NO_TASK, lambda: with_lifespan(ar(starlette(bare_endpoint))), 0),
+        Variant(FLOOR_SEND, lambda: with_lifespan(SendWatcher(starlette(bare_endpoint))), 0),
+        Variant(ONE_TASK, lambda: with_lifespan(ar(starlette(adding))), 1),
         Variant(
-            "after-response, no task",
-            lambda: with_lifespan(ar(starlette(bare_endpoint))),
-            0,
-            target=1.05,
+            FLOOR_TASK, lambda: with_lifespan(SendWatcher(starlette(bare_endpoint), noop_task)), 1
         ),
         Variant(
-            "floor: pass-through middleware watching send, no task",
-            lambda: with_lifespan(SendWatcher(starlette(bare_endpoint))),
-            0,
-        ),
-        Variant(
-            "after-response, one task",
-            lambda: with_lifespan(ar(starlette(after_response_endpoint))),
-            1,
-            target=1.3,
-        ),
-        Variant(
-            "after-response, one task, tracing on",
-            lambda: with_lifespan(
-                ar(starlette(after_response_endpoint), tracer_provider=tracer_provider())
-            ),
+            TRACING,
+            lambda: with_lifespan(ar(starlette(adding), tracer_provider=tracer_provider())),
             1,
         ),
+        Variant(FLOOR_SPAN, lambda: with_lifespan(span_floor_app()), 1),
         Variant(
-            "after-response, one task, metrics on",
+            METRICS,
             lambda: with_lifespan(
                 ar(
-                    starlette(after_response_endpoint),
+                    starlette(adding),
                     meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]),
                 )
             ),
             1,
         ),
-        Variant(
-            "after-response, one task, no lifespan",
-            lambda: without_lifespan(ar(starlette(after_response_endpoint))),
-            1,
-        ),
+        Variant(NO_LIFESPAN, lambda: without_lifespan(ar(starlette(adding))), 1),
         Variant(
             "Starlette BackgroundTasks, one task",
             lambda: with_lifespan(starlette(starlette_endpoint)),
@@ -200,11 +185,61 @@ def variants() -> list[Variant]:
         ),
         Variant("aiojobs spawn, one task (starts before the response)", aiojobs_app, 1),
         Variant(
-            "floor: bare asyncio.create_task, one task (starts before the response)",
+            "bare create_task in the handler (starts before the response)",
             lambda: with_lifespan(starlette(create_task_endpoint)),
             1,
         ),
     ]
+
+
+@dataclass
+class Target:
+    """A limit on a number derived, round by round, from the variants' µs per request."""
+
+    description: str
+    #: The derived number of one round, from ``{variant name: µs per request}``.
+    value: Callable[[dict[str, float]], float]
+    limit: float
+    unit: str  # "x" (a ratio) or "µs"
+    #: Printed beside the measured value: the floor it is compared with, in the same run.
+    beside: tuple[Callable[[dict[str, float]], float], str] | None = None
+
+
+TARGETS = {
+    (NO_TASK, FLOOR_SEND): Target(
+        "no task ≤ 1.10x bare (beside it: the pass-through floor, x bare)",
+        lambda r: r[NO_TASK] / r[BARE],
+        1.10,
+        "x",
+        beside=(lambda r: r[FLOOR_SEND] / r[BARE], "x"),
+    ),
+    (ONE_TASK, FLOOR_TASK): Target(
+        "one task: its cost over bare ≤ 1.5x the bare create_task floor's (beside it: "
+        "the floor's µs over bare)",
+        lambda r: (r[ONE_TASK] - r[BARE]) / (r[FLOOR_TASK] - r[BARE]),
+        1.5,
+        "x",
+        beside=(lambda r: r[FLOOR_TASK] - r[BARE], "µs"),
+    ),
+    (TRACING, FLOOR_SPAN): Target(
+        "tracing on: µs per task beyond the create_task + one SDK span floor ≤ 10 µs",
+        lambda r: r[TRACING] - r[FLOOR_SPAN],
+        10.0,
+        "µs",
+    ),
+    (METRICS, ONE_TASK): Target(
+        "metrics on: µs per task over metrics off ≤ 5 µs",
+        lambda r: r[METRICS] - r[ONE_TASK],
+        5.0,
+        "µs",
+    ),
+    (NO_LIFESPAN, ONE_TASK): Target(
+        "no lifespan: time per request ≤ 1.00x the lifespan path's",
+        lambda r: r[NO_LIFESPAN] / r[ONE_TASK],
+        1.0,
+        "x",
+    ),
+}
 
 
 async def run_requests(
@@ -235,18 +270,52 @@ async def measure(args: argparse.Namespace) -> list[Variant]:
     for round_number in range(args.rounds + 1):  # round 0 warms up and is not counted
         order = chosen[1:]
         random.shuffle(order)
-        timings: dict[str, float] = {}
         for variant in [bare, *order]:
             async with variant.build() as app:
-                timings[variant.name] = await run_requests(
+                seconds = await run_requests(
                     app, args.requests, args.batch, variant.tasks_per_request, CLOCKS[args.clock]
                 )
-        if round_number == 0:
-            continue
-        for variant in chosen:
-            variant.seconds.append(timings[variant.name])
-            variant.ratios.append(timings[variant.name] / timings[bare.name])
+            if round_number > 0:
+                variant.micros.append(seconds / args.requests * 1e6)
     return chosen
+
+
+def per_round(chosen: list[Variant], value: Callable[[dict[str, float]], float]) -> float:
+    """The median over rounds of ``value`` computed within each round."""
+    rounds = len(chosen[0].micros)
+    return _support.median(
+        value({variant.name: variant.micros[i] for variant in chosen}) for i in range(rounds)
+    )
+
+
+def print_report(chosen: list[Variant], args: argparse.Namespace) -> None:
+    rows = []
+    for variant in chosen:
+        name = variant.name
+        over_bare = per_round(chosen, lambda r: r[name] - r[BARE])  # noqa: B023 (used at once)
+        ratio = per_round(chosen, lambda r: r[name] / r[BARE])  # noqa: B023
+        rows.append((name, _support.median(variant.micros), over_bare, f"{ratio:.3f}x"))
+    _support.print_table(
+        "Per-request overhead (in-process, median of rounds)",
+        ("variant", "µs/request", "µs over bare", "x bare"),
+        rows,
+    )
+    present = {variant.name for variant in chosen}
+    targets = []
+    for needs, target in TARGETS.items():
+        if not present.issuperset(needs):
+            continue
+        measured = per_round(chosen, target.value)
+        text = _measured(measured, target.unit)
+        if target.beside is not None:
+            floor, unit = target.beside
+            text += f" (floor: {_measured(per_round(chosen, floor), unit)})"
+        targets.append((target.description, text, None if args.smoke else measured <= target.limit))
+    _support.print_targets(targets)
+
+
+def _measured(value: float, unit: str) -> str:
+    return f"{value:.3f}x" if unit == "x" else f"{value:+.2f} µs"
 
 
 CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
@@ -281,35 +350,7 @@ def main() -> int:
         f"loop yielded every {args.batch} requests; {args.clock} time, including running "
         "every task to completion.\n"
     )
-    bare_us = _support.median(chosen[0].seconds) / args.requests * 1e6
-    rows = []
-    for variant in chosen:
-        per_request_us = _support.median(variant.seconds) / args.requests * 1e6
-        rows.append(
-            (
-                variant.name,
-                per_request_us,
-                per_request_us - bare_us,
-                f"{_support.median(variant.ratios):.3f}x",
-            )
-        )
-    _support.print_table(
-        "Per-request overhead (in-process, median of rounds)",
-        ("variant", "µs/request", "µs over bare", "x bare"),
-        rows,
-    )
-    targets = []
-    for variant in chosen:
-        if variant.target is not None:
-            ratio = _support.median(variant.ratios)
-            targets.append(
-                (
-                    f"{variant.name} ≤ {variant.target}x bare",
-                    f"{ratio:.3f}x",
-                    None if args.smoke else ratio <= variant.target,
-                )
-            )
-    _support.print_targets(targets)
+    print_report(chosen, args)
     return 0
 
 

@@ -2,9 +2,10 @@
 
     python benchmarks/run_all.py [--smoke] [--output-dir benchmarks]
 
-Runs overhead.py, load.py, executor.py, overload.py and plot.py one after the other (each
-prints its table as it finishes) and collects their tables, with the machine and the date,
-into RESULTS.md. Exits non-zero if a benchmark failed (not if a target was missed).
+Runs overhead.py, profile_hot_path.py, load.py, executor.py, overload.py and plot.py one
+after the other (each prints its table as it finishes) and collects their tables, with the
+machine and the date, into RESULTS.md. Exits non-zero if a benchmark failed (not if a
+target was missed).
 """
 
 from __future__ import annotations
@@ -31,7 +32,12 @@ def main() -> int:
     results_json, results_png = out / "results.json", out / "results.png"
     steps = [
         ("Per-request overhead", "overhead.py", smoke),
-        ("Load through uvicorn and wrk", "load.py", [*smoke, "--json", str(results_json)]),
+        ("Hot-path profile: one request, one task", "profile_hot_path.py", smoke),
+        (
+            "Load through three server stacks and wrk",
+            "load.py",
+            [*smoke, "--json", str(results_json)],
+        ),
         ("Executor throughput and scheduling delay", "executor.py", smoke),
         ("Sustained overload", "overload.py", smoke),
         (

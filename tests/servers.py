@@ -6,6 +6,7 @@ while the client still talks real HTTP over a real socket.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Callable, Generator
@@ -61,6 +62,24 @@ async def serve_uvicorn(
         finally:
             server.should_exit = True
     sock.close()
+
+
+@asynccontextmanager
+async def serve_uvicorn_uvloop(app: ASGIApp, **options: Any) -> AsyncIterator[str]:
+    """Serve ``app`` as ``uvicorn[standard]`` does: httptools on uvloop.
+
+    In-process, uvicorn runs in the test's own loop (its ``loop`` option only applies when
+    uvicorn starts the loop itself), so the test's loop must be uvloop: an ``anyio_backend``
+    of ``("asyncio", {"use_uvloop": True})``.
+    """
+    loop = type(asyncio.get_running_loop())
+    if loop.__module__.partition(".")[0] != "uvloop":
+        raise RuntimeError(
+            f"serve_uvicorn_uvloop needs the test to run on uvloop, not {loop.__qualname__}: "
+            'give the test anyio_backend = ("asyncio", {"use_uvloop": True})'
+        )
+    async with serve_uvicorn(app, loop="uvloop", http="httptools", **options) as url:
+        yield url
 
 
 @asynccontextmanager
@@ -148,3 +167,6 @@ async def serve_granian(
 
 
 SERVERS["granian"] = serve_granian
+
+#: Servers that share the test's event loop and need it to be uvloop.
+UVLOOP_SERVERS: dict[str, Callable[..., Any]] = {"uvicorn-uvloop": serve_uvicorn_uvloop}

@@ -7,6 +7,7 @@ in CI (``CI=true``), which installs it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -38,12 +39,27 @@ def needs_wrk() -> None:
         pytest.skip("wrk is not on PATH (apt-get install wrk)")
 
 
-def test_overhead_benchmark_prints_its_table() -> None:
+def test_overhead_benchmark_prints_its_table_and_targets_against_floors() -> None:
     output = run_benchmark("overhead.py")
     assert "| variant" in output
     assert "after-response, no task" in output
     assert "Starlette BackgroundTasks, one task" in output
     assert "asgi-background, one task" in output
+    assert "floor: bare create_task per request, run to completion" in output
+    assert "floor: create_task plus one SDK span" in output
+    targets = output[output.index("Targets:") :]
+    for target in ("no task", "one task", "tracing on", "metrics on", "no lifespan"):
+        assert f"- {target}" in targets
+
+
+def test_hot_path_profile_prints_a_table_of_pieces_per_configuration() -> None:
+    output = run_benchmark("profile_hot_path.py")
+    for config in ("plain", "tracing", "metrics", "no-lifespan"):
+        assert f"### One request, one task, {config}: exclusive time by piece" in output
+    for piece in ("| add:", "| record:", "| admission:", "| spawn:", "| attempt:", "| accounting:"):
+        assert piece in output
+    assert "| telemetry:" in output
+    assert "| OpenTelemetry: the API and SDK" in output
 
 
 def test_executor_benchmark_prints_its_tables() -> None:
@@ -81,7 +97,12 @@ def test_load_benchmark_writes_results_and_plot_draws_them(tmp_path: Path) -> No
     assert "| variant" in output
     for label in ("Starlette BackgroundTasks", "asgi-background", "after-response"):
         assert label in output
-    assert results.exists()
+    # Each server stack ran on the event loop it names.
+    assert "uvicorn, h11 on the asyncio loop (loop seen by the app: asyncio." in output
+    assert "httptools on uvloop (loop seen by the app: uvloop.Loop)" in output
+    assert "granian, ASGI" in output
+    stacks = json.loads(results.read_text())["stacks"]
+    assert sorted(stacks) == ["granian", "uvicorn-h11", "uvicorn-uvloop"]
 
     image = tmp_path / "results.png"
     output = run_benchmark("plot.py", "--input", str(results), "--output", str(image))

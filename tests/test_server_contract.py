@@ -1,8 +1,9 @@
 """The contract every framework keeps under every server (real servers on 127.0.0.1).
 
 Each test runs the same small app (tests/frameworks/) built with Starlette, FastAPI,
-Litestar, Quart, Django or as a bare ASGI callable, served by uvicorn, hypercorn and
-granian (embedded), all in the test's own event loop.
+Litestar, Quart, Django or as a bare ASGI callable, served by uvicorn (h11 on asyncio, and
+httptools on uvloop as ``uvicorn[standard]`` runs), hypercorn and granian (embedded), all
+in the test's own event loop.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 from after_response import Collector
 
 from .frameworks import FRAMEWORKS, Probe, build
-from .servers import SERVERS
+from .servers import SERVERS, UVLOOP_SERVERS
 
 pytestmark = [pytest.mark.anyio, pytest.mark.server]
 
@@ -24,9 +25,18 @@ def framework(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture(params=sorted(SERVERS))
+ALL_SERVERS = {**SERVERS, **UVLOOP_SERVERS}
+
+
+@pytest.fixture(params=sorted(ALL_SERVERS))
 def server(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+@pytest.fixture
+def anyio_backend(server: str) -> str | tuple[str, dict[str, bool]]:
+    """The test's own loop, which an in-process server shares: uvloop for uvloop servers."""
+    return ("asyncio", {"use_uvloop": True}) if server in UVLOOP_SERVERS else "asyncio"
 
 
 async def test_client_has_the_whole_response_while_its_side_effect_is_blocked(
@@ -34,7 +44,7 @@ async def test_client_has_the_whole_response_while_its_side_effect_is_blocked(
 ) -> None:
     probe = Probe()
     app = build(framework, probe)
-    async with SERVERS[server](app.app) as url, httpx.AsyncClient(base_url=url) as client:
+    async with ALL_SERVERS[server](app.app) as url, httpx.AsyncClient(base_url=url) as client:
         with anyio.fail_after(5):
             response = await client.get("/stream", params={"id": 1, "block": 1})
         assert (response.status_code, response.text) == (200, "streamed 1")
@@ -54,7 +64,7 @@ async def test_client_has_the_whole_response_while_its_side_effect_is_blocked(
 async def test_side_effects_of_concurrent_requests_all_run(framework: str, server: str) -> None:
     probe = Probe()
     app = build(framework, probe)
-    async with SERVERS[server](app.app) as url, httpx.AsyncClient(base_url=url) as client:
+    async with ALL_SERVERS[server](app.app) as url, httpx.AsyncClient(base_url=url) as client:
         with anyio.fail_after(10):
             responses = await _get_all(client, [f"/effect?id={n}" for n in range(8)])
         assert [response.status_code for response in responses] == [200] * 8
@@ -67,7 +77,7 @@ async def test_side_effects_of_concurrent_requests_all_run(framework: str, serve
 async def test_side_effects_of_a_failed_request_are_discarded(framework: str, server: str) -> None:
     probe = Probe()
     app = build(framework, probe)
-    async with SERVERS[server](app.app) as url, httpx.AsyncClient(base_url=url) as client:
+    async with ALL_SERVERS[server](app.app) as url, httpx.AsyncClient(base_url=url) as client:
         with anyio.fail_after(5):
             answered_500 = await client.get("/fail", params={"id": 1})
             raised = await client.get("/raise", params={"id": 2})
@@ -87,7 +97,7 @@ async def test_shutdown_drains_side_effects_before_the_app_shuts_down(
     # Bounded as a whole: were the task not drained by lifespan shutdown (which opens its
     # gate), the server would wait for it forever.
     with anyio.fail_after(20):
-        async with SERVERS[server](app.app) as url, httpx.AsyncClient(base_url=url) as client:
+        async with ALL_SERVERS[server](app.app) as url, httpx.AsyncClient(base_url=url) as client:
             response = await client.get("/effect", params={"id": 1, "block": 1})
             assert response.status_code == 200
             await probe.wait_for("started 1")
@@ -109,7 +119,7 @@ async def test_shutdown_drains_side_effects_before_the_app_shuts_down(
 async def test_each_request_gets_a_collector_of_its_own(framework: str, server: str) -> None:
     probe = Probe()
     app = build(framework, probe)
-    async with SERVERS[server](app.app) as url, httpx.AsyncClient(base_url=url) as client:
+    async with ALL_SERVERS[server](app.app) as url, httpx.AsyncClient(base_url=url) as client:
         with anyio.fail_after(10):
             responses = await _get_all(client, [f"/collector?id={n}" for n in range(5)])
     assert [response.status_code for response in responses] == [200] * 5
