@@ -97,7 +97,7 @@ def build(variant: str, downstream: Downstream, dead_letters: list[str]) -> ASGI
             app,
             max_pending=MAX_PENDING,
             overflow_timeout=OVERFLOW_TIMEOUT,
-            on_dead_letter=lambda name, exc, attempts: dead_letters.append(type(exc).__name__),
+            on_dead_letter=lambda letter: dead_letters.append(type(letter.exception).__name__),
         )
     return app
 
