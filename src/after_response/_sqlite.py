@@ -82,7 +82,7 @@ class SQLiteStore:
         synchronous: str = "FULL",
         busy_timeout: float = 5.0,
         heartbeat_interval: float = 5.0,
-        owner_timeout: float = 30.0,
+        owner_timeout: float = 25.0,
         retention: float = 86400.0,
         batch_max: int = 1000,
     ) -> None:
