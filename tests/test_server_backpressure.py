@@ -117,3 +117,40 @@ def test_bad_overflow_settings_fail_at_construction() -> None:
         AfterResponseMiddleware(app, overflow="backpressure", exempt_paths="/health")
     with pytest.raises(TypeError, match="pass store=SQLiteStore"):
         AfterResponseMiddleware(app, overflow="spill")
+
+
+async def test_shed_under_a_keep_alive_flood_keeps_memory_bounded_and_every_task_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """overflow="shed" (the default), honestly: the clients are not slowed down, what does not
+    fit is shed, and every task still ends in exactly one counted state, with few log lines."""
+    import logging
+
+    async def effect() -> None:
+        await anyio.sleep(0.005)
+
+    handled: list[str] = []
+    middleware = AfterResponseMiddleware(
+        flood_app(effect, handled), max_concurrency=2, max_pending=4, overflow_timeout=0.05
+    )
+    peak_pending = 0
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        nonlocal peak_pending
+        for _ in range(REQUESTS):
+            assert (await client.get("/work")).status_code == 200
+            peak_pending = max(peak_pending, middleware.stats().pending)
+
+    caplog.set_level(logging.ERROR, logger="after_response")
+    async with SERVERS["uvicorn"](middleware) as url:
+        async with anyio.create_task_group() as task_group:
+            for _ in range(CLIENTS):
+                task_group.start_soon(client_loop, httpx.AsyncClient(base_url=url))
+        assert await middleware.drain(timeout=30)
+    stats = middleware.stats()
+    total = CLIENTS * REQUESTS * TASKS_PER_REQUEST
+    assert stats.added == total == stats.succeeded + stats.shed
+    assert stats.shed > 0  # the flood did not fit, and was not slowed down
+    assert middleware._executor.held == 0
+    assert peak_pending <= 4
+    assert len([r for r in caplog.records if r.name == "after_response"]) <= 4
