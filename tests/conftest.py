@@ -7,6 +7,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from tests.brokers import redis_server
+
 # The project's own pytest plugin, loaded here rather than through its entry point (which
 # pyproject's addopts turns off): an entry-point plugin is imported before coverage starts.
 pytest_plugins = ["after_response.pytest_plugin"]
@@ -30,3 +32,10 @@ def tracer_provider(exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     yield provider
     provider.shutdown()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A Redis of the test's own (Debian's redis-server on a free port); its URL."""
+    with redis_server() as url:
+        yield url
