@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+import after_response
 from after_response import AfterResponseMiddleware, Retry, SQLiteStore
 
 from . import durable_tasks
@@ -176,3 +177,84 @@ async def test_spill_writes_what_finds_no_room_to_the_store_and_runs_it_later(
     assert stats.shed == 0
     assert stats.released == 18  # spilled: in the store, then claimed and run
     assert stats.added == 20 + 18  # a claimed task is added again, as a recovered one would be
+
+
+async def test_a_durable_follow_up_added_by_a_side_effect_is_stored_then_run(
+    tmp_path: Path,
+) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+
+    async def first() -> None:
+        after_response.current().options(durable=True).add(
+            durable_tasks.record, str(ledger), "follow-up@example.com", code="7"
+        )
+
+    async def endpoint(request: Request) -> JSONResponse:
+        request.state.after_response.add(first)
+        return JSONResponse({})
+
+    middleware = AfterResponseMiddleware(
+        Starlette(routes=[Route("/", endpoint)]),
+        store=SQLiteStore(tmp_path / "after_response.sqlite3"),
+    )
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get("/")
+        assert await middleware.drain(timeout=5)
+        with anyio.fail_after(5):
+            while not ledger_lines(ledger):  # noqa: ASYNC110 - stored, then submitted
+                await anyio.sleep(0.01)
+        assert await middleware.drain(timeout=5)
+        stats = middleware.stats()
+    assert [entry["code"] for entry in ledger_lines(ledger)] == ["7"]
+    assert (stats.stored, stats.succeeded) == (1, 2)
+
+
+async def test_a_stored_task_whose_function_is_gone_becomes_a_dead_letter(
+    tmp_path: Path,
+) -> None:
+    from after_response._store import StoredTask
+
+    path = tmp_path / "after_response.sqlite3"
+    store = await stored(path)
+    await store.save([StoredTask(id="gone-1", name="old_task", target="no_such_module:old_task")])
+    await store.close()
+    middleware = AfterResponseMiddleware(Starlette(), store=SQLiteStore(path))
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url):
+        reader = await stored(path)
+        with anyio.fail_after(5):  # the first look at the store happens at startup
+            while not reader.dead_letters():  # noqa: ASYNC110 - a bounded poll of the store
+                await anyio.sleep(0.02)
+        [dead] = reader.dead_letters()
+        await reader.close()
+    assert (dead.id, dead.error_type) == ("gone-1", "ImportError")
+
+
+async def test_a_durable_side_effect_added_while_the_response_streams_is_stored_before_its_end(
+    tmp_path: Path,
+) -> None:
+    from starlette.responses import StreamingResponse
+
+    ledger = tmp_path / "ledger.jsonl"
+    path = tmp_path / "after_response.sqlite3"
+    seen_in_store: list[int] = []
+
+    async def endpoint(request: Request) -> StreamingResponse:
+        async def body() -> Any:
+            yield b"first chunk\n"
+            after_response.current().options(durable=True).add(
+                durable_tasks.record, str(ledger), "stream@example.com", code="9"
+            )
+            yield b"last chunk\n"
+
+        return StreamingResponse(body())
+
+    middleware = AfterResponseMiddleware(
+        Starlette(routes=[Route("/", endpoint)]), store=SQLiteStore(path)
+    )
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        response = await client.get("/")
+        seen_in_store.append(middleware.stats().stored)
+        assert await middleware.drain(timeout=5)
+    assert response.text == "first chunk\nlast chunk\n"
+    assert seen_in_store == [1]  # stored before the client had the whole response
+    assert [entry["code"] for entry in ledger_lines(ledger)] == ["9"]
