@@ -306,8 +306,9 @@ def main() -> int:
         filesystem = _filesystem(directory)
 
     _support.print_machine()
+    client = "wrk" + (" and Redis" if not skipped else "")
     pinning = (
-        f"server on CPU {pins[0]}, wrk and Redis on CPU {pins[1]}"
+        f"server on CPU {pins[0]}, {client} on CPU {pins[1]}"
         if pins[0] is not None
         else "not pinned"
     )

@@ -2,9 +2,9 @@
 
     python benchmarks/run_all.py [--smoke] [--output-dir benchmarks]
 
-Runs overhead.py, load.py, executor.py, overload.py and plot.py one after the other (each
-prints its table as it finishes) and collects their tables, with the machine and the date,
-into RESULTS.md. Exits non-zero if a benchmark failed (not if a target was missed).
+Runs overhead.py, load.py, executor.py, overload.py, durable.py and plot.py one after the
+other (each prints its table as it finishes) and collects their tables, with the machine and
+the date, into RESULTS.md. Exits non-zero if a benchmark failed (not if a target was missed).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def main() -> int:
         ("Load through uvicorn and wrk", "load.py", [*smoke, "--json", str(results_json)]),
         ("Executor throughput and scheduling delay", "executor.py", smoke),
         ("Sustained overload", "overload.py", smoke),
+        ("What durability costs", "durable.py", smoke),
         (
             "Plot",
             "plot.py",
