@@ -42,6 +42,7 @@ SURVIVES = {
     "normal": "kill -9 (a power cut may lose the last commits)",
     "celery": "kill -9 (a power cut may lose the last second)",
     "celery-always": "kill -9, power cut",
+    "celery-thread": "kill -9 (a power cut may lose the last second)",
 }
 
 
@@ -96,7 +97,7 @@ def print_report(
                     run["effects_per_s"],
                     run["p50"],
                     run["p99"],
-                    f"{run['p99'] / base['p99']:.2f}x",
+                    f"{load.ratio(run['p99'], base['p99']):.2f}x",
                     run["errors"],
                 )
             )
@@ -118,7 +119,10 @@ def print_report(
         f"End to end in one process: {args.e2e_requests:,} requests adding "
         f"{args.e2e_tasks} no-op tasks each, until every task ran and was marked done",
         ("variant", "tasks/s", "vs in memory"),
-        [(VARIANTS[k].label, rate, f"{rate / e2e['memory']:.2f}x") for k, rate in e2e.items()],
+        [
+            (VARIANTS[k].label, rate, f"{load.ratio(rate, e2e['memory']):.2f}x")
+            for k, rate in e2e.items()
+        ],
     )
     most = max(args.effects)
     _support.print_table(
@@ -198,7 +202,7 @@ def targets(
             )
         )
         for count in args.effects:
-            ratio = http[key]["load"][count]["p99"] / memory["load"][count]["p99"]
+            ratio = load.ratio(http[key]["load"][count]["p99"], memory["load"][count]["p99"])
             found.append(
                 (
                     f"{name}: request p99 ≤ 2x in memory's, {args.connections} connections, "

@@ -9,7 +9,9 @@ and the side effect it runs (importable by name, so a durable task can be stored
 - ``memory``: after-response, in memory (the baseline);
 - ``durable``: after-response with ``durable=True`` and a ``SQLiteStore`` at ``--db``;
 - ``celery``: a Celery task's ``.delay()``, published to the Redis broker at ``--broker``
-  (nothing consumes it: this measures publishing, the part a request waits for).
+  (nothing consumes it: this measures publishing, the part a request waits for), called in
+  the ``async def`` handler, as most code does (it blocks the event loop meanwhile);
+- ``celery-thread``: the same calls in a worker thread, as a ``def`` endpoint makes them.
 
 ``POST /bench/drain`` waits for the side effects added so far and returns the counts: runs,
 recovered runs, the ``time.monotonic()`` of the first recovered run (comparable across
@@ -28,6 +30,7 @@ from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -35,7 +38,7 @@ from starlette.types import ASGIApp
 
 from after_response import AfterResponseMiddleware, SQLiteStore, current_task
 
-VARIANTS = ("memory", "durable", "celery")
+VARIANTS = ("memory", "durable", "celery", "celery-thread")
 
 
 class Counts:
@@ -76,9 +79,15 @@ def celery_publisher(broker: str) -> Any:
     return celery.task(name="durable_app.send_receipt")(send_receipt_task)
 
 
+def _publish_all(publish: Any, to: str, orders: list[int]) -> None:
+    for order in orders:
+        publish(to, order)
+
+
 def build_app(args: argparse.Namespace) -> ASGIApp:
     middleware: AfterResponseMiddleware | None = None
-    publish = celery_publisher(args.broker).delay if args.variant == "celery" else None
+    publish = celery_publisher(args.broker).delay if args.variant.startswith("celery") else None
+    in_thread = args.variant == "celery-thread"
     durable = args.variant == "durable"
 
     async def checkout(request: Request) -> Response:
@@ -86,8 +95,11 @@ def build_app(args: argparse.Namespace) -> ASGIApp:
         to = body["email"]
         count = int(request.query_params.get("n", "1"))
         if publish is not None:
-            for _ in range(count):
-                publish(to, next(ORDERS))
+            orders = [next(ORDERS) for _ in range(count)]
+            if in_thread:
+                await run_in_threadpool(_publish_all, publish, to, orders)
+            else:
+                _publish_all(publish, to, orders)
             COUNTS.published += count
             return JSONResponse({"message": "Receipt on its way"})
         adder = request.state.after_response
@@ -119,7 +131,7 @@ def build_app(args: argparse.Namespace) -> ASGIApp:
             Route("/bench/drain", drain, methods=["POST"]),
         ]
     )
-    if args.variant != "celery":
+    if publish is None:
         app = middleware = AfterResponseMiddleware(
             app,
             max_concurrency=args.max_concurrency,

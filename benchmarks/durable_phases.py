@@ -42,6 +42,12 @@ VARIANTS = {
         Variant("normal", "after-response durable, NORMAL", ("durable", "--synchronous", "NORMAL")),
         Variant("celery", "Celery .delay(), Redis fsync 1/s", ("celery",), "everysec"),
         Variant("celery-always", "Celery .delay(), Redis fsync always", ("celery",), "always"),
+        Variant(
+            "celery-thread",
+            "Celery .delay() in a thread, fsync 1/s",
+            ("celery-thread",),
+            "everysec",
+        ),
     )
 }
 
