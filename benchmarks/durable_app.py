@@ -25,6 +25,7 @@ import asyncio
 import itertools
 import json
 import socket
+import threading
 import time
 from typing import Any
 
@@ -49,10 +50,12 @@ class Counts:
         self.recovered = 0
         self.first_recovered_at: float | None = None
         self.published = 0
+        self.publishing = 0  # threads publishing now
 
 
 COUNTS = Counts()
 ORDERS = itertools.count(1)
+PUBLISHED_LOCK = threading.Lock()
 
 
 async def send_receipt(to: str, order: int, seconds: float = 0.0) -> None:
@@ -80,8 +83,18 @@ def celery_publisher(broker: str) -> Any:
 
 
 def _publish_all(publish: Any, to: str, orders: list[int]) -> None:
-    for order in orders:
-        publish(to, order)
+    # Counted here, by the publishing thread: a request cancelled (its client gone) while
+    # its thread publishes still has its messages in the broker.
+    with PUBLISHED_LOCK:
+        COUNTS.publishing += 1
+    try:
+        for order in orders:
+            publish(to, order)
+            with PUBLISHED_LOCK:
+                COUNTS.published += 1
+    finally:
+        with PUBLISHED_LOCK:
+            COUNTS.publishing -= 1
 
 
 def build_app(args: argparse.Namespace) -> ASGIApp:
@@ -100,7 +113,6 @@ def build_app(args: argparse.Namespace) -> ASGIApp:
                 await run_in_threadpool(_publish_all, publish, to, orders)
             else:
                 _publish_all(publish, to, orders)
-            COUNTS.published += count
             return JSONResponse({"message": "Receipt on its way"})
         adder = request.state.after_response
         if durable:
@@ -115,6 +127,9 @@ def build_app(args: argparse.Namespace) -> ASGIApp:
     async def drain(request: Request) -> Response:
         timeout = float(request.query_params.get("timeout", "60"))
         result: dict[str, Any] = {"settled": True}
+        deadline = time.monotonic() + timeout
+        while COUNTS.publishing and time.monotonic() < deadline:  # a bounded poll
+            await asyncio.sleep(0.01)
         if middleware is not None:
             result["settled"] = await middleware.drain(timeout)
             result["stats"] = middleware.stats().__dict__
