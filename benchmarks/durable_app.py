@@ -50,12 +50,12 @@ class Counts:
         self.recovered = 0
         self.first_recovered_at: float | None = None
         self.published = 0
-        self.publishing = 0  # threads publishing now
 
 
 COUNTS = Counts()
 ORDERS = itertools.count(1)
 PUBLISHED_LOCK = threading.Lock()
+PUBLISHING: set[asyncio.Future[None]] = set()
 
 
 async def send_receipt(to: str, order: int, seconds: float = 0.0) -> None:
@@ -83,18 +83,10 @@ def celery_publisher(broker: str) -> Any:
 
 
 def _publish_all(publish: Any, to: str, orders: list[int]) -> None:
-    # Counted here, by the publishing thread: a request cancelled (its client gone) while
-    # its thread publishes still has its messages in the broker.
-    with PUBLISHED_LOCK:
-        COUNTS.publishing += 1
-    try:
-        for order in orders:
-            publish(to, order)
-            with PUBLISHED_LOCK:
-                COUNTS.published += 1
-    finally:
-        with PUBLISHED_LOCK:
-            COUNTS.publishing -= 1
+    for order in orders:
+        publish(to, order)
+        with PUBLISHED_LOCK:  # from worker threads too
+            COUNTS.published += 1
 
 
 def build_app(args: argparse.Namespace) -> ASGIApp:
@@ -110,7 +102,14 @@ def build_app(args: argparse.Namespace) -> ASGIApp:
         if publish is not None:
             orders = [next(ORDERS) for _ in range(count)]
             if in_thread:
-                await run_in_threadpool(_publish_all, publish, to, orders)
+                publishing = asyncio.ensure_future(
+                    run_in_threadpool(_publish_all, publish, to, orders)
+                )
+                PUBLISHING.add(publishing)
+                publishing.add_done_callback(PUBLISHING.discard)
+                # A request whose client left is cancelled, but its thread goes on publishing:
+                # shielded, the drain can wait for it.
+                await asyncio.shield(publishing)
             else:
                 _publish_all(publish, to, orders)
             return JSONResponse({"message": "Receipt on its way"})
@@ -127,9 +126,8 @@ def build_app(args: argparse.Namespace) -> ASGIApp:
     async def drain(request: Request) -> Response:
         timeout = float(request.query_params.get("timeout", "60"))
         result: dict[str, Any] = {"settled": True}
-        deadline = time.monotonic() + timeout
-        while COUNTS.publishing and time.monotonic() < deadline:  # a bounded poll
-            await asyncio.sleep(0.01)
+        if PUBLISHING:
+            await asyncio.wait(PUBLISHING, timeout=timeout)
         if middleware is not None:
             result["settled"] = await middleware.drain(timeout)
             result["stats"] = middleware.stats().__dict__
