@@ -2,9 +2,9 @@
 
     python benchmarks/run_all.py [--smoke] [--output-dir benchmarks]
 
-Runs overhead.py, profile_hot_path.py, load.py, executor.py, overload.py and plot.py one
-after the other (each prints its table as it finishes) and collects their tables, with the
-machine and the date, into RESULTS.md. Exits non-zero if a benchmark failed (not if a
+Runs overhead.py, profile_hot_path.py, load.py, executor.py, overload.py, fairness.py,
+durable.py and plot.py one after the other (each prints its table as it finishes) and collects their tables,
+with the machine and the date, into RESULTS.md. Exits non-zero if a benchmark failed (not if a
 target was missed).
 """
 
@@ -40,6 +40,8 @@ def main() -> int:
         ),
         ("Executor throughput and scheduling delay", "executor.py", smoke),
         ("Sustained overload", "overload.py", smoke),
+        ("Fairness: /health under a flood of side effects", "fairness.py", smoke),
+        ("What durability costs", "durable.py", smoke),
         (
             "Plot",
             "plot.py",
