@@ -3,9 +3,9 @@
     python benchmarks/run_all.py [--smoke] [--output-dir benchmarks]
 
 Runs overhead.py, profile_hot_path.py, load.py, executor.py, overload.py, fairness.py,
-durable.py and plot.py one after the other (each prints its table as it finishes) and collects their tables,
-with the machine and the date, into RESULTS.md. Exits non-zero if a benchmark failed (not if a
-target was missed).
+durable.py and plot.py one after the other (each prints its table as it finishes) and
+collects their tables, with the machine and the date, into RESULTS.md. Exits non-zero if a
+benchmark failed (not if a target was missed).
 """
 
 from __future__ import annotations
