@@ -341,11 +341,14 @@ class Executor(Waiting):
             for room in (*self._room_waiters, *self._gate_waiters):
                 room.set()
         self._stopped.set()
-        await self._serving_done.wait()
-        await self.dead_letters.flush(CANCEL_GRACE)
-        self.telemetry.aggregator.flush()
-        if self.journal is not None:
-            await self.journal.close()
+        # Shielded: bounded work that must finish (on Python 3.10 a cancellation from an
+        # expired drain deadline above can arrive late, at the next await).
+        with anyio.CancelScope(shield=True):
+            await self._serving_done.wait()
+            await self.dead_letters.flush(CANCEL_GRACE)
+            self.telemetry.aggregator.flush()
+            if self.journal is not None:
+                await self.journal.close()
         self._closing = False
         self._stopped = None
 
