@@ -317,7 +317,7 @@ def main() -> int:
         else "not pinned"
     )
     print(
-        f"uvicorn (1 worker, {load._uvicorn_stack()}), wrk (1 thread), {args.rounds} round(s), "
+        f"uvicorn (1 worker, h11, asyncio), wrk (1 thread), {args.rounds} round(s), "
         f"medians; {pinning}; SQLite files on {filesystem}"
         + (f", {_redis_version()}" if not skipped else "")
         + ".\n"

@@ -87,7 +87,7 @@ def measure_http(
             # Every 2xx response's side effects were stored (published) before it was sent.
             measured["effects_per_s"] = measured["requests_per_s"] * count
             result["load"][count] = measured
-        drained = load.post(url, f"/bench/drain?timeout={args.drain_timeout}", timeout=300)
+        drained = _support.post(url, f"/bench/drain?timeout={args.drain_timeout}", timeout=300)
     if broker is not None:
         handed, done = drained["published"], broker.queued()
     else:
@@ -183,7 +183,7 @@ def measure_recovery(args: argparse.Namespace, db: Path, cpus: tuple[Any, Any]) 
     with durable_servers.serve("durable", server_cpu, *options) as (url, server):
         command = ["wrk", "-t1", f"-c{args.connections}", "-d600s", "-s"]
         command += [str(load.HERE / "wrk_login.lua"), url + "/checkout?n=1"]
-        loader = subprocess.Popen(load.pinned(command, client_cpu), stdout=subprocess.DEVNULL)
+        loader = subprocess.Popen(_support.pinned(command, client_cpu), stdout=subprocess.DEVNULL)
         try:
             time.sleep(args.recovery_load)  # the load before the kill, not a synchronization
         finally:
@@ -198,7 +198,7 @@ def measure_recovery(args: argparse.Namespace, db: Path, cpus: tuple[Any, Any]) 
         ready_at = time.monotonic()
         deadline = ready_at + args.owner_timeout + 60
         while True:  # a bounded poll: recovery claims once a second
-            drained = load.post(url, "/bench/drain?timeout=30", timeout=60)
+            drained = _support.post(url, "/bench/drain?timeout=30", timeout=60)
             if drained["recovered"] >= unfinished or time.monotonic() > deadline:
                 break
             time.sleep(0.05)

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import _support
-import load
 
 HERE = _support.BENCHMARKS_DIR
 
@@ -39,7 +38,7 @@ def serve(
     base_url = f"http://127.0.0.1:{listener.getsockname()[1]}"
     command = [sys.executable, str(HERE / "durable_app.py"), server_variant]
     command += ["--fd", str(listener.fileno()), *options]
-    server = subprocess.Popen(load.pinned(command, cpu), pass_fds=(listener.fileno(),))
+    server = subprocess.Popen(_support.pinned(command, cpu), pass_fds=(listener.fileno(),))
     try:
         # The socket already listens: this waits in its backlog until the server is up.
         with urllib.request.urlopen(base_url + "/bench/ready", timeout=60) as response:
@@ -95,7 +94,7 @@ class RedisBroker:
         command = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port)]
         command += ["--dir", str(self.directory), "--save", "", "--appendonly", "yes"]
         self._process = subprocess.Popen(
-            load.pinned(command, self.cpu), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            _support.pinned(command, self.cpu), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         self._client = redis.Redis(host="127.0.0.1", port=self.port)
         deadline = time.monotonic() + 15

@@ -258,3 +258,74 @@ async def test_a_durable_side_effect_added_while_the_response_streams_is_stored_
     assert response.text == "first chunk\nlast chunk\n"
     assert seen_in_store == [1]  # stored before the client had the whole response
     assert [entry["code"] for entry in ledger_lines(ledger)] == ["9"]
+
+
+async def test_a_store_locked_past_its_busy_timeout_turns_the_response_into_a_503(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import sqlite3
+
+    ledger = tmp_path / "ledger.jsonl"
+    path = tmp_path / "after_response.sqlite3"
+    middleware = AfterResponseMiddleware(
+        checkout_app(ledger), store=SQLiteStore(path, busy_timeout=0.05)
+    )
+    caplog.set_level(logging.ERROR, logger="after_response")
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        blocker = sqlite3.connect(path)  # another process's long write, say
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            refused = await client.post("/checkout?order=1")
+        finally:
+            blocker.rollback()
+            blocker.close()
+        accepted = await client.post("/checkout?order=2")
+        assert await middleware.drain(timeout=5)
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert "could not be stored" in refused.text
+    assert accepted.status_code == 200
+    assert [entry["code"] for entry in ledger_lines(ledger)] == ["2"]  # never a 2xx unstored
+    [line] = [r for r in caplog.records if "could not store 1 durable" in r.getMessage()]
+    assert "buyer-1@example.com" not in line.getMessage()
+
+
+async def test_a_durable_side_effect_that_finds_no_room_waits_in_the_store_instead_of_shedding(
+    tmp_path: Path,
+) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    release = anyio.Event()
+
+    async def blocked() -> None:
+        await release.wait()
+
+    async def endpoint(request: Request) -> JSONResponse:
+        collector = request.state.after_response
+        collector.add(blocked)
+        for order in range(3):
+            collector.options(durable=True).add(
+                durable_tasks.record, str(ledger), f"buyer-{order}@example.com", code=str(order)
+            )
+        return JSONResponse({})
+
+    middleware = AfterResponseMiddleware(
+        Starlette(routes=[Route("/", endpoint)]),
+        store=SQLiteStore(tmp_path / "after_response.sqlite3"),
+        max_concurrency=1,
+        max_pending=0,
+        overflow_timeout=0.01,
+    )
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get("/")
+        with anyio.fail_after(5):
+            while middleware.stats().released < 3:  # noqa: ASYNC110 - a bounded poll
+                await anyio.sleep(0.01)
+        release.set()
+        with anyio.fail_after(10):  # claimed back from the store once there is room
+            while len(ledger_lines(ledger)) < 3:  # noqa: ASYNC110 - a bounded poll
+                await anyio.sleep(0.02)
+        assert await middleware.drain(timeout=5)
+        stats = middleware.stats()
+    assert sorted(entry["code"] for entry in ledger_lines(ledger)) == ["0", "1", "2"]
+    assert (stats.shed, stats.released) == (0, 3)
