@@ -85,6 +85,11 @@ async def test_a_key_makes_a_double_submitted_checkout_send_one_receipt(
     assert stats.added == stats.succeeded + stats.deduplicated
 
 
+class _Mailer:
+    async def send(self, to: str) -> None:
+        pass
+
+
 def test_durable_adds_fail_at_add_with_what_to_fix(tmp_path: Path) -> None:
     from starlette.testclient import TestClient
 
@@ -101,6 +106,7 @@ def test_durable_adds_fail_at_add_with_what_to_fix(tmp_path: Path) -> None:
                 durable_tasks.record, "l", "x", code=object()
             ),
             lambda: collector.options(key="k").add(durable_tasks.record, "l", "x", code="1"),
+            lambda: collector.options(durable=True).add(_Mailer().send, "a@example.com"),
         ):
             try:
                 call()
@@ -120,6 +126,7 @@ def test_durable_adds_fail_at_add_with_what_to_fix(tmp_path: Path) -> None:
     assert "argument 2 (a tuple) does not come back the same from JSON" in errors[1]
     assert "argument code= (a object) cannot be stored as JSON" in errors[2]
     assert "add durable=True" in errors[3]
+    assert "a method bound to an object" in errors[4]
     assert not any("buyer" in e or "tuple')" in e for e in errors)
 
 

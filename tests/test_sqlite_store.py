@@ -376,3 +376,26 @@ async def test_a_store_that_is_not_open_says_so(tmp_path: Path) -> None:
     await store.close()
     with pytest.raises(RuntimeError, match="is closed"):
         await store.save([task("t")])
+
+
+@pytest.mark.anyio
+async def test_store_calls_with_bad_arguments_say_what_was_wrong(tmp_path: Path) -> None:
+    from after_response._store import StoredTask
+
+    store = SQLiteStore(tmp_path / "bad.sqlite3")
+    await store.open("owner-a")
+    try:
+        with pytest.raises(TypeError, match=r"claim\(owner\) expects a non-empty string"):
+            await store.claim("", 1)
+        with pytest.raises(ValueError, match=r"claim\(limit=0\) must be an int >= 1"):
+            await store.claim("owner-a", 0)
+        with pytest.raises(ValueError, match=r"claim\(states='queued'\) must be a non-empty"):
+            await store.claim("owner-a", 1, states="queued")
+        with pytest.raises(TypeError, match=r"retry_dead\(ids\) expects a list of ids"):
+            await store.retry_dead("abc")
+        with pytest.raises(ValueError, match="needs either ids or all_dead=True"):
+            await store.purge_dead()
+        with pytest.raises(ValueError, match=r"StoredTask\(state='lost'\) must be one of"):
+            StoredTask(id="x", name="n", target="m:f", state="lost")
+    finally:
+        await store.close()
