@@ -30,6 +30,8 @@ class Endings:
         self.dead_letters = dead_letters
         #: The durable store's bookkeeping, if the middleware has a store.
         self.journal = journal
+        #: Shutdown's deadline has passed: durable tasks are released, not abandoned.
+        self._closing = False
 
     def end(
         self, task: Task, outcome: Outcome, exc: BaseException | None = None, *, attempts: int
@@ -101,9 +103,19 @@ class Endings:
             )
             self.end(task, Outcome.DISCARDED, attempts=0)
 
+    def _releasing(self, task: Task) -> bool:
+        """Whether shutdown gives ``task`` back to the store instead of abandoning it."""
+        return self._closing and task.record.durable and self.journal is not None
+
     def abandon(self, tasks: Iterable[Task], reason: str, *, taken: bool) -> None:
         """End tasks that will never run: their request's call was cancelled before handing
-        them over (``taken=False``), or shutdown's deadline passed while they waited."""
+        them over (``taken=False``), or shutdown's deadline passed while they waited (durable
+        ones are then released to the store instead)."""
+        tasks = list(tasks)
+        released = [task for task in tasks if self._releasing(task)]
+        if released:
+            self.release(released, reason, taken=taken)
+            tasks = [task for task in tasks if not self._releasing(task)]
         for task in tasks:
             if not taken:
                 self.ledger.left_request += 1
@@ -112,7 +124,11 @@ class Endings:
             self.end(task, Outcome.ABANDONED, error, attempts=task.attempt - 1)
 
     def abandon_running(self, task: Task, reason: str) -> None:
+        """End a task whose attempt was cancelled (released instead, if durable at shutdown)."""
         if task.done:
+            return
+        if self._releasing(task):
+            self.release([task], reason)
             return
         log_task(logging.ERROR, task, "abandoned: %s", reason)
         error = TaskAbandonedError(f"{task.record.name} was abandoned: {reason}")

@@ -63,7 +63,6 @@ class Executor(Waiting):
         #: Tasks of requests waiting for room (at most max_pending), and their wake-ups.
         self._waiting = 0
         self._room_waiters: deque[anyio.Event] = deque()
-        self._closing = False
         #: The owner of tasks between lifespan startup and shutdown, if any.
         self.background: Spawner | None = None
         #: The last lifespan's owner, kept once it stops: its tasks' cancellations are told
@@ -169,10 +168,7 @@ class Executor(Waiting):
                 except GeneratorExit:
                     raise  # left behind, then closed with its loop: no loop to ask below
                 except anyio.get_cancelled_exc_class():
-                    if self._releases(task):
-                        self.release([task], "shutdown_timeout elapsed while it ran")
-                    else:
-                        self.abandon_running(task, f"{self._cancel_cause(task)} while it ran")
+                    self.abandon_running(task, f"{self._cancel_cause(task)} while it ran")
                     raise
                 if outcome is not Outcome.RETRY:
                     self.end(task, outcome, exc, attempts=task.attempt)
@@ -204,11 +200,8 @@ class Executor(Waiting):
         try:
             await anyio.sleep(delay)
         except anyio.get_cancelled_exc_class():
-            if self._releases(task):
-                self.release([task], "shutdown_timeout elapsed while it waited to retry")
-            else:
-                cause = self._cancel_cause(task)
-                self.abandon([task], f"{cause} while it waited to retry", taken=True)
+            cause = self._cancel_cause(task)
+            self.abandon([task], f"{cause} while it waited to retry", taken=True)
             raise
         finally:
             if gives_slot_back:
@@ -232,10 +225,6 @@ class Executor(Waiting):
         self.telemetry.pending(task, 1)
         return False  # the caller's release starts it, if a slot is free
 
-    def _releases(self, task: Task) -> bool:
-        """Whether shutdown gives ``task`` back to the store rather than abandoning it."""
-        return self._closing and task.record.durable and self.journal is not None
-
     def _cancel_cause(self, task: Task) -> str:
         if self._closing:
             return "shutdown_timeout elapsed"
@@ -251,9 +240,6 @@ class Executor(Waiting):
         """End a task that went on running after it was cancelled (it caught the
         cancellation): its owner stops waiting for it."""
         self._release(task)
-        if self._releases(task):
-            self.release([task], "it went on running after shutdown cancelled it")
-            return
         self.abandon_running(
             task,
             f"{self._cancel_cause(task)}, and it went on running {CANCEL_GRACE}s after it was "
@@ -331,12 +317,6 @@ class Executor(Waiting):
             for task in (*queued, *parked):
                 self.telemetry.pending(task, -1)
             unstarted = [*queued, *parked]
-            if self.journal is not None:
-                self.release(
-                    [task for task in unstarted if task.record.durable],
-                    "shutdown_timeout elapsed before it started",
-                )
-                unstarted = [task for task in unstarted if not task.record.durable]
             self.abandon(unstarted, "shutdown_timeout elapsed before it started", taken=True)
             for room in (*self._room_waiters, *self._gate_waiters):
                 room.set()

@@ -36,7 +36,6 @@ class Durable(Endings):
     room_freed: anyio.Event | None = None
     background: Spawner | None
     _waiting: int
-    _closing: bool
 
     if TYPE_CHECKING:
 
