@@ -28,8 +28,8 @@ def check_storable(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     name: str,
-) -> str:
-    """The stable import name of ``fn``; ``TypeError`` if the call cannot be stored.
+) -> None:
+    """Raise ``TypeError`` if the call cannot be stored (the record holds its import name).
 
     Names the argument by position or keyword, never its value.
     """
@@ -51,7 +51,6 @@ def check_storable(
         _check_json(value, f"argument {position}", name)
     for keyword, value in kwargs.items():
         _check_json(value, f"argument {keyword}=", name)
-    return target
 
 
 def _check_json(value: object, which: str, name: str) -> None:

@@ -38,8 +38,6 @@ class Journal:
         self.store = store  # an SQLiteStore, or anything with its methods
         self.owner = new_owner_id()
         self.opened = False
-        self.stored = 0
-        self.recovered = 0
 
     async def open(self) -> None:
         await self.store.open(self.owner)  # type: ignore[attr-defined]
@@ -60,7 +58,6 @@ class Journal:
         owner = self.owner if owned else None
         rows = [to_stored(record, owner, QUEUED) for record in records]
         deduplicated = set(await self.store.save(rows))  # type: ignore[attr-defined]
-        self.stored += len(rows) - len(deduplicated)
         return deduplicated
 
     def succeeded(self, task: Task) -> None:
@@ -110,7 +107,6 @@ class Journal:
             task.attempt = row.attempt + 1
             task.recovered = row.recovered
             tasks.append(task)
-        self.recovered += sum(1 for task in tasks if task.recovered)
         return tasks
 
     def _write(self, method: str, *args: object) -> None:

@@ -50,7 +50,7 @@ class Durable(Endings):
         """
         assert self.journal is not None
         deduplicated_ids = await self.journal.save([task.record for task in tasks])
-        self.ledger.stored = self.journal.stored
+        self.ledger.stored += len(tasks) - len(deduplicated_ids)
         deduplicated = {task for task in tasks if task.record.id in deduplicated_ids}
         for task in tasks:
             if task not in deduplicated:
@@ -90,6 +90,7 @@ class Durable(Endings):
         except StoreError as exc:
             Endings.shed(self, tasks, f"{reason}, and spilling it to the store failed ({exc})")
             return
+        self.ledger.stored += len(tasks)
         for task in tasks:
             self.ledger.left_request += 1
             self.telemetry.ended_line(
@@ -135,10 +136,10 @@ class Durable(Endings):
                 except (StoreError, RuntimeError) as exc:
                     logger.error("after-response durable store: claiming failed (%s)", exc)
                     tasks = []
-                self.ledger.recovered = self.journal.recovered
                 for task in tasks:
                     self.telemetry.added(task)
                     if task.recovered:
+                        self.ledger.recovered += 1
                         self.telemetry.recovered(task)
                 overflow = self.submit(tasks)
                 if overflow:
