@@ -268,5 +268,5 @@ async def test_start_is_refused_off_the_loop_thread_and_twice() -> None:
 
 @pytest.mark.parametrize("threshold", [0, -0.1, float("nan"), float("inf"), True, "0.1"])
 def test_a_bad_threshold_is_refused(threshold: object) -> None:
-    with pytest.raises(ValueError, match="positive number of seconds, or None"):
+    with pytest.raises(ValueError, match="positive number of seconds or None"):
         Watchdog(threshold, Reports())  # type: ignore[arg-type]

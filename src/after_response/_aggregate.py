@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, Final
+
+from ._options import check_timeout
 
 SUMMARY: Final = "... and %s more tasks of %s in the last %.1fs: %s"
 """The summary line: left-out count (with thousands separators), task name, seconds, reason."""
@@ -67,15 +68,9 @@ class LogAggregator:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if (
-            not isinstance(interval, (int, float))
-            or isinstance(interval, bool)
-            or not (math.isfinite(interval) and interval > 0)
-        ):
-            raise ValueError(
-                f"the log aggregation interval must be a positive number of seconds,"
-                f" got {interval!r}"
-            )
+        if interval is None:
+            raise ValueError("the log aggregation interval must be a positive number of seconds")
+        check_timeout("the log aggregation interval", interval)
         self._logger = logger
         self._interval = float(interval)
         self._clock = clock

@@ -45,6 +45,8 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any, Final, Generic, TypeVar
 
+from ._options import check_timeout
+
 T = TypeVar("T")
 
 DEFAULT_THRESHOLD: Final = 0.1
@@ -84,15 +86,7 @@ class Watchdog(Generic[T]):
     def __init__(
         self, threshold: float | None, on_block: Callable[[T | None, float], None]
     ) -> None:
-        if threshold is not None and (
-            not isinstance(threshold, (int, float))
-            or isinstance(threshold, bool)
-            or not (math.isfinite(threshold) and threshold > 0)
-        ):
-            raise ValueError(
-                f"the loop-blocking threshold must be a positive number of seconds, or None to"
-                f" turn the watchdog off; got {threshold!r}"
-            )
+        check_timeout("the loop-blocking threshold (None turns the watchdog off)", threshold)
         self._threshold = threshold
         self._on_block = on_block
         self._runners: dict[CodeType, Callable[[FrameType], T | None]] = {}
