@@ -22,9 +22,6 @@ class RequestInfo(NamedTuple):
     path: str
 
 
-NO_REQUEST: Final = RequestInfo("-", "-")
-
-
 class TaskRecord(NamedTuple):
     """One side-effect call, immutable.
 

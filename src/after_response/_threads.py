@@ -42,11 +42,6 @@ class WorkerThreads:
         self._threads = 0
         self._limiter: anyio.CapacityLimiter | None = None
 
-    @property
-    def started(self) -> int:
-        """Threads started so far."""
-        return self._threads
-
     async def run(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
