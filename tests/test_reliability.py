@@ -10,7 +10,6 @@ import contextlib
 import logging
 import sys
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -304,7 +303,7 @@ async def test_a_slow_dead_letter_hook_does_not_stall_requests() -> None:
 
     def slow_hook(letter: DeadLetter) -> None:
         hook_running.set()
-        release.wait(0.5)  # 0.5 s per dead letter, unless the test is done measuring
+        release.wait(30)  # blocked until the test has been served meanwhile
         seen.append(letter.task_name)
 
     async def fails() -> None:
@@ -325,16 +324,14 @@ async def test_a_slow_dead_letter_hook_does_not_stall_requests() -> None:
     async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
         await client.get("/fail")
         await until(hook_running.is_set)
-        latencies = []
-        for _ in range(5):  # while the hook holds its 2.5 s of dead letters
-            started = time.perf_counter()
-            assert (await client.get("/health")).text == "ok"
-            latencies.append(time.perf_counter() - started)
-        hook_was_busy = not release.is_set() and len(seen) < 5
+        # The hook is blocked right now; were it on the event loop, nothing would answer.
+        with anyio.fail_after(10):
+            for _ in range(5):
+                assert (await client.get("/health")).text == "ok"
+        assert not release.is_set()
+        assert seen == []  # still blocked while every request was served
         release.set()
         assert await middleware.drain(timeout=5)
-    assert hook_was_busy
-    assert max(latencies) < 0.25, latencies
     assert seen == ["test_a_slow_dead_letter_hook_does_not_stall_requests.<locals>.fails"] * 5
 
 
