@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, NamedTuple, TypeVar
 
 from ._limits import Limits, limits_from_options
@@ -72,10 +72,12 @@ class Retry:
             raise ValueError(
                 f"Retry(attempts={self.attempts}) must be at least 1 (1 means no retry)"
             )
-        for field in ("backoff", "max_backoff"):
-            value = getattr(self, field)
+        for attribute in ("backoff", "max_backoff"):
+            value = getattr(self, attribute)
             if not _is_finite_number(value) or value < 0:
-                raise ValueError(f"Retry({field}={value!r}) must be a finite number >= 0 seconds")
+                raise ValueError(
+                    f"Retry({attribute}={value!r}) must be a finite number >= 0 seconds"
+                )
         if not _is_finite_number(self.multiplier) or self.multiplier < 1:
             raise ValueError(f"Retry(multiplier={self.multiplier!r}) must be a number >= 1")
         if not _is_finite_number(self.jitter) or not 0 <= self.jitter <= 1:
@@ -119,6 +121,8 @@ class TaskOptions:
     key: str | _Unset | None = UNSET
     max_concurrency: int | _Unset | None = UNSET
     rate_limit: str | _Unset | None = UNSET
+    #: ``max_concurrency`` and ``rate_limit``, parsed.
+    limits: Limits | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, _Unset) and (not isinstance(self.name, str) or not self.name):
@@ -141,10 +145,11 @@ class TaskOptions:
             )
         if isinstance(self.key, str) and not self.key:
             raise ValueError('key must not be empty; for example key=f"order-{order.id}-receipt"')
-        limits_from_options(  # checks both, with their own messages
-            None if isinstance(self.max_concurrency, _Unset) else self.max_concurrency,
-            None if isinstance(self.rate_limit, _Unset) else self.rate_limit,
+        # Parsed once here (this checks both, with their own messages), not at every add().
+        limits = limits_from_options(
+            _pick(self.max_concurrency, None), _pick(self.rate_limit, None)
         )
+        object.__setattr__(self, "limits", limits)
 
     def over(self, fallback: TaskOptions) -> TaskOptions:
         """These options, with every unset field taken from ``fallback``."""
@@ -168,7 +173,7 @@ class TaskOptions:
             _pick(self.run_on_error, defaults.run_on_error),
             _pick(self.durable, defaults.durable),
             _pick(self.key, defaults.key),
-            limits_from_options(_pick(self.max_concurrency, None), _pick(self.rate_limit, None)),
+            self.limits,
         )
 
 
