@@ -1,0 +1,198 @@
+"""The engine worker's side of a hand-off: one generic runner that rebuilds a side effect
+from its message and runs it with the in-process semantics.
+
+The same pieces as in the web process do the work (``Runner`` for one attempt under its
+deadline, ``Telemetry`` for the span, metrics and log lines, ``DeadLetters`` for the hook),
+so a side effect behaves the same wherever it runs: its timeout, its ``Retry`` policy
+(retried here, within one delivery, with the policy's backoff), ``current_task()`` with the
+task's own id on every delivery, the same log fields and span attributes.
+
+A sync engine worker (Celery's prefork or thread pools) runs the coroutine on an event
+loop thread this runner starts once per process (after the fork), with ``run_blocking``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import itertools
+import os
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from opentelemetry import metrics, trace
+
+from ._callable import CallableInfo
+from ._dead_letters import DeadLetterHook, DeadLetters, check_hook
+from ._durable import context_from_carrier, from_stored, trace_carrier
+from ._engine import BadMessageError, decode
+from ._logs import logger
+from ._runner import Runner
+from ._task import DeadLetter, Outcome, Task, set_running_task
+from ._telemetry import Telemetry
+from ._threads import WorkerThreads
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """What one worker process's runner did.
+
+    ``received == succeeded + failed + timed_out + running`` holds (a delivery that is
+    not an after-response message, or whose function cannot be imported, counts as failed).
+    """
+
+    received: int
+    running: int
+    succeeded: int
+    failed: int
+    timed_out: int
+    retried: int
+    redelivered: int
+
+
+class WorkerRunner:
+    """Runs handed-off side effects in an engine worker.
+
+    Args:
+        system: the engine's name (``"celery"``, ``"taskiq"``), for log lines.
+        on_dead_letter: called, in a thread of its own, with a ``DeadLetter`` for every
+            task whose last attempt failed or timed out in this worker.
+        max_threads: worker threads for plain (``def``) side effects.
+        tracer_provider, meter_provider: explicit providers (default: the global ones).
+    """
+
+    def __init__(
+        self,
+        system: str,
+        *,
+        on_dead_letter: DeadLetterHook | None = None,
+        max_threads: int = 40,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
+    ) -> None:
+        check_hook(on_dead_letter)
+        self.system = system
+        self.telemetry = Telemetry(tracer_provider, meter_provider)
+        self.runner = Runner(self.telemetry, WorkerThreads(max_threads))
+        self.dead_letters = DeadLetters(on_dead_letter)
+        self._seq = itertools.count(1)
+        self._counts = dict.fromkeys(
+            ("received", "running", "succeeded", "failed", "timed_out", "retried", "redelivered"),
+            0,
+        )
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_pid = 0
+
+    def stats(self) -> WorkerStats:
+        """This process's counts."""
+        with self._lock:
+            return WorkerStats(**self._counts)
+
+    async def run(
+        self,
+        body: object,
+        *,
+        parent: Mapping[str, str] | None = None,
+        redelivered: bool = False,
+    ) -> Outcome:
+        """Run the side effect ``body`` describes, all its attempts; its outcome.
+
+        The span's parent: ``parent`` (a W3C carrier) if given; else the span current here
+        (the engine's own instrumentation, continuing the publish); else the trace context
+        the message carries. Never raises for the side effect's own errors: they are
+        logged, counted and dead-lettered, so the engine does not redeliver a poison message.
+        """
+        self._count("received")
+        if redelivered:
+            self._count("redelivered")
+        try:
+            row = decode(body)
+        except BadMessageError as exc:
+            logger.error("after-response %s worker: %s; not run", self.system, exc)
+            self._count("failed")
+            return Outcome.FAILED
+        record, fn = from_stored(row)
+        if parent is not None:
+            context = context_from_carrier(dict(parent))
+        elif trace.get_current_span().get_span_context().is_valid:
+            context = contextvars.copy_context()
+        else:
+            context = context_from_carrier(dict(row.trace_context))
+        if fn is None:
+            logger.error(
+                "after-response task %s (%s) cannot run in this %s worker: %s cannot be "
+                "imported here (deploy the same code to the workers as to the web processes)",
+                row.name,
+                row.id,
+                self.system,
+                row.target,
+                extra={"task_name": row.name, "task_id": row.id},
+            )
+            self._count("failed")
+            return Outcome.FAILED
+        task = Task(record, fn, CallableInfo(fn).is_async, context, next(self._seq))
+        task.attempt = row.attempt + 1
+        task.recovered = row.recovered or redelivered
+        self._count("running")
+        try:
+            # The attempts run in the task's own context (its parent span, current_task()).
+            return await context.run(asyncio.ensure_future, self._attempts(task))
+        finally:
+            self._count("running", -1)
+
+    async def _attempts(self, task: Task) -> Outcome:
+        set_running_task(task)
+        while True:
+            task.ready_at = time.perf_counter()
+            outcome, exc = await self.runner.attempt(task, may_retry=True)
+            if outcome is not Outcome.RETRY:
+                break
+            delay = task.record.retry.delay(task.attempt)
+            self._count("retried")
+            self.telemetry.retried(task)
+            task.attempt += 1
+            await asyncio.sleep(delay)
+        task.done = True
+        self.telemetry.finished(task, outcome)
+        self._count(outcome.value)
+        if exc is not None:
+            self.dead_letters.submit(
+                task,
+                DeadLetter(task.record.name, task.record.id, exc, task.attempt, outcome.value),
+            )
+        return outcome
+
+    def run_blocking(self, body: object, *, redelivered: bool = False) -> Outcome:
+        """:meth:`run` from a sync worker: on this process's runner loop thread, under the
+        span current in the calling thread (the engine's instrumentation), if any."""
+        parent = trace_carrier(contextvars.copy_context())
+        future = asyncio.run_coroutine_threadsafe(
+            self.run(body, parent=parent or None, redelivered=redelivered), self._thread_loop()
+        )
+        return future.result()
+
+    def _thread_loop(self) -> asyncio.AbstractEventLoop:
+        """This process's runner loop, started on first use (a forked child starts its own)."""
+        with self._lock:
+            if self._loop is None or self._loop_pid != os.getpid():
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
+
+                def serve() -> None:
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(ready.set)
+                    loop.run_forever()
+
+                threading.Thread(
+                    target=serve, name=f"after-response-{self.system}-runner", daemon=True
+                ).start()
+                ready.wait()
+                self._loop, self._loop_pid = loop, os.getpid()
+            return self._loop
+
+    def _count(self, what: str, delta: int = 1) -> None:
+        with self._lock:
+            self._counts[what] += delta
