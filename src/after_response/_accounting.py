@@ -21,11 +21,14 @@ class Stats:
     """A snapshot of the counts; see ``AfterResponseMiddleware.stats()``.
 
     ``added == collected + pending + running + succeeded + failed + timed_out + discarded
-    + shed + abandoned + deduplicated + released`` holds at every snapshot. ``retried``
+    + shed + abandoned + deduplicated + released + handed_off`` holds at every snapshot. ``retried``
     counts extra attempts, not tasks. With a durable store: ``stored`` counts the durable
     tasks committed, ``recovered`` those taken over from a process that died (they are
     counted in ``added`` too), ``deduplicated`` the durable adds not stored again because of
-    their key, and ``released`` the durable tasks left in the store at shutdown.
+    their key, and ``released`` the durable tasks left in the store at shutdown. With an
+    engine: ``handed_off`` counts the durable tasks published to it (they run in its
+    workers; ``pending`` includes those waiting in the outbox to be published), and
+    ``publish_failures`` the failed attempts to start the engine or publish to it.
     """
 
     added: int
@@ -43,6 +46,8 @@ class Stats:
     released: int = 0
     stored: int = 0
     recovered: int = 0
+    handed_off: int = 0
+    publish_failures: int = 0
 
     @property
     def finished(self) -> int:
@@ -56,6 +61,7 @@ class Stats:
             + self.abandoned
             + self.deduplicated
             + self.released
+            + self.handed_off
         )
 
 
@@ -89,6 +95,9 @@ class Ledger:
         self._waiters: list[_Waiter] = []
         self.stored = 0
         self.recovered = 0
+        #: Durable tasks waiting for the engine relay to publish them.
+        self.outbox = 0
+        self.publish_failures = 0
 
     def add(self) -> int:
         """Count a task a request added; its sequence number."""
@@ -103,7 +112,7 @@ class Ledger:
 
     @property
     def pending(self) -> int:
-        return self.queued + self.retry_waiting + self.parked
+        return self.queued + self.retry_waiting + self.parked + self.outbox
 
     def end(self, task: Task, outcome: Outcome) -> None:
         """Count ``task`` in its terminal state; wake the drains it was the last one for."""
@@ -153,4 +162,6 @@ class Ledger:
             released=counts[Outcome.RELEASED],
             stored=self.stored,
             recovered=self.recovered,
+            handed_off=counts[Outcome.HANDED_OFF],
+            publish_failures=self.publish_failures,
         )

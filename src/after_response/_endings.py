@@ -33,6 +33,11 @@ class Endings:
         #: Shutdown's deadline has passed: durable tasks are released, not abandoned.
         self._closing = False
 
+    @property
+    def closing(self) -> bool:
+        """Shutdown's deadline has passed."""
+        return self._closing
+
     def end(
         self, task: Task, outcome: Outcome, exc: BaseException | None = None, *, attempts: int
     ) -> None:

@@ -24,8 +24,10 @@ from ._journal import Journal
 from ._limited import NameLimits
 from ._logs import logger
 from ._options import Resolved
+from ._relay import Relay
 from ._runner import Runner
 from ._settings import Settings
+from ._store import OUTBOX
 from ._task import Outcome, Task, set_running_task
 from ._tasks import NativeTasks, Spawner, loop_handle, running_asyncio
 from ._telemetry import Telemetry
@@ -51,6 +53,12 @@ class Executor(Waiting):
         self.spill = settings.overflow == "spill"
         journal = None if settings.store is None else Journal(settings.store)
         super().__init__(Ledger(), telemetry, DeadLetters(settings.on_dead_letter), journal)
+        #: With an engine: durable tasks wait in the store's outbox and are published, not run.
+        self.relay: Relay | None = None
+        if settings.engine is not None:
+            assert journal is not None  # Settings checked it
+            journal.durable_state = OUTBOX
+            self.relay = Relay(settings.engine, self)
         self.runner = Runner(telemetry, WorkerThreads(settings.max_threads))
         #: New requests held by backpressure, and how many were answered 503.
         self._gate_waiters: deque[anyio.Event] = deque()
@@ -84,6 +92,8 @@ class Executor(Waiting):
         owner = owner or self.background
         ledger = self.ledger
         overflow: list[Task] = []
+        if self.relay is not None:
+            tasks = self.relay.take(tasks)
         now = time.perf_counter()
         for task in tasks:
             if overflow or self._closing or owner is None:
@@ -273,6 +283,8 @@ class Executor(Waiting):
                 self._watchdog.start()
                 if self.journal is not None:
                     tasks.spawn(self._recover(), None)
+                if self.relay is not None:
+                    tasks.spawn(self.relay.run(), None)
                 task_status.started()
                 try:
                     await self._stopped.wait()
@@ -281,6 +293,8 @@ class Executor(Waiting):
                     self.background = None
                     for task in await tasks.aclose(CANCEL_GRACE):
                         self.left_behind(task)
+                    if self.relay is not None:
+                        await self.relay.stop()
             else:
                 async with anyio.create_task_group() as task_group:
                     self.background = self._lifespan_owner = task_group
@@ -318,6 +332,8 @@ class Executor(Waiting):
                 self.telemetry.pending(task, -1)
             unstarted = [*queued, *parked]
             self.abandon(unstarted, "shutdown_timeout elapsed before it started", taken=True)
+            if self.relay is not None:
+                self.relay.release_all("shutdown_timeout elapsed before it was published")
             for room in (*self._room_waiters, *self._gate_waiters):
                 room.set()
         self._stopped.set()

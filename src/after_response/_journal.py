@@ -19,7 +19,7 @@ from ._durable import context_from_carrier, from_stored, to_stored
 from ._logs import logger, qualified_type
 from ._record import TaskRecord
 from ._redact import exception_text
-from ._store import QUEUED, StoredTask, StoreError
+from ._store import QUEUED, RUNNABLE, StoredTask, StoreError
 from ._task import Task
 
 #: Tasks claimed at most in one go.
@@ -38,6 +38,8 @@ class Journal:
         self.store = store  # an SQLiteStore, or anything with its methods
         self.owner = new_owner_id()
         self.opened = False
+        #: The state durable tasks are saved in: ``outbox`` when an engine runs them.
+        self.durable_state = QUEUED
 
     async def open(self) -> None:
         await self.store.open(self.owner)  # type: ignore[attr-defined]
@@ -55,8 +57,8 @@ class Journal:
         Raises:
             StoreError: nothing was stored.
         """
-        owner = self.owner if owned else None
-        rows = [to_stored(record, owner, QUEUED) for record in records]
+        owner, state = (self.owner, self.durable_state) if owned else (None, QUEUED)
+        rows = [to_stored(record, owner, state) for record in records]
         deduplicated = set(await self.store.save(rows))  # type: ignore[attr-defined]
         return deduplicated
 
@@ -77,13 +79,19 @@ class Journal:
         if tasks:
             self._write("release", [task.record.id for task in tasks])
 
-    async def claim(self, limit: int, next_seq: object) -> list[Task]:
-        """Take up to ``limit`` tasks that no live process owns, as live tasks to run here.
+    def published(self, tasks: Sequence[Task]) -> None:
+        self._write("mark_published", [task.record.id for task in tasks])
+
+    async def claim(
+        self, limit: int, next_seq: object, *, states: Sequence[str] = RUNNABLE
+    ) -> list[Task]:
+        """Take up to ``limit`` tasks in ``states`` that no live process owns, as live tasks
+        to run (or publish) here.
 
         A task whose function cannot be imported any more becomes a dead letter at once.
         """
         rows: list[StoredTask] = await self.store.claim(  # type: ignore[attr-defined]
-            self.owner, min(limit, CLAIM_BATCH)
+            self.owner, min(limit, CLAIM_BATCH), states=states
         )
         tasks: list[Task] = []
         for row in rows:

@@ -18,6 +18,7 @@ from . import _mode
 from ._accounting import Stats
 from ._collector import Collector, _current
 from ._dead_letters import DeadLetterHook
+from ._engine import Engine
 from ._errors import AfterResponseError
 from ._executor import Executor
 from ._logs import logger
@@ -83,6 +84,11 @@ class AfterResponseMiddleware:
             that must not be lost: ``durable=True`` ones are stored before their response
             completes, replayed after a crash, dead-lettered in the store. See
             :class:`SQLiteStore`.
+        engine: a distributed task engine (``CeleryEngine(celery_app)`` from
+            ``after_response.celery``, ``TaskiqEngine(broker)`` from ``after_response.taskiq``)
+            to hand durable side effects to: they are written to the store's outbox before
+            the response completes and published after it, to run in the engine's workers;
+            the others still run here. Needs ``store``.
         loop_block_threshold: seconds a side effect may hold the event loop before a
             WARNING names it (with a span event and a metric); ``None`` turns the watchdog
             off. It costs no work per task: one heartbeat timer and one thread.
@@ -114,6 +120,7 @@ class AfterResponseMiddleware:
         max_threads: int = 40,
         on_dead_letter: DeadLetterHook | None = None,
         store: Store | None = None,
+        engine: Engine | None = None,
         loop_block_threshold: float | None = 0.1,
         log_interval: float = 5.0,
         tracer_provider: trace.TracerProvider | None = None,
@@ -137,6 +144,7 @@ class AfterResponseMiddleware:
             loop_block_threshold=loop_block_threshold,
             log_interval=log_interval,
             store=store,
+            engine=engine,
         )
         self.app = app
         self.settings = settings

@@ -31,6 +31,7 @@ class Settings:
     on_dead_letter: DeadLetterHook | None = None
     state_key: str = "after_response"
     store: Any = None
+    engine: Any = None
     loop_block_threshold: float | None = 0.1
     log_interval: float = 5.0
 
@@ -53,6 +54,8 @@ class Settings:
                 "overflow='spill' writes the side effects that find no room to the durable "
                 "store, and there is none: pass store=SQLiteStore('after_response.sqlite3')"
             )
+        if self.engine is not None:
+            _check_engine(self.engine, self.store)
         if self.admission_timeout is None:
             raise ValueError(
                 "admission_timeout must be a positive number of seconds: a request held by "
@@ -77,6 +80,23 @@ class Settings:
             raise ValueError("log_interval must be a positive number of seconds, not None")
         if not isinstance(self.state_key, str) or not self.state_key:
             raise TypeError(f"state_key must be a non-empty string, got {self.state_key!r}")
+
+
+def _check_engine(engine: object, store: object) -> None:
+    from ._engine import Engine
+
+    if not isinstance(engine, Engine):
+        raise TypeError(
+            f"engine must be an engine adapter such as CeleryEngine(celery_app) or "
+            f"TaskiqEngine(broker), got {type(engine).__name__}"
+        )
+    if store is None:
+        raise TypeError(
+            f"engine={type(engine).__name__}(...) needs a durable store: a durable side effect "
+            "is written to the store's outbox before its response completes and published to "
+            "the engine after it, so that neither a crash nor a broker outage loses it; pass "
+            "store=SQLiteStore('after_response.sqlite3') too"
+        )
 
 
 def _check_count(what: str, value: object, *, minimum: int) -> None:

@@ -26,6 +26,8 @@ class Outcome(str, enum.Enum):
     DEDUPLICATED = "deduplicated"
     #: A durable task left unfinished at shutdown: in the store, for the next process.
     RELEASED = "released"
+    #: A durable task published to a distributed engine (Celery, taskiq), to run there.
+    HANDED_OFF = "handed_off"
     #: An attempt that failed and will run again: never a task's terminal state.
     RETRY = "retry"
 
@@ -47,6 +49,7 @@ TERMINAL: Final = (
     Outcome.ABANDONED,
     Outcome.DEDUPLICATED,
     Outcome.RELEASED,
+    Outcome.HANDED_OFF,
 )
 
 
