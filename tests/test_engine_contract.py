@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import anyio
 import httpx
 import pytest
 
 from tests.brokers import Worker, celery_worker, free_port, redis_server, taskiq_worker
-from tests.durable_process import ServerProcess, running, unfinished, wait_until
+from tests.durable_process import Load, ServerProcess, running, unfinished, until, wait_until
 from tests.engine_apps import BROKER_URL_ENV, LEDGER_ENV
 from tests.engine_apps import spans as span_files
 from tests.engine_apps.web import ENGINE_ENV
@@ -190,6 +191,32 @@ async def test_nothing_is_lost_when_the_broker_is_down_and_the_web_process_is_ki
     assert {runs[0].task_id for runs in done.values()} == set(outbox)
     assert all(len(runs) == 1 for runs in done.values())
     assert await unfinished(stack.tmp / "store.sqlite3") == {}
+
+
+async def test_kill_9_of_the_web_process_under_load_loses_no_2xx_side_effect(
+    stack: Stack,
+) -> None:
+    load = Load(path="/purchase")
+    with stack.worker(), ExitStack() as servers:
+        first = servers.enter_context(stack.web())
+        first.wait_ready()
+        async with anyio.create_task_group() as clients:
+            for _ in range(16):
+                clients.start_soon(load.client, first.url)
+            await until(lambda: len(stack.done()) >= 50, 30, "50 receipts ran under load")
+            first.kill()  # the clients end on their next request: refused
+        second = servers.enter_context(stack.web())
+        second.wait_ready()
+        promised = {f"order-{order}" for order in load.completed}
+        await until(
+            lambda: promised <= set(stack.done()), 60, "the receipt of every complete 2xx ran"
+        )
+        second.terminate()
+    done = stack.done()
+    ids = {entry: {run.task_id for run in runs} for entry, runs in done.items()}
+    assert all(len(of_entry) == 1 for of_entry in ids.values()), "one id per order"
+    twice = [entry for entry, runs in done.items() if len(runs) > 1]
+    print(f"\n{len(promised)} complete 2xx, all ran; {len(twice)} published twice (at-least-once)")
 
 
 def test_a_worker_killed_mid_task_runs_it_again_with_the_same_id(
