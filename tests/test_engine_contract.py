@@ -25,7 +25,7 @@ from tests.engine_apps import BROKER_URL_ENV, LEDGER_ENV
 from tests.engine_apps import spans as span_files
 from tests.engine_apps.web import ENGINE_ENV
 
-pytestmark = pytest.mark.parametrize("engine", ["celery", "taskiq"])
+pytestmark = [pytest.mark.parametrize("engine", ["celery", "taskiq"]), pytest.mark.anyio]
 
 WEB_APP = "tests.engine_apps.web:app"
 
