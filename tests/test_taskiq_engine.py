@@ -1,0 +1,477 @@
+"""The taskiq engine against a real Redis and real ``taskiq worker`` processes.
+
+The test process plays the web process: it publishes through ``TaskiqEngine.publish`` as the
+relay does; the worker runs ``tests.engine_apps.taskiq_engine_app:broker``, whose module
+constructs the engine (so the runner task is registered) and runs the side effects of
+``tests.engine_apps.effects``, which write ``EVENT ENTRY TASK_ID PID ATTEMPT`` ledger lines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import anyio
+import pytest
+import redis
+from opentelemetry import propagate
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from taskiq import InMemoryBroker, TaskiqEvents, TaskiqState
+from taskiq.exceptions import SendTaskError
+from taskiq.kicker import AsyncKicker
+from taskiq.middlewares.opentelemetry_middleware import OpenTelemetryMiddleware
+from taskiq_redis import ListQueueBroker, PubSubBroker, RedisStreamBroker
+
+from after_response._engine import RUNNER_TASK, Message, encode
+from after_response._store import StoredTask
+from after_response.taskiq import TaskiqEngine
+from tests.brokers import Worker, redis_server, taskiq_worker, wait_until
+from tests.engine_apps import spans
+
+BROKER = "tests.engine_apps.taskiq_engine_app:broker"
+# Names from tests/engine_apps/taskiq_engine_app.py (which reads its environment on import).
+OTEL_MIDDLEWARE_ENV = "AFTER_RESPONSE_TEST_TASKIQ_OTEL"
+NOOP_TASK = "engine_apps.taskiq.noop"
+STATS_TASK = "engine_apps.taskiq.stats"
+EFFECTS = "tests.engine_apps.effects"
+OPTIONS: dict[str, Any] = {"timeout": 5, "retry": {"attempts": 3, "backoff": 0.05}}
+
+
+class EffectLine(NamedTuple):
+    """One ledger line of ``tests.engine_apps.effects``."""
+
+    event: str
+    entry: str
+    task_id: str
+    pid: int
+    attempt: int
+
+
+def read_effects(ledger: Path) -> list[EffectLine]:
+    try:
+        text = ledger.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    lines = []
+    for line in text.splitlines(keepends=True):
+        if line.endswith("\n"):
+            event, entry, task_id, pid, attempt = line.split()
+            lines.append(EffectLine(event, entry, task_id, int(pid), int(attempt)))
+    return lines
+
+
+def wait_for_effect(ledger: Path, event: str, entry: str, *, count: int = 1) -> list[EffectLine]:
+    """The ledger's lines of ``entry``, once ``count`` of them are ``event``."""
+
+    def of_entry() -> list[EffectLine]:
+        return [line for line in read_effects(ledger) if line.entry == entry]
+
+    wait_until(
+        lambda: sum(line.event == event for line in of_entry()) >= count,
+        timeout=20,
+        waiting_for=lambda: f"{count} x {event!r} {entry!r} in {read_effects(ledger)}",
+    )
+    return of_entry()
+
+
+def message(
+    function: str,
+    *args: Any,
+    kwargs: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Message:
+    """A message for ``tests.engine_apps.effects:<function>``, as the relay builds it."""
+    task_id = str(uuid.uuid4())
+    row = StoredTask(
+        id=task_id,
+        name=function,
+        target=f"{EFFECTS}:{function}",
+        args=list(args),
+        kwargs=kwargs or {},
+        options=OPTIONS if options is None else options,
+    )
+    return Message(task_id, function, encode(row, headers or {}), dict(headers or {}))
+
+
+async def publish_async(
+    redis_url: str, *messages: Message, tracer_provider: TracerProvider | None = None
+) -> None:
+    """start(), publish(), stop() of an engine of a broker of this (web) process."""
+    broker = RedisStreamBroker(redis_url, unacknowledged_lock_timeout=30)
+    if tracer_provider is not None:
+        broker.add_middlewares(OpenTelemetryMiddleware(tracer_provider=tracer_provider))
+    engine = TaskiqEngine(broker)
+    await engine.start()
+    try:
+        await engine.publish(messages)
+    finally:
+        await engine.stop()
+
+
+def publish(redis_url: str, *messages: Message) -> None:
+    anyio.run(lambda: publish_async(redis_url, *messages))
+
+
+def kick(redis_url: str, task_name: str, *args: Any) -> None:
+    """Send a test app's own task (not a side effect)."""
+
+    async def send() -> None:
+        broker = RedisStreamBroker(redis_url)
+        await broker.startup()
+        try:
+            await AsyncKicker(task_name, broker, {}).kiq(*args)
+        finally:
+            await broker.shutdown()
+
+    anyio.run(send)
+
+
+def worker_stats(redis_url: str, directory: Path) -> dict[str, int]:
+    """The worker process's ``engine.runner.stats()``, through the app's stats task."""
+    path = directory / f"stats-{uuid.uuid4().hex}.json"
+    kick(redis_url, STATS_TASK, str(path))
+    wait_until(path.exists, timeout=20, waiting_for=lambda: f"the worker's stats in {path}")
+    stats: dict[str, int] = json.loads(path.read_text(encoding="utf-8"))
+    return stats
+
+
+def pending(redis_url: str) -> int:
+    """Messages delivered to the workers' consumer group and not acknowledged."""
+    with redis.Redis.from_url(redis_url) as client:
+        summary: dict[str, Any] = client.xpending("taskiq", "taskiq")
+        return int(summary["pending"])
+
+
+def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {name: after[name] - before[name] for name in after if after[name] != before[name]}
+
+
+def stop_quickly(worker: Worker) -> None:
+    """Skip the fixture's SIGTERM wait: a RedisStreamBroker worker never exits on SIGTERM."""
+    worker.kill()
+
+
+class SharedWorker(NamedTuple):
+    redis_url: str
+    ledger: Path
+    directory: Path
+    worker: Worker
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedWorker]:
+    """One Redis and one worker for the tests that do not kill or reconfigure it."""
+    directory = tmp_path_factory.mktemp("taskiq-engine")
+    ledger = directory / "ledger"
+    with redis_server() as url, taskiq_worker(BROKER, url, ledger=ledger) as worker:
+        yield SharedWorker(url, ledger, directory, worker)
+        stop_quickly(worker)
+
+
+def test_published_side_effects_run_in_the_worker_under_the_message_id(
+    shared: SharedWorker,
+) -> None:
+    plain = message("record_effect", "plain")
+    coroutine = message("arecord_effect", "coroutine")
+    keywords = message("record_effect", kwargs={"entry": "keywords", "gate": None})
+    publish(shared.redis_url, plain, coroutine, keywords)
+
+    for sent, entry in [(plain, "plain"), (coroutine, "coroutine"), (keywords, "keywords")]:
+        [*_, done] = wait_for_effect(shared.ledger, "done", entry)
+        assert (done.task_id, done.attempt) == (sent.id, 1)
+        assert done.pid != shared.worker.pid  # taskiq's worker process, a child
+
+
+def test_a_failing_side_effect_is_retried_in_the_worker_per_its_policy(
+    shared: SharedWorker,
+) -> None:
+    before = worker_stats(shared.redis_url, shared.directory)
+    flaky = message("flaky_effect", "flaky", 2)
+    publish(shared.redis_url, flaky)
+
+    lines = wait_for_effect(shared.ledger, "done", "flaky")
+    assert [(line.event, line.attempt, line.task_id) for line in lines] == [
+        ("failed", 1, flaky.id),
+        ("failed", 2, flaky.id),
+        ("done", 3, flaky.id),
+    ]
+    after = worker_stats(shared.redis_url, shared.directory)
+    assert delta(before, after) == {"received": 1, "retried": 2, "succeeded": 1}
+
+
+def test_a_side_effect_past_its_timeout_is_timed_out_and_counted(shared: SharedWorker) -> None:
+    before = worker_stats(shared.redis_url, shared.directory)
+    slow = message("slow_effect", "slow", 2.0, options={"timeout": 0.2, "retry": {"attempts": 1}})
+    publish(shared.redis_url, slow)
+
+    wait_for_effect(shared.ledger, "started", "slow")
+    timed_out = "timed out after 0.2s (attempt 1/1); its worker thread cannot be stopped"
+    wait_until(
+        lambda: f"{timed_out} and runs on [task {slow.id}]" in shared.worker.output(),
+        timeout=20,
+        waiting_for=lambda: f"a timed out log line:\n{shared.worker.output()[-2000:]}",
+    )
+    after = worker_stats(shared.redis_url, shared.directory)
+    assert delta(before, after) == {"received": 1, "timed_out": 1}
+    wait_until(lambda: pending(shared.redis_url) == 0, timeout=5, waiting_for=lambda: "the ack")
+
+
+def test_a_side_effect_the_worker_cannot_import_is_logged_and_acknowledged(
+    shared: SharedWorker,
+) -> None:
+    before = worker_stats(shared.redis_url, shared.directory)
+    missing = message("no_such_effect", "missing")
+    publish(shared.redis_url, missing)
+
+    wait_until(
+        lambda: f"({missing.id})" in shared.worker.output(),
+        timeout=20,
+        waiting_for=lambda: f"a log line about {missing.id}:\n{shared.worker.output()[-2000:]}",
+    )
+    assert f"{EFFECTS}:no_such_effect cannot be imported" in shared.worker.output()
+    wait_until(lambda: pending(shared.redis_url) == 0, timeout=5, waiting_for=lambda: "the ack")
+    after = worker_stats(shared.redis_url, shared.directory)
+    assert delta(before, after) == {"received": 1, "failed": 1}
+
+
+def test_a_malformed_body_is_logged_and_acknowledged(shared: SharedWorker) -> None:
+    before = worker_stats(shared.redis_url, shared.directory)
+    secret = "card-4242424242424242"
+    publish(shared.redis_url, Message(str(uuid.uuid4()), "bad", {"not": secret}, {}))
+
+    wait_until(
+        lambda: "not an after-response message body" in shared.worker.output(),
+        timeout=20,
+        waiting_for=lambda: f"a log line about the body:\n{shared.worker.output()[-2000:]}",
+    )
+    wait_until(lambda: pending(shared.redis_url) == 0, timeout=5, waiting_for=lambda: "the ack")
+    after = worker_stats(shared.redis_url, shared.directory)
+    assert delta(before, after) == {"received": 1, "failed": 1}
+    assert secret not in shared.worker.output()
+
+
+def test_the_task_of_a_killed_worker_runs_again_with_the_same_id(
+    redis_url: str, tmp_path: Path
+) -> None:
+    ledger, gate = tmp_path / "ledger", tmp_path / "gate"
+    receipt = message("record_effect", "receipt", str(gate))
+    # Published before any worker runs: start() declared the consumer group, so it waits.
+    publish(redis_url, receipt)
+    with taskiq_worker(BROKER, redis_url, ledger=ledger) as first:
+        [first_run] = wait_for_effect(ledger, "started", "receipt")
+        first.kill()
+    gate.touch()
+    with taskiq_worker(BROKER, redis_url, ledger=ledger) as second:
+        # taskiq-redis claims abandoned messages only after a read that returned new ones:
+        # on an idle stream the killed worker's task would wait for the next publish.
+        def ran_again_after_a_nudge() -> bool:
+            kick(redis_url, NOOP_TASK)
+            return any(line[:2] == ("done", "receipt") for line in read_effects(ledger))
+
+        wait_until(
+            ran_again_after_a_nudge,
+            timeout=20,
+            interval=0.25,
+            waiting_for=lambda: f"the killed worker's task to run again: {read_effects(ledger)}",
+        )
+        stop_quickly(second)
+    [again, done] = [line for line in read_effects(ledger) if line.entry == "receipt"][1:]
+    assert first_run.task_id == again.task_id == done.task_id == receipt.id
+    assert again.pid == done.pid != first_run.pid
+
+
+@pytest.mark.parametrize("instrumented", [False, True], ids=["ours", "taskiq-otel"])
+def test_the_worker_span_continues_the_trace_of_the_publish(
+    redis_url: str,
+    tmp_path: Path,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    instrumented: bool,
+) -> None:
+    ledger, worker_spans = tmp_path / "ledger", tmp_path / "spans.jsonl"
+    environment = {spans.SPANS_ENV: str(worker_spans), OTEL_MIDDLEWARE_ENV: str(int(instrumented))}
+    tracer = tracer_provider.get_tracer("test")
+    with taskiq_worker(BROKER, redis_url, ledger=ledger, environment=environment) as worker:
+        with tracer.start_as_current_span("request") as request_span:
+            headers: dict[str, str] = {}
+            propagate.inject(headers)
+        traced = message("record_effect", "traced", headers=headers)
+        anyio.run(
+            lambda: publish_async(
+                redis_url, traced, tracer_provider=tracer_provider if instrumented else None
+            )
+        )
+        wait_until(
+            lambda: any(
+                s["name"] == "after_response record_effect" for s in spans.read(worker_spans)
+            ),
+            timeout=20,
+            waiting_for=lambda: f"the worker's span in {spans.read(worker_spans)}",
+        )
+        stop_quickly(worker)
+
+    ours = {
+        format(s.context.span_id, "016x"): (s.name, s.parent and format(s.parent.span_id, "016x"))
+        for s in exporter.get_finished_spans()
+    }
+    theirs = {s["span_id"]: (s["name"], s["parent_id"]) for s in spans.read(worker_spans)}
+    [effect] = [s for s in spans.read(worker_spans) if s["name"] == "after_response record_effect"]
+    assert effect["trace_id"] == format(request_span.get_span_context().trace_id, "032x")
+    chain, span_id = [], effect["parent_id"]
+    while span_id is not None:
+        name, span_id = {**ours, **theirs}[span_id]
+        chain.append(name)
+    expected = [f"execute/{RUNNER_TASK}", f"send/{RUNNER_TASK}"] if instrumented else []
+    assert chain == [*expected, "request"]
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers: a hung broker."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+
+
+@pytest.mark.anyio
+async def test_start_raises_when_nothing_listens() -> None:
+    engine = TaskiqEngine(RedisStreamBroker(f"redis://127.0.0.1:{_closed_port()}/0"))
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await engine.start()
+    await engine.stop()
+
+
+@pytest.mark.anyio
+async def test_start_and_publish_raise_timeout_error_when_the_broker_hangs(
+    silent_server: str,
+) -> None:
+    engine = TaskiqEngine(RedisStreamBroker(silent_server), publish_timeout=0.5)
+    with pytest.raises(TimeoutError, match=r"did not answer within publish_timeout=0\.5 s"):
+        await engine.start()
+    with pytest.raises(TimeoutError, match="did not take 1 message"):
+        await engine.publish([message("record_effect", "hung")])
+
+
+@pytest.mark.anyio
+async def test_publish_raises_once_the_broker_is_gone() -> None:
+    with redis_server() as url:
+        engine = TaskiqEngine(RedisStreamBroker(url))
+        await engine.start()
+        await engine.publish([message("record_effect", "before")])
+    with pytest.raises(SendTaskError) as raised:
+        await engine.publish([message("record_effect", "after")])
+    assert isinstance(raised.value.__cause__, redis.exceptions.ConnectionError)
+    await engine.stop()
+    await engine.stop()  # idempotent
+
+
+@pytest.mark.parametrize("kind", [ListQueueBroker, PubSubBroker])
+def test_a_broker_without_acknowledgements_is_refused(kind: type[RedisStreamBroker]) -> None:
+    with pytest.raises(TypeError, match=f"cannot use a {kind.__name__}.*RedisStreamBroker"):
+        TaskiqEngine(kind("redis://127.0.0.1:1/0"))
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "match"),
+    [
+        ((object(),), TypeError, "expects a taskiq broker, got object"),
+        ((RedisStreamBroker("redis://127.0.0.1:1/0"),), None, None),
+    ],
+)
+def test_bad_constructor_arguments_are_refused(
+    arguments: tuple[Any, ...], error: type[Exception] | None, match: str | None
+) -> None:
+    if error is None:
+        assert TaskiqEngine(*arguments).system == "taskiq"
+    else:
+        with pytest.raises(error, match=match):
+            TaskiqEngine(*arguments)
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("inf"), float("nan"), "10", True])
+def test_a_bad_publish_timeout_is_refused(timeout: Any) -> None:
+    with pytest.raises(ValueError, match="publish_timeout must be a positive number"):
+        TaskiqEngine(RedisStreamBroker("redis://127.0.0.1:1/0"), publish_timeout=timeout)
+
+
+def test_a_second_engine_on_the_same_broker_is_refused() -> None:
+    broker = RedisStreamBroker("redis://127.0.0.1:1/0")
+    TaskiqEngine(broker)
+    with pytest.raises(ValueError, match=r"already has the 'after_response\.run' task"):
+        TaskiqEngine(broker)
+    TaskiqEngine(RedisStreamBroker("redis://127.0.0.1:1/0"))  # another broker: its own
+
+
+@pytest.mark.anyio
+async def test_start_warns_about_settings_that_lose_redelivery(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = TaskiqEngine(RedisStreamBroker(redis_url, maxlen=1000))
+    with caplog.at_level(logging.WARNING, logger="after_response"):
+        await engine.start()
+    await engine.stop()
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 2
+    assert "unacknowledged_lock_timeout=None" in warnings[0]
+    assert "set unacknowledged_lock_timeout" in warnings[0]
+    assert "RedisStreamBroker(maxlen=1000)" in warnings[1]
+
+
+@pytest.mark.anyio
+async def test_start_does_not_warn_about_a_well_configured_broker(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = TaskiqEngine(RedisStreamBroker(redis_url, unacknowledged_lock_timeout=30))
+    with caplog.at_level(logging.WARNING, logger="after_response"):
+        await engine.start()
+    await engine.stop()
+    assert caplog.records == []
+
+
+@pytest.mark.anyio
+async def test_start_warns_that_an_in_memory_broker_is_for_tests(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine = TaskiqEngine(InMemoryBroker())
+    with caplog.at_level(logging.WARNING, logger="after_response"):
+        await engine.start()
+    await engine.stop()
+    assert "InMemoryBroker runs the side effects in this process" in caplog.text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("app_started_it", [False, True])
+async def test_stop_shuts_down_only_a_broker_start_started(
+    redis_url: str, app_started_it: bool
+) -> None:
+    broker = RedisStreamBroker(redis_url, unacknowledged_lock_timeout=30)
+    shutdowns = []
+
+    def count(state: TaskiqState) -> None:
+        shutdowns.append(state)
+
+    broker.add_event_handler(TaskiqEvents.CLIENT_SHUTDOWN, count)
+    engine = TaskiqEngine(broker)
+    if app_started_it:
+        await broker.startup()
+    await engine.start()
+    await engine.stop()
+    await engine.stop()
+    assert len(shutdowns) == (0 if app_started_it else 1)
+    if app_started_it:
+        await broker.shutdown()
