@@ -193,8 +193,8 @@ def test_a_failing_side_effect_is_retried_in_the_worker_per_its_policy(
     shared: SharedWorker,
 ) -> None:
     before = worker_stats(shared.redis_url, shared.directory)
-    flaky = message("flaky_effect", "flaky", 2)
-    publish(shared.redis_url, flaky)
+    flaky, exhausted = message("flaky_effect", "flaky", 2), message("flaky_effect", "spent", 9)
+    publish(shared.redis_url, flaky, exhausted)
 
     lines = wait_for_effect(shared.ledger, "done", "flaky")
     assert [(line.event, line.attempt, line.task_id) for line in lines] == [
@@ -202,8 +202,13 @@ def test_a_failing_side_effect_is_retried_in_the_worker_per_its_policy(
         ("failed", 2, flaky.id),
         ("done", 3, flaky.id),
     ]
+    [dead] = wait_for_effect(shared.ledger, "dead-failed", "flaky_effect")
+    assert (dead.task_id, dead.attempt) == (exhausted.id, 3)
+    spent = [line for line in read_effects(shared.ledger) if line.entry == "spent"]
+    assert [(line.event, line.attempt) for line in spent] == [("failed", n) for n in (1, 2, 3)]
     after = worker_stats(shared.redis_url, shared.directory)
-    assert delta(before, after) == {"received": 1, "retried": 2, "succeeded": 1}
+    assert delta(before, after) == {"received": 2, "retried": 4, "succeeded": 1, "failed": 1}
+    wait_until(lambda: pending(shared.redis_url) == 0, timeout=5, waiting_for=lambda: "the ack")
 
 
 def test_a_side_effect_past_its_timeout_is_timed_out_and_counted(shared: SharedWorker) -> None:
@@ -220,6 +225,8 @@ def test_a_side_effect_past_its_timeout_is_timed_out_and_counted(shared: SharedW
     )
     after = worker_stats(shared.redis_url, shared.directory)
     assert delta(before, after) == {"received": 1, "timed_out": 1}
+    [dead] = wait_for_effect(shared.ledger, "dead-timed_out", "slow_effect")
+    assert (dead.task_id, dead.attempt) == (slow.id, 1)
     wait_until(lambda: pending(shared.redis_url) == 0, timeout=5, waiting_for=lambda: "the ack")
 
 
@@ -287,48 +294,54 @@ def test_the_task_of_a_killed_worker_runs_again_with_the_same_id(
     assert again.pid == done.pid != first_run.pid
 
 
-@pytest.mark.parametrize("instrumented", [False, True], ids=["ours", "taskiq-otel"])
+@pytest.mark.parametrize(
+    ("web_otel", "worker_otel"),
+    [(False, False), (True, True), (True, False), (False, True)],
+    ids=["no-taskiq-otel", "taskiq-otel", "taskiq-otel-in-web-only", "taskiq-otel-in-worker-only"],
+)
 def test_the_worker_span_continues_the_trace_of_the_publish(
     redis_url: str,
     tmp_path: Path,
     tracer_provider: TracerProvider,
     exporter: InMemorySpanExporter,
-    instrumented: bool,
+    web_otel: bool,
+    worker_otel: bool,
 ) -> None:
     ledger, worker_spans = tmp_path / "ledger", tmp_path / "spans.jsonl"
-    environment = {spans.SPANS_ENV: str(worker_spans), OTEL_MIDDLEWARE_ENV: str(int(instrumented))}
+    environment = {spans.SPANS_ENV: str(worker_spans), OTEL_MIDDLEWARE_ENV: str(int(worker_otel))}
     tracer = tracer_provider.get_tracer("test")
+
+    def effect_spans() -> list[dict[str, Any]]:
+        return [s for s in spans.read(worker_spans) if s["name"] == "after_response record_effect"]
+
     with taskiq_worker(BROKER, redis_url, ledger=ledger, environment=environment) as worker:
         with tracer.start_as_current_span("request") as request_span:
             headers: dict[str, str] = {}
             propagate.inject(headers)
         traced = message("record_effect", "traced", headers=headers)
-        anyio.run(
-            lambda: publish_async(
-                redis_url, traced, tracer_provider=tracer_provider if instrumented else None
-            )
-        )
+        web_provider = tracer_provider if web_otel else None
+        anyio.run(lambda: publish_async(redis_url, traced, tracer_provider=web_provider))
         wait_until(
-            lambda: any(
-                s["name"] == "after_response record_effect" for s in spans.read(worker_spans)
-            ),
+            lambda: bool(effect_spans()),
             timeout=20,
             waiting_for=lambda: f"the worker's span in {spans.read(worker_spans)}",
         )
         stop_quickly(worker)
 
-    ours = {
+    web = {
         format(s.context.span_id, "016x"): (s.name, s.parent and format(s.parent.span_id, "016x"))
         for s in exporter.get_finished_spans()
     }
-    theirs = {s["span_id"]: (s["name"], s["parent_id"]) for s in spans.read(worker_spans)}
-    [effect] = [s for s in spans.read(worker_spans) if s["name"] == "after_response record_effect"]
+    workers = {s["span_id"]: (s["name"], s["parent_id"]) for s in spans.read(worker_spans)}
+    [effect] = effect_spans()
     assert effect["trace_id"] == format(request_span.get_span_context().trace_id, "032x")
+    assert effect["attributes"]["after_response.task.id"] == traced.id
     chain, span_id = [], effect["parent_id"]
     while span_id is not None:
-        name, span_id = {**ours, **theirs}[span_id]
+        name, span_id = {**web, **workers}[span_id]
         chain.append(name)
-    expected = [f"execute/{RUNNER_TASK}", f"send/{RUNNER_TASK}"] if instrumented else []
+    expected = [f"execute/{RUNNER_TASK}"] if worker_otel else []
+    expected += [f"send/{RUNNER_TASK}"] if web_otel else []
     assert chain == [*expected, "request"]
 
 
@@ -407,6 +420,13 @@ def test_bad_constructor_arguments_are_refused(
 def test_a_bad_publish_timeout_is_refused(timeout: Any) -> None:
     with pytest.raises(ValueError, match="publish_timeout must be a positive number"):
         TaskiqEngine(RedisStreamBroker("redis://127.0.0.1:1/0"), publish_timeout=timeout)
+
+
+def test_an_async_dead_letter_hook_is_refused() -> None:
+    async def hook(letter: object) -> None: ...
+
+    with pytest.raises(TypeError, match="on_dead_letter must be a plain"):
+        TaskiqEngine(RedisStreamBroker("redis://127.0.0.1:1/0"), on_dead_letter=hook)
 
 
 def test_a_second_engine_on_the_same_broker_is_refused() -> None:

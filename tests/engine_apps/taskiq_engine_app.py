@@ -16,8 +16,14 @@ from pathlib import Path
 
 from taskiq_redis import RedisStreamBroker
 
+from after_response import DeadLetter
 from after_response.taskiq import TaskiqEngine
-from tests.engine_apps import BROKER_URL_ENV, redelivery_seconds, required_environment
+from tests.engine_apps import (
+    BROKER_URL_ENV,
+    LEDGER_ENV,
+    redelivery_seconds,
+    required_environment,
+)
 from tests.engine_apps.spans import install_from_environment
 
 OTEL_MIDDLEWARE_ENV = "AFTER_RESPONSE_TEST_TASKIQ_OTEL"
@@ -40,7 +46,15 @@ if os.environ.get(OTEL_MIDDLEWARE_ENV) == "1":
 
     broker.add_middlewares(OpenTelemetryMiddleware())
 
-engine = TaskiqEngine(broker)
+
+def dead_letter(letter: DeadLetter) -> None:
+    """Ledger line ``dead-<outcome> <name> <id> <pid> <attempts>``."""
+    line = f"dead-{letter.outcome} {letter.task_name} {letter.task_id} {os.getpid()} "
+    with Path(required_environment(LEDGER_ENV)).open("a", encoding="utf-8") as file:
+        file.write(f"{line}{letter.attempts}\n")
+
+
+engine = TaskiqEngine(broker, on_dead_letter=dead_letter)
 
 
 async def noop() -> None:
