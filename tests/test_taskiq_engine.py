@@ -37,7 +37,6 @@ from tests.engine_apps import spans
 BROKER = "tests.engine_apps.taskiq_engine_app:broker"
 # Names from tests/engine_apps/taskiq_engine_app.py (which reads its environment on import).
 OTEL_MIDDLEWARE_ENV = "AFTER_RESPONSE_TEST_TASKIQ_OTEL"
-NOOP_TASK = "engine_apps.taskiq.noop"
 STATS_TASK = "engine_apps.taskiq.stats"
 EFFECTS = "tests.engine_apps.effects"
 OPTIONS: dict[str, Any] = {"timeout": 5, "retry": {"attempts": 3, "backoff": 0.05}}
@@ -264,7 +263,7 @@ def test_a_malformed_body_is_logged_and_acknowledged(shared: SharedWorker) -> No
     assert secret not in shared.worker.output()
 
 
-def test_the_task_of_a_killed_worker_runs_again_with_the_same_id(
+def test_the_task_of_a_killed_worker_runs_again_with_the_same_id_on_a_quiet_stream(
     redis_url: str, tmp_path: Path
 ) -> None:
     ledger, gate = tmp_path / "ledger", tmp_path / "gate"
@@ -276,18 +275,9 @@ def test_the_task_of_a_killed_worker_runs_again_with_the_same_id(
         first.kill()
     gate.touch()
     with taskiq_worker(BROKER, redis_url, ledger=ledger) as second:
-        # taskiq-redis claims abandoned messages only after a read that returned new ones:
-        # on an idle stream the killed worker's task would wait for the next publish.
-        def ran_again_after_a_nudge() -> bool:
-            kick(redis_url, NOOP_TASK)
-            return any(line[:2] == ("done", "receipt") for line in read_effects(ledger))
-
-        wait_until(
-            ran_again_after_a_nudge,
-            timeout=20,
-            interval=0.25,
-            waiting_for=lambda: f"the killed worker's task to run again: {read_effects(ledger)}",
-        )
+        # Nothing else is published: the engine's wake-up message, sent by the worker once the
+        # task has been abandoned for idle_timeout, makes it claim the task back.
+        wait_for_effect(ledger, "done", "receipt")
         stop_quickly(second)
     [again, done] = [line for line in read_effects(ledger) if line.entry == "receipt"][1:]
     assert first_run.task_id == again.task_id == done.task_id == receipt.id
@@ -311,8 +301,31 @@ def test_the_worker_span_continues_the_trace_of_the_publish(
     environment = {spans.SPANS_ENV: str(worker_spans), OTEL_MIDDLEWARE_ENV: str(int(worker_otel))}
     tracer = tracer_provider.get_tracer("test")
 
-    def effect_spans() -> list[dict[str, Any]]:
-        return [s for s in spans.read(worker_spans) if s["name"] == "after_response record_effect"]
+    def chain() -> tuple[str, list[str]] | None:
+        """The trace id of the side effect's span and the names of its ancestors, once
+        every span of the chain is exported (each process exports a span when it ends)."""
+        web = {
+            format(s.context.span_id, "016x"): (
+                s.name,
+                s.parent and format(s.parent.span_id, "016x"),
+            )
+            for s in exporter.get_finished_spans()
+        }
+        exported = spans.read(worker_spans)
+        workers = {s["span_id"]: (s["name"], s["parent_id"]) for s in exported}
+        known = {**web, **workers}
+        effects = [s for s in exported if s["name"] == "after_response record_effect"]
+        if not effects:
+            return None
+        [effect] = effects
+        assert effect["attributes"]["after_response.task.id"] == traced.id
+        names, span_id = [], effect["parent_id"]
+        while span_id is not None:
+            if span_id not in known:
+                return None
+            name, span_id = known[span_id]
+            names.append(name)
+        return effect["trace_id"], names
 
     with taskiq_worker(BROKER, redis_url, ledger=ledger, environment=environment) as worker:
         with tracer.start_as_current_span("request") as request_span:
@@ -322,27 +335,16 @@ def test_the_worker_span_continues_the_trace_of_the_publish(
         web_provider = tracer_provider if web_otel else None
         anyio.run(lambda: publish_async(redis_url, traced, tracer_provider=web_provider))
         wait_until(
-            lambda: bool(effect_spans()),
+            lambda: chain() is not None,
             timeout=20,
-            waiting_for=lambda: f"the worker's span in {spans.read(worker_spans)}",
+            waiting_for=lambda: f"the worker's spans in {spans.read(worker_spans)}",
         )
         stop_quickly(worker)
 
-    web = {
-        format(s.context.span_id, "016x"): (s.name, s.parent and format(s.parent.span_id, "016x"))
-        for s in exporter.get_finished_spans()
-    }
-    workers = {s["span_id"]: (s["name"], s["parent_id"]) for s in spans.read(worker_spans)}
-    [effect] = effect_spans()
-    assert effect["trace_id"] == format(request_span.get_span_context().trace_id, "032x")
-    assert effect["attributes"]["after_response.task.id"] == traced.id
-    chain, span_id = [], effect["parent_id"]
-    while span_id is not None:
-        name, span_id = {**web, **workers}[span_id]
-        chain.append(name)
     expected = [f"execute/{RUNNER_TASK}"] if worker_otel else []
     expected += [f"send/{RUNNER_TASK}"] if web_otel else []
-    assert chain == [*expected, "request"]
+    trace_id = format(request_span.get_span_context().trace_id, "032x")
+    assert chain() == (trace_id, [*expected, "request"])
 
 
 def _closed_port() -> int:

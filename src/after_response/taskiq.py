@@ -22,7 +22,10 @@ acknowledgements (``ListQueueBroker``, ``PubSubBroker``) are refused.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any, Final
 
@@ -33,6 +36,7 @@ from redis.asyncio import Redis
 from taskiq import AsyncBroker, Context, InMemoryBroker, TaskiqDepends, TaskiqEvents, TaskiqState
 from taskiq.acks import AcknowledgeType
 from taskiq.kicker import AsyncKicker
+from taskiq.message import TaskiqMessage
 from taskiq_redis import (
     ListQueueBroker,
     ListQueueClusterBroker,
@@ -66,6 +70,8 @@ _TRACE_LABELS: Final = ("traceparent", "tracestate")
 #: Sent with every message: the worker acknowledges it after the runner returned, whatever
 #: its own ``--ack-type``, so a message whose worker dies mid-run is delivered again.
 _ACK_AFTER_EXECUTION: Final = AcknowledgeType.WHEN_EXECUTED.value
+#: The body of a wake-up message (see ``_wake_claimers``): the runner task ignores it.
+_WAKE_UP: Final = {"after_response_wake_up": 1}
 
 
 class TaskiqEngine:
@@ -130,15 +136,30 @@ class TaskiqEngine:
         self._publish_timeout = float(publish_timeout)
         self._broker_running = False  # the client side of the broker (not a worker's)
         self._started_broker = False  # start() started it, so stop() shuts it down
+        self._waker: asyncio.Task[None] | None = None
         broker.register_task(_runner_task(self.runner), task_name=RUNNER_TASK)
         broker.add_event_handler(TaskiqEvents.CLIENT_STARTUP, self._on_client_startup)
         broker.add_event_handler(TaskiqEvents.CLIENT_SHUTDOWN, self._on_client_shutdown)
+        if isinstance(broker, RedisStreamBroker):
+            broker.add_event_handler(TaskiqEvents.WORKER_STARTUP, self._on_worker_startup)
+            broker.add_event_handler(TaskiqEvents.WORKER_SHUTDOWN, self._on_worker_shutdown)
 
     def _on_client_startup(self, state: TaskiqState) -> None:
         self._broker_running = True
 
     def _on_client_shutdown(self, state: TaskiqState) -> None:
         self._broker_running = False
+
+    def _on_worker_startup(self, state: TaskiqState) -> None:
+        assert isinstance(self.broker, RedisStreamBroker)
+        self._waker = asyncio.ensure_future(_wake_claimers(self.broker))
+
+    async def _on_worker_shutdown(self, state: TaskiqState) -> None:
+        waker, self._waker = self._waker, None
+        if waker is not None:
+            waker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waker
 
     async def start(self) -> None:
         """Check the broker's settings, start its client side unless the app already did
@@ -262,6 +283,8 @@ def _runner_task(runner: WorkerRunner) -> Callable[..., Awaitable[str]]:
     async def run_after_response_task(
         body: Any, context: Annotated[Context, TaskiqDepends()]
     ) -> str:
+        if body == _WAKE_UP:
+            return "woken"
         parent = None
         if not trace.get_current_span().get_span_context().is_valid:
             # No instrumentation continued the trace here: the labels carry the context of
@@ -274,3 +297,48 @@ def _runner_task(runner: WorkerRunner) -> Callable[..., Awaitable[str]]:
         return outcome.value
 
     return run_after_response_task
+
+
+async def _wake_claimers(broker: RedisStreamBroker) -> None:
+    """Worker side: while a message left unacknowledged by a dead worker has waited past
+    ``idle_timeout``, send a no-op message.
+
+    A ``RedisStreamBroker`` worker claims such messages (``XAUTOCLAIM``) only after a read
+    that returned new ones: on a quiet stream a killed worker's task would wait for the next
+    publish. Every worker process looks every ``idle_timeout / 2`` (0.5 to 30 s).
+    """
+    interval = min(max(broker.idle_timeout / 2000, 0.5), 30.0)
+    wake_up = TaskiqMessage(
+        task_id="",
+        task_name=RUNNER_TASK,
+        labels={"ack_type": _ACK_AFTER_EXECUTION},
+        args=[_WAKE_UP],
+        kwargs={},
+    )
+    failing = False
+    async with Redis(connection_pool=broker.connection_pool) as connection:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                abandoned = await connection.xpending_range(
+                    broker.queue_name,
+                    broker.consumer_group_name,
+                    min="-",
+                    max="+",
+                    count=1,
+                    idle=broker.idle_timeout,
+                )
+                if abandoned:
+                    wake_up.task_id = uuid.uuid4().hex
+                    await broker.kick(broker.formatter.dumps(wake_up))
+                failing = False
+            except Exception as exc:  # Redis away: the worker's own reads fail loudly too.
+                if not failing:
+                    logger.warning(
+                        "taskiq engine: cannot look for messages of dead workers (%s: %s); "
+                        "trying again every %s s",
+                        type(exc).__name__,
+                        exc,
+                        interval,
+                    )
+                failing = True
