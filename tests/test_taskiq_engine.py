@@ -12,7 +12,7 @@ import json
 import logging
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,11 +22,11 @@ import redis
 from opentelemetry import propagate
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from taskiq import InMemoryBroker, TaskiqEvents, TaskiqState
+from taskiq import AsyncBroker, BrokerMessage, InMemoryBroker, TaskiqEvents, TaskiqState
 from taskiq.exceptions import SendTaskError
 from taskiq.kicker import AsyncKicker
 from taskiq.middlewares.opentelemetry_middleware import OpenTelemetryMiddleware
-from taskiq_redis import ListQueueBroker, PubSubBroker, RedisStreamBroker
+from taskiq_redis import ListQueueBroker, PubSubBroker, RedisStreamBroker, RedisStreamSentinelBroker
 
 from after_response._engine import RUNNER_TASK, Message, encode
 from after_response._store import StoredTask
@@ -372,14 +372,26 @@ async def test_start_raises_when_nothing_listens() -> None:
 
 
 @pytest.mark.anyio
-async def test_start_and_publish_raise_timeout_error_when_the_broker_hangs(
-    silent_server: str,
-) -> None:
+async def test_start_raises_timeout_error_when_the_broker_hangs(silent_server: str) -> None:
     engine = TaskiqEngine(RedisStreamBroker(silent_server), publish_timeout=0.5)
     with pytest.raises(TimeoutError, match=r"did not answer within publish_timeout=0\.5 s"):
         await engine.start()
-    with pytest.raises(TimeoutError, match="did not take 1 message"):
-        await engine.publish([message("record_effect", "hung")])
+    with pytest.raises(RuntimeError, match=r"publish\(\) before start\(\)"):
+        await engine.publish([message("record_effect", "never")])
+
+
+@pytest.mark.anyio
+async def test_publish_raises_timeout_error_when_the_broker_hangs(redis_url: str) -> None:
+    engine = TaskiqEngine(RedisStreamBroker(redis_url), publish_timeout=0.5)
+    await engine.start()
+    with redis.Redis.from_url(redis_url) as client:
+        client.execute_command("CLIENT", "PAUSE", "5000", "WRITE")  # XADD blocks for 5 s
+        try:
+            with pytest.raises(TimeoutError, match="did not take 2 message"):
+                await engine.publish([message("record_effect", "hung")] * 2)
+        finally:
+            client.execute_command("CLIENT", "UNPAUSE")
+    await engine.stop()
 
 
 @pytest.mark.anyio
@@ -497,3 +509,35 @@ async def test_stop_shuts_down_only_a_broker_start_started(
     assert len(shutdowns) == (0 if app_started_it else 1)
     if app_started_it:
         await broker.shutdown()
+
+
+class UncheckedBroker(AsyncBroker):
+    """A broker after-response knows nothing of (say, another project's)."""
+
+    async def kick(self, message: BrokerMessage) -> None:
+        raise NotImplementedError
+
+    def listen(self) -> AsyncGenerator[bytes, None]:
+        raise NotImplementedError
+
+
+@pytest.mark.anyio
+async def test_start_warns_that_it_cannot_check_an_unknown_broker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine = TaskiqEngine(UncheckedBroker())
+    with caplog.at_level(logging.WARNING, logger="after_response"):
+        await engine.start()
+    await engine.stop()
+    assert "cannot check that a UncheckedBroker redelivers" in caplog.text
+
+
+@pytest.mark.anyio
+async def test_start_warns_that_a_sentinel_stream_broker_never_claims_messages_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broker = RedisStreamSentinelBroker(sentinels=[("127.0.0.1", _closed_port())], master_name="m")
+    engine = TaskiqEngine(broker, publish_timeout=0.5)
+    with caplog.at_level(logging.WARNING, logger="after_response"), pytest.raises(TimeoutError):
+        await engine.start()  # no sentinel answers
+    assert "RedisStreamSentinelBroker acknowledges after execution but never claims" in caplog.text

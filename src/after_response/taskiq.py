@@ -247,10 +247,18 @@ class TaskiqEngine:
         span there). Each message is acknowledged by the worker after it ran.
 
         Raises:
+            RuntimeError: neither :meth:`start` nor the app started the broker (without
+                its startup, the stream's consumer group may not exist yet, and the workers
+                would never see messages sent before it does).
             TimeoutError: the messages were not all sent within ``publish_timeout`` seconds.
             taskiq.exceptions.SendTaskError: the broker refused one (its cause attached).
             Those sent before the error may be sent again by the next call (at least once).
         """
+        if not (self._started_broker or self._broker_running):
+            raise RuntimeError(
+                "TaskiqEngine.publish() before start(): await engine.start() first (the "
+                "middleware does, at lifespan startup), or await broker.startup()"
+            )
         try:
             with anyio.fail_after(self._publish_timeout):
                 for message in messages:
