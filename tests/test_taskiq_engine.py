@@ -28,7 +28,7 @@ from taskiq.kicker import AsyncKicker
 from taskiq.middlewares.opentelemetry_middleware import OpenTelemetryMiddleware
 from taskiq_redis import ListQueueBroker, PubSubBroker, RedisStreamBroker, RedisStreamSentinelBroker
 
-from after_response._engine import RUNNER_TASK, Message, encode
+from after_response._engine import RUNNER_TASK, Engine, Message, encode
 from after_response._store import StoredTask
 from after_response.taskiq import TaskiqEngine
 from tests.brokers import Worker, redis_server, taskiq_worker, wait_until
@@ -424,7 +424,9 @@ def test_bad_constructor_arguments_are_refused(
     arguments: tuple[Any, ...], error: type[Exception] | None, match: str | None
 ) -> None:
     if error is None:
-        assert TaskiqEngine(*arguments).system == "taskiq"
+        engine: Engine = TaskiqEngine(*arguments)  # mypy: the Engine protocol
+        assert isinstance(engine, Engine)
+        assert engine.system == "taskiq"
     else:
         with pytest.raises(error, match=match):
             TaskiqEngine(*arguments)

@@ -96,7 +96,7 @@ class TaskiqEngine:
             worker process.
     """
 
-    system: Final = "taskiq"
+    system: str = "taskiq"
 
     def __init__(
         self,
