@@ -20,6 +20,7 @@ import anyio
 import pytest
 import redis
 from opentelemetry import propagate
+from opentelemetry import trace as otel_trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from taskiq import AsyncBroker, BrokerMessage, InMemoryBroker, TaskiqEvents, TaskiqState
@@ -188,6 +189,26 @@ def test_published_side_effects_run_in_the_worker_under_the_message_id(
         assert done.pid != shared.worker.pid  # taskiq's worker process, a child
 
 
+def test_concurrent_publishes_of_one_engine_all_run(shared: SharedWorker) -> None:
+    batches = [[message("arecord_effect", f"batch{b}-{n}") for n in range(5)] for b in range(3)]
+
+    async def publish_concurrently() -> None:
+        engine = TaskiqEngine(RedisStreamBroker(shared.redis_url, unacknowledged_lock_timeout=30))
+        await engine.start()
+        try:
+            async with anyio.create_task_group() as group:
+                for batch in batches:
+                    group.start_soon(engine.publish, batch)
+        finally:
+            await engine.stop()
+
+    anyio.run(publish_concurrently)
+    for b, batch in enumerate(batches):
+        for n, sent in enumerate(batch):
+            [done] = wait_for_effect(shared.ledger, "done", f"batch{b}-{n}")
+            assert done.task_id == sent.id
+
+
 def test_a_failing_side_effect_is_retried_in_the_worker_per_its_policy(
     shared: SharedWorker,
 ) -> None:
@@ -345,6 +366,22 @@ def test_the_worker_span_continues_the_trace_of_the_publish(
     expected += [f"send/{RUNNER_TASK}"] if web_otel else []
     trace_id = format(request_span.get_span_context().trace_id, "032x")
     assert chain() == (trace_id, [*expected, "request"])
+
+
+@pytest.mark.anyio
+async def test_publish_leaves_the_callers_trace_context_as_it_was(
+    redis_url: str, tracer_provider: TracerProvider
+) -> None:
+    tracer = tracer_provider.get_tracer("test")
+    with tracer.start_as_current_span("relay") as relay_span:
+        headers: dict[str, str] = {}
+        with tracer.start_as_current_span("request"):
+            propagate.inject(headers)
+        engine = TaskiqEngine(RedisStreamBroker(redis_url, unacknowledged_lock_timeout=30))
+        await engine.start()
+        await engine.publish([message("record_effect", "traced", headers=headers)])
+        await engine.stop()
+        assert otel_trace.get_current_span() is relay_span
 
 
 def _closed_port() -> int:
