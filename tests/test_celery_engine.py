@@ -9,6 +9,8 @@ lines to a ledger.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -20,7 +22,8 @@ import anyio
 import pytest
 import redis
 from celery import Celery
-from opentelemetry import propagate, trace
+from kombu.exceptions import OperationalError
+from opentelemetry import propagate
 from opentelemetry.instrumentation.celery import CeleryInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -28,7 +31,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from after_response._engine import RUNNER_TASK, Message, encode
 from after_response._store import StoredTask
 from after_response.celery import CeleryEngine
-from tests.brokers import Worker, celery_worker, redis_server, wait_until
+from tests.brokers import celery_worker, redis_server, wait_until
 from tests.engine_apps import spans
 
 APP = "tests.engine_apps.celery_engine_app"
@@ -36,6 +39,8 @@ EFFECTS = "tests.engine_apps.effects"
 OPTIONS: dict[str, Any] = {"timeout": 5, "retry": {"attempts": 3, "backoff": 0.05}}
 # Read by the worker app (which the tests never import: it reads its settings at import).
 INSTRUMENT_ENV = "AFTER_RESPONSE_TEST_CELERY_INSTRUMENT"
+# What a broker that is down raises: the Redis client's, kombu's, or our timeout's error.
+BROKER_ERRORS = (redis.exceptions.ConnectionError, OperationalError, TimeoutError)
 # kombu's Redis transport: messages delivered and not yet acknowledged.
 UNACKED = "unacked"
 
@@ -179,9 +184,7 @@ async def test_a_side_effect_past_its_timeout_times_out_and_is_dead_lettered(
     redis_url: str, ledger: Path, tmp_path: Path
 ) -> None:
     span_file = tmp_path / "spans"
-    slow = message(
-        "slow", "slow_effect", 3.0, options={"timeout": 0.2, "retry": {"attempts": 1}}
-    )
+    slow = message("slow", "slow_effect", 3.0, options={"timeout": 0.2, "retry": {"attempts": 1}})
     with worker(redis_url, ledger, **{spans.SPANS_ENV: str(span_file)}) as running:
         async with started(redis_url) as engine:
             await engine.publish([slow])
@@ -226,9 +229,7 @@ async def test_a_side_effect_that_cannot_be_imported_is_logged_and_acknowledged(
 
 
 @pytest.mark.anyio
-async def test_a_malformed_body_is_logged_and_acknowledged(
-    redis_url: str, ledger: Path
-) -> None:
+async def test_a_malformed_body_is_logged_and_acknowledged(redis_url: str, ledger: Path) -> None:
     malformed = Message(str(uuid.uuid4()), "malformed", {"not": "ours"}, {})
     with worker(redis_url, ledger) as running:
         async with started(redis_url) as engine:
@@ -243,3 +244,294 @@ async def test_a_malformed_body_is_logged_and_acknowledged(
             timeout=10,
             waiting_for=lambda: "the malformed message to be acknowledged",
         )
+
+
+# 3. kill -9 of a worker mid-task: the message comes back and runs under the same id, and
+# the runner knows it is a redelivery (kombu's Redis transport marks a restored message).
+
+
+def redelivered_span(span_file: Path, entry: str) -> dict[str, Any]:
+    [span] = [s for s in spans.read(span_file) if s["name"] == f"after_response {entry}"]
+    return span
+
+
+@pytest.mark.anyio
+async def test_a_killed_workers_side_effect_runs_again_in_the_next_worker_under_its_id(
+    redis_url: str, ledger: Path, tmp_path: Path
+) -> None:
+    gate, span_file = tmp_path / "gate", tmp_path / "spans"
+    receipt = message("receipt", "record_effect", str(gate))
+    with worker(redis_url, ledger, **{spans.SPANS_ENV: str(span_file)}) as first:
+        async with started(redis_url) as engine:
+            await engine.publish([receipt])
+        wait_for_line(ledger, "started", "receipt")
+        first.kill()
+    gate.touch()
+    with worker(redis_url, ledger, **{spans.SPANS_ENV: str(span_file)}):
+        lines = wait_for_line(ledger, "done", "receipt")
+    [first_run, second_run, done] = lines
+    assert first_run.event == second_run.event == "started"
+    assert first_run.task_id == second_run.task_id == done.task_id == receipt.id
+    assert second_run.pid == done.pid != first_run.pid
+    # Only the second run ended its span (the first one's process was killed).
+    assert redelivered_span(span_file, "receipt")["attributes"]["after_response.task.recovered"]
+
+
+@pytest.mark.anyio
+async def test_a_killed_pool_processs_side_effect_is_requeued_and_runs_again(
+    redis_url: str, ledger: Path, tmp_path: Path
+) -> None:
+    gate, span_file = tmp_path / "gate", tmp_path / "spans"
+    receipt = message("receipt", "record_effect", str(gate))
+    with worker(redis_url, ledger, **{spans.SPANS_ENV: str(span_file)}) as running:
+        async with started(redis_url) as engine:
+            await engine.publish([receipt])
+        [started_line] = wait_for_line(ledger, "started", "receipt")
+        os.kill(started_line.pid, signal.SIGKILL)  # the pool process, not the worker
+        gate.touch()
+        lines = wait_for_line(ledger, "done", "receipt")
+        assert running.process.poll() is None
+    [first_run, second_run, done] = lines
+    assert first_run.task_id == second_run.task_id == done.task_id == receipt.id
+    assert second_run.pid == done.pid != first_run.pid
+    assert redelivered_span(span_file, "receipt")["attributes"]["after_response.task.recovered"]
+
+
+def test_a_first_delivery_is_not_marked_recovered(
+    redis_url: str, ledger: Path, tmp_path: Path
+) -> None:
+    span_file = tmp_path / "spans"
+    receipt = message("receipt")
+
+    async def publish() -> None:
+        async with started(redis_url) as engine:
+            await engine.publish([receipt])
+
+    with worker(redis_url, ledger, **{spans.SPANS_ENV: str(span_file)}):
+        anyio.run(publish)
+        wait_for_line(ledger, "done", "receipt")
+        wait_until(
+            lambda: bool(spans.read(span_file)),
+            timeout=10,
+            waiting_for=lambda: "the side effect's span",
+        )
+    attributes = redelivered_span(span_file, "receipt")["attributes"]
+    assert "after_response.task.recovered" not in attributes
+
+
+# 4. One trace: the worker's span continues the trace of the headers, with Celery's own
+# instrumentation on both sides (publish and run spans in between) and without it.
+
+
+def span_chain(start: dict[str, Any], spans_by_id: dict[str, dict[str, Any]]) -> list[str]:
+    """The names of ``start`` and its ancestors, nearest first."""
+    chain, span = [start["name"]], start
+    while span["parent_id"] is not None and span["parent_id"] in spans_by_id:
+        span = spans_by_id[span["parent_id"]]
+        chain.append(span["name"])
+    return chain
+
+
+def as_record(span: Any) -> dict[str, Any]:
+    return {
+        "name": span.name,
+        "trace_id": format(span.context.trace_id, "032x"),
+        "span_id": format(span.context.span_id, "016x"),
+        "parent_id": None if span.parent is None else format(span.parent.span_id, "016x"),
+    }
+
+
+@pytest.fixture
+def celery_instrumented(tracer_provider: TracerProvider) -> Iterator[None]:
+    """Celery's OpenTelemetry instrumentation in this (the publishing) process."""
+    instrumentor = CeleryInstrumentor()  # type: ignore[no-untyped-call]
+    instrumentor.instrument(tracer_provider=tracer_provider)
+    yield
+    instrumentor.uninstrument()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("instrumented", [False, True], ids=["ours", "celery-instrumentation"])
+async def test_the_workers_span_is_in_the_publishers_trace(
+    redis_url: str,
+    ledger: Path,
+    tmp_path: Path,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    request: pytest.FixtureRequest,
+    instrumented: bool,
+) -> None:
+    if instrumented:
+        request.getfixturevalue("celery_instrumented")
+    span_file = tmp_path / "spans"
+    with tracer_provider.get_tracer("test").start_as_current_span("request") as request_span:
+        headers: dict[str, str] = {}
+        propagate.inject(headers)
+    traced = message("traced", headers=headers)
+    environment = {spans.SPANS_ENV: str(span_file), INSTRUMENT_ENV: "1" if instrumented else "0"}
+    with worker(redis_url, ledger, **environment):
+        # Published outside the request's context, as the relay does: under the headers'.
+        async with started(redis_url) as engine:
+            await engine.publish([traced])
+        wait_for_line(ledger, "done", "traced")
+        wait_until(
+            lambda: any(s["name"] == "after_response traced" for s in spans.read(span_file)),
+            timeout=10,
+            waiting_for=lambda: f"the worker's span in {spans.read(span_file)}",
+        )
+    recorded = spans.read(span_file) + [as_record(s) for s in exporter.get_finished_spans()]
+    by_id = {span["span_id"]: span for span in recorded}
+    [worker_span] = [s for s in recorded if s["name"] == "after_response traced"]
+    trace_id = format(request_span.get_span_context().trace_id, "032x")
+    assert worker_span["trace_id"] == trace_id
+    if instrumented:
+        assert span_chain(worker_span, by_id) == [
+            "after_response traced",
+            f"run/{RUNNER_TASK}",
+            f"apply_async/{RUNNER_TASK}",
+            "request",
+        ]
+    else:
+        assert span_chain(worker_span, by_id) == ["after_response traced", "request"]
+
+
+# 5. A broker that is down or hangs: start() and publish() raise, in bounded time.
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@pytest.fixture
+def silent_broker() -> Iterator[str]:
+    """A port that accepts connections (the kernel's backlog) and never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+
+
+@pytest.mark.anyio
+async def test_start_raises_when_the_broker_is_down() -> None:
+    app = Celery("web", broker=f"redis://127.0.0.1:{closed_port()}/0")
+    engine = CeleryEngine(app, publish_timeout=2)
+    # Refused, retried by the Redis client, and reported within publish_timeout.
+    with anyio.fail_after(20), pytest.raises(BROKER_ERRORS):
+        await engine.start()
+    await engine.stop()
+
+
+@pytest.mark.anyio
+async def test_start_raises_timeout_error_when_the_broker_does_not_answer(
+    silent_broker: str,
+) -> None:
+    engine = CeleryEngine(Celery("web", broker=silent_broker), publish_timeout=0.5)
+    with anyio.fail_after(20), pytest.raises(TimeoutError, match="publish_timeout"):
+        await engine.start()
+    await engine.stop()
+
+
+@pytest.mark.anyio
+async def test_publish_raises_when_the_broker_has_stopped() -> None:
+    with redis_server() as url:
+        app = Celery("web", broker=url)
+        engine = CeleryEngine(app, publish_timeout=2)
+        await engine.start()
+        await engine.publish([message("before")])
+    try:
+        with anyio.fail_after(20), pytest.raises(BROKER_ERRORS):
+            await engine.publish([message("after")])
+    finally:
+        await engine.stop()
+
+
+@pytest.mark.anyio
+async def test_publish_before_start_and_after_stop_raises(redis_url: str) -> None:
+    engine = CeleryEngine(Celery("web", broker=redis_url))
+    with pytest.raises(RuntimeError, match="before start"):
+        await engine.publish([message("early")])
+    await engine.start()
+    await engine.stop()
+    await engine.stop()  # idempotent
+    with pytest.raises(RuntimeError, match="before start"):
+        await engine.publish([message("late")])
+
+
+# 6. The settings check: an app that undoes the runner task's delivery settings.
+
+
+@pytest.mark.anyio
+async def test_start_refuses_an_app_that_turns_off_late_acknowledgement() -> None:
+    app = Celery("web", broker=f"redis://127.0.0.1:{closed_port()}/0")
+    app.conf.task_annotations = {"*": {"acks_late": False, "reject_on_worker_lost": False}}
+    engine = CeleryEngine(app)
+    with pytest.raises(RuntimeError, match=r"acks_late=False.*task_annotations") as raised:
+        await engine.start()
+    assert "reject_on_worker_lost=False" in str(raised.value)
+
+
+@pytest.mark.anyio
+async def test_app_wide_acknowledgement_settings_do_not_change_the_runner_task(
+    redis_url: str,
+) -> None:
+    app = Celery("web", broker=redis_url)
+    app.conf.update(
+        task_acks_late=False,
+        task_reject_on_worker_lost=False,
+        task_acks_on_failure_or_timeout=False,
+    )
+    engine = CeleryEngine(app)
+    await engine.start()  # does not raise
+    await engine.stop()
+    task = app.tasks[RUNNER_TASK]
+    assert (task.acks_late, task.reject_on_worker_lost, task.acks_on_failure_or_timeout) == (
+        True,
+        True,
+        True,
+    )
+
+
+def test_a_worker_with_a_misconfigured_runner_task_says_so(redis_url: str, ledger: Path) -> None:
+    with worker(redis_url, ledger, AFTER_RESPONSE_TEST_CELERY_MISCONFIGURE="1") as running:
+        output = running.output()
+    assert f"the {RUNNER_TASK} task has acks_late=False" in output
+    assert "task_annotations" in output
+
+
+# Construction.
+
+
+def test_the_runner_task_is_registered_once_per_app() -> None:
+    app = Celery("web")
+    engine = CeleryEngine(app)
+    assert app.tasks[RUNNER_TASK].name == RUNNER_TASK
+    assert engine.system == "celery"
+    assert engine.runner.stats().received == 0
+    with pytest.raises(ValueError, match="already has a CeleryEngine"):
+        CeleryEngine(app)
+
+
+def test_an_engine_needs_a_celery_app() -> None:
+    with pytest.raises(TypeError, match=r"expects a celery\.Celery app, got a str"):
+        CeleryEngine("proj.celery:app")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"queue": 5}, TypeError, "queue"),
+        ({"queue": ""}, TypeError, "queue"),
+        ({"publish_timeout": 0}, ValueError, "publish_timeout"),
+        ({"publish_timeout": float("nan")}, ValueError, "publish_timeout"),
+        ({"publish_timeout": "10"}, ValueError, "publish_timeout"),
+        ({"on_dead_letter": "print"}, TypeError, "on_dead_letter"),
+    ],
+)
+def test_bad_options_are_refused_at_construction(
+    options: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        CeleryEngine(Celery("web"), **options)

@@ -32,29 +32,31 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Final, TypeVar
 
-from celery import Celery, Task
+from celery import Celery, Task, signals
 from kombu import Connection, Producer
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
 from ._dead_letters import DeadLetterHook
 from ._engine import RUNNER_TASK, Message
+from ._logs import logger
 from ._worker import WorkerRunner
 
 __all__ = ["CeleryEngine"]
 
 T = TypeVar("T")
 
-#: What the runner task relies on, as the task's attributes after Celery applied the app's
-#: configuration and annotations: (attribute, value it must have, the setting that changes it).
+#: What the runner task relies on, as its attributes after Celery applied the app's
+#: ``task_annotations`` (the task sets them itself, so the app-wide ``task_acks_late``,
+#: ``task_acks_on_failure_or_timeout``... do not change them): attribute, required value.
 _REQUIRED: Final = (
-    ("acks_late", True, "task_acks_late"),
-    ("reject_on_worker_lost", True, "task_reject_on_worker_lost"),
-    ("acks_on_failure_or_timeout", True, "task_acks_on_failure_or_timeout"),
-    ("acks_on_failure", True, "task_acks_on_failure"),
-    ("acks_on_timeout", True, "task_acks_on_timeout"),
+    ("acks_late", True),
+    ("reject_on_worker_lost", True),
+    ("acks_on_failure_or_timeout", True),
+    ("acks_on_failure", True),
+    ("acks_on_timeout", True),
     # Celery 5.6+: a lost task re-sent as a retry is dropped once max_retries run out.
-    ("retry_on_worker_lost", False, "task_retry_on_worker_lost"),
+    ("retry_on_worker_lost", False),
 )
 
 _engines: weakref.WeakKeyDictionary[Celery, CeleryEngine] = weakref.WeakKeyDictionary()
@@ -152,6 +154,16 @@ class CeleryEngine:
             delivery_info = task.request.delivery_info or {}
             runner.run_blocking(body, redelivered=bool(delivery_info.get("redelivered")))
 
+        signals.worker_init.connect(self._check_in_worker, weak=False)
+
+    def _check_in_worker(self, sender: object = None, **_: object) -> None:
+        """At a worker's start-up: log what in its configuration undoes the runner's
+        delivery settings (the worker's configuration is the one that counts)."""
+        if getattr(sender, "app", None) is not self.app:
+            return
+        for problem in _settings_problems(self.app):
+            logger.error("after-response: the %s task %s", RUNNER_TASK, problem)
+
     async def start(self) -> None:
         """Check the runner task's settings, and connect to the broker.
 
@@ -161,11 +173,11 @@ class CeleryEngine:
             TimeoutError: the broker did not answer within ``publish_timeout`` seconds.
             Exception: the broker refused the connection (kombu's error).
         """
-        problems = settings_problems(self.app)
+        problems = _settings_problems(self.app)
         if problems:
             raise RuntimeError(
                 f"CeleryEngine: the {RUNNER_TASK} task of Celery app {self.app.main!r} "
-                f"cannot hand off side effects safely: {'; '.join(problems)}"
+                f"cannot hand off side effects safely: it {'; it '.join(problems)}"
             )
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="after-response-celery")
@@ -235,6 +247,13 @@ class CeleryEngine:
 
     def _send(self, messages: list[Message], deadline: float) -> None:
         self._connect()
+        try:
+            self._send_each(messages, deadline)
+        except BaseException:
+            self._close()  # the next call starts from a fresh connection
+            raise
+
+    def _send_each(self, messages: list[Message], deadline: float) -> None:
         for message in messages:
             if time.monotonic() > deadline:
                 return  # the caller has already raised TimeoutError
@@ -261,19 +280,19 @@ class CeleryEngine:
             connection.release()
 
 
-def settings_problems(app: Celery) -> list[str]:
+def _settings_problems(app: Celery) -> list[str]:
     """What, in ``app``'s configuration, undoes the runner task's delivery settings (each
     naming the setting and the fix); empty when all is well."""
     task = app.tasks.get(RUNNER_TASK)
     if task is None:
-        return [f"the task is not registered on this app; construct CeleryEngine({app.main!r})"]
+        return ["is not registered on this app; construct CeleryEngine(app)"]
     problems = []
-    for attribute, required, setting in _REQUIRED:
+    for attribute, required in _REQUIRED:
         value = getattr(task, attribute, required)  # absent in older Celery: not relied on
         if value is not None and bool(value) is not required:
             problems.append(
-                f"its {attribute} is {value!r} (set by task_annotations or the {setting} "
-                f"setting); after-response needs {attribute}={required}: remove that "
-                f"override for {RUNNER_TASK}"
+                f"has {attribute}={value!r}, set by the task_annotations setting; "
+                f"after-response needs {attribute}={required}: remove {attribute} from the "
+                f"annotations that match {RUNNER_TASK} (or '*')"
             )
     return problems

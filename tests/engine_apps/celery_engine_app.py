@@ -4,7 +4,8 @@ worker``.
 Configured from the environment (``tests.engine_apps``): the broker URL, a short visibility
 timeout so a killed worker's message comes back in seconds, spans to a file when
 ``AFTER_RESPONSE_TEST_SPANS`` is set, and Celery's OpenTelemetry instrumentation when
-``AFTER_RESPONSE_TEST_CELERY_INSTRUMENT`` is ``1``. Constructing the engine here, in the
+``AFTER_RESPONSE_TEST_CELERY_INSTRUMENT`` is ``1``; a misconfigured runner task when
+``AFTER_RESPONSE_TEST_CELERY_MISCONFIGURE`` is ``1``. Constructing the engine here, in the
 module the worker imports, registers the runner task in the worker; its dead letters are
 ledger lines ``dead-OUTCOME NAME ID PID ATTEMPT``.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from celery import Celery
 
 from after_response import DeadLetter
+from after_response._engine import RUNNER_TASK
 from after_response.celery import CeleryEngine
 from tests.engine_apps import (
     BROKER_URL_ENV,
@@ -27,6 +29,8 @@ from tests.engine_apps import (
 from tests.engine_apps.spans import install_from_environment
 
 INSTRUMENT_ENV = "AFTER_RESPONSE_TEST_CELERY_INSTRUMENT"
+# "1": annotate the runner task with acks_late=False, a misconfiguration the worker reports.
+MISCONFIGURE_ENV = "AFTER_RESPONSE_TEST_CELERY_MISCONFIGURE"
 
 install_from_environment()
 
@@ -45,7 +49,8 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     worker_hijack_root_logger=False,
 )
-
+if os.environ.get(MISCONFIGURE_ENV) == "1":
+    app.conf.task_annotations = {RUNNER_TASK: {"acks_late": False}}
 
 
 def record_dead_letter(dead: DeadLetter) -> None:
@@ -60,4 +65,4 @@ engine = CeleryEngine(app, on_dead_letter=record_dead_letter)
 if os.environ.get(INSTRUMENT_ENV) == "1":
     from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
-    CeleryInstrumentor().instrument()
+    CeleryInstrumentor().instrument()  # type: ignore[no-untyped-call]
