@@ -9,6 +9,7 @@ lines to a ledger.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -205,7 +206,7 @@ async def test_a_side_effect_past_its_timeout_times_out_and_is_dead_lettered(
 async def test_a_side_effect_that_cannot_be_imported_is_logged_and_acknowledged(
     redis_url: str, ledger: Path
 ) -> None:
-    missing = message("missing", "no_such_effect")
+    missing = message("missing", "no_such_effect", "a-secret-argument")
     after = message("after")
     with worker(redis_url, ledger) as running:
         async with started(redis_url) as engine:
@@ -226,6 +227,7 @@ async def test_a_side_effect_that_cannot_be_imported_is_logged_and_acknowledged(
         output = running.output()
     assert missing.id in output
     assert f"{EFFECTS}:no_such_effect" in output
+    assert "a-secret-argument" not in output
 
 
 @pytest.mark.anyio
@@ -244,6 +246,24 @@ async def test_a_malformed_body_is_logged_and_acknowledged(redis_url: str, ledge
             timeout=10,
             waiting_for=lambda: "the malformed message to be acknowledged",
         )
+
+
+@pytest.mark.anyio
+async def test_messages_go_to_the_engines_queue(redis_url: str) -> None:
+    first = message("first", "record_effect", "a-secret-argument")
+    async with started(redis_url, queue="handoff") as engine:
+        await engine.publish([first, message("second")])
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert (client.llen("handoff"), client.llen("celery")) == (2, 0)
+        raw = client.lindex("handoff", -1)  # the first one published
+    finally:
+        client.close()
+    assert raw is not None
+    published = json.loads(raw)
+    assert published["headers"]["id"] == first.id
+    # Celery's argument preview (shown in its events and in Flower) holds no user data.
+    assert "a-secret-argument" not in published["headers"]["argsrepr"]
 
 
 # 3. kill -9 of a worker mid-task: the message comes back and runs under the same id, and

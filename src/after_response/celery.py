@@ -59,6 +59,9 @@ _REQUIRED: Final = (
     ("retry_on_worker_lost", False),
 )
 
+#: What Celery shows (message headers, events, Flower) for the runner task's arguments.
+_ARGS_NOT_SHOWN: Final = "('<an after-response message: arguments not shown>',)"
+
 _engines: weakref.WeakKeyDictionary[Celery, CeleryEngine] = weakref.WeakKeyDictionary()
 _engines_lock = threading.Lock()
 
@@ -270,6 +273,10 @@ class CeleryEngine:
                     producer=self._producer,
                     ignore_result=True,
                     add_to_parent=False,
+                    # Celery copies repr(args) into the message headers, its events and
+                    # Flower: ours would show user data there.
+                    argsrepr=_ARGS_NOT_SHOWN,
+                    kwargsrepr="{}",
                 )
             finally:
                 otel_context.detach(token)
