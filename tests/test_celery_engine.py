@@ -137,15 +137,19 @@ def broker_is_drained(url: str) -> bool:
 
 @pytest.mark.anyio
 async def test_published_side_effects_run_in_the_worker_under_the_message_id(
-    redis_url: str, ledger: Path
+    redis_url: str, ledger: Path, tmp_path: Path
 ) -> None:
-    sync = message("receipt", "record_effect", kwargs={"gate": None})
+    gate = tmp_path / "gate"
+    sync = message("receipt", "record_effect", kwargs={"gate": str(gate)})
     async_ = message("areceipt", "arecord_effect")
     with worker(redis_url, ledger) as running:
         async with started(redis_url) as engine:
-            await engine.publish([sync, async_])
-        [started_line, done] = wait_for_line(ledger, "done", "receipt")
+            await engine.publish([async_, sync])
         [async_done] = wait_for_line(ledger, "done", "areceipt")
+        # The keyword argument arrived: the sync side effect waits for its gate.
+        [started_line] = wait_for_line(ledger, "started", "receipt")
+        gate.touch()
+        [_, done] = wait_for_line(ledger, "done", "receipt")
         wait_until(
             lambda: broker_is_drained(redis_url),
             timeout=10,

@@ -122,10 +122,7 @@ class CeleryEngine:
         self.app = celery_app
         self.queue = queue
         self.publish_timeout = float(publish_timeout)
-        self._executor: ThreadPoolExecutor | None = None
-        # Used only in the executor's one thread: kombu's connections are not thread-safe.
-        self._connection: Connection | None = None
-        self._producer: Producer | None = None
+        self._publisher: _Publisher | None = None
         with _engines_lock:
             if celery_app in _engines:
                 raise ValueError(
@@ -182,9 +179,9 @@ class CeleryEngine:
                 f"CeleryEngine: the {RUNNER_TASK} task of Celery app {self.app.main!r} "
                 f"cannot hand off side effects safely: it {'; it '.join(problems)}"
             )
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="after-response-celery")
-        await self._in_thread(self._connect, time.monotonic() + self.publish_timeout)
+        if self._publisher is None:
+            self._publisher = _Publisher(self.app, self.queue, self.publish_timeout)
+        await self._publisher.start()
 
     async def publish(self, messages: Sequence[Message]) -> None:
         """Publish each message as a call of the runner task, under its own trace context.
@@ -199,44 +196,61 @@ class CeleryEngine:
                 before the slow one may be published: they are sent again, at least once).
             Exception: the broker failed (kombu's error).
         """
-        if self._executor is None:
+        if self._publisher is None:
             raise RuntimeError("CeleryEngine.publish() before start(): await engine.start()")
-        batch = list(messages)
-        if batch:
-            deadline = time.monotonic() + self.publish_timeout
-            await self._in_thread(lambda: self._send(batch, deadline), deadline)
+        await self._publisher.publish(list(messages))
 
     async def stop(self) -> None:
         """Release the broker connection and the publishing thread; idempotent."""
-        executor, self._executor = self._executor, None
-        if executor is None:
-            return
-        executor.submit(self._close)
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            publisher.close()
+
+
+class _Publisher:
+    """One thread and one broker connection, used only in that thread (kombu's connections
+    and producers are not safe to share across threads)."""
+
+    def __init__(self, app: Celery, queue: str | None, timeout: float) -> None:
+        self.app, self.queue, self.timeout = app, queue, timeout
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="after-response-celery")
+        self.connection: Connection | None = None
+        self.producer: Producer | None = None
+
+    async def start(self) -> None:
+        await self._in_thread(self._connect, time.monotonic() + self.timeout)
+
+    async def publish(self, messages: list[Message]) -> None:
+        if messages:
+            deadline = time.monotonic() + self.timeout
+            await self._in_thread(lambda: self._send(messages, deadline), deadline)
+
+    def close(self) -> None:
+        self.executor.submit(self._close)
         # A publish stuck on a hung broker must not hold up shutdown.
-        executor.shutdown(wait=False)
+        self.executor.shutdown(wait=False)
 
     async def _in_thread(self, call: Callable[[], T], deadline: float) -> T:
-        assert self._executor is not None
-        future: Future[T] = self._executor.submit(call)
+        future: Future[T] = self.executor.submit(call)
         try:
             return await asyncio.wait_for(
                 asyncio.wrap_future(future), max(0.0, deadline - time.monotonic())
             )
         except asyncio.TimeoutError:
             raise TimeoutError(
-                f"the Celery broker did not answer within {self.publish_timeout} s "
+                f"the Celery broker did not answer within {self.timeout} s "
                 "(CeleryEngine publish_timeout)"
             ) from None
 
     def _connect(self) -> None:
-        if self._producer is not None:
+        if self.producer is not None:
             return
         connection = self.app.connection_for_write(
-            connect_timeout=self.publish_timeout,
+            connect_timeout=self.timeout,
             transport_options={
                 # Redis: without a socket timeout, a broker that stops answering hangs us.
-                "socket_timeout": self.publish_timeout,
-                "socket_connect_timeout": self.publish_timeout,
+                "socket_timeout": self.timeout,
+                "socket_connect_timeout": self.timeout,
                 **(self.app.conf.broker_transport_options or {}),
             },
         )
@@ -246,7 +260,7 @@ class CeleryEngine:
         except BaseException:
             connection.release()
             raise
-        self._connection, self._producer = connection, producer
+        self.connection, self.producer = connection, producer
 
     def _send(self, messages: list[Message], deadline: float) -> None:
         self._connect()
@@ -270,7 +284,7 @@ class CeleryEngine:
                     task_id=message.id,
                     headers=dict(message.headers),
                     queue=self.queue,
-                    producer=self._producer,
+                    producer=self.producer,
                     ignore_result=True,
                     add_to_parent=False,
                     # Celery copies repr(args) into the message headers, its events and
@@ -282,7 +296,7 @@ class CeleryEngine:
                 otel_context.detach(token)
 
     def _close(self) -> None:
-        connection, self._connection, self._producer = self._connection, None, None
+        connection, self.connection, self.producer = self.connection, None, None
         if connection is not None:
             connection.release()
 
