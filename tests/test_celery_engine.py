@@ -29,7 +29,7 @@ from opentelemetry.instrumentation.celery import CeleryInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from after_response._engine import RUNNER_TASK, Message, encode
+from after_response._engine import RUNNER_TASK, Engine, Message, encode
 from after_response._store import StoredTask
 from after_response.celery import CeleryEngine
 from tests.brokers import celery_worker, redis_server, wait_until
@@ -532,6 +532,7 @@ def test_the_runner_task_is_registered_once_per_app() -> None:
     app = Celery("web")
     engine = CeleryEngine(app)
     assert app.tasks[RUNNER_TASK].name == RUNNER_TASK
+    assert isinstance(engine, Engine)
     assert engine.system == "celery"
     assert engine.runner.stats().received == 0
     with pytest.raises(ValueError, match="already has a CeleryEngine"):

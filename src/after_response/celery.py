@@ -14,7 +14,7 @@ The web process imports the same module and passes ``engine`` to the middleware.
 constructed elsewhere (only in the web app's module, say) leaves the workers without the
 runner task: Celery rejects its messages as unregistered. Constructing it in the web process
 too matters when ``opentelemetry-instrumentation-celery`` is installed there: the
-instrumentation opens its publish span only for tasks the app knows.
+instrumentation ends its publish span only for tasks Celery's current app knows.
 
 The runner task acknowledges late and is requeued when its worker process is lost
 (``acks_late``, ``reject_on_worker_lost``); :meth:`CeleryEngine.start` checks that nothing
@@ -55,7 +55,7 @@ _REQUIRED: Final = (
     ("acks_on_failure_or_timeout", True),
     ("acks_on_failure", True),
     ("acks_on_timeout", True),
-    # Celery 5.6+: a lost task re-sent as a retry is dropped once max_retries run out.
+    # Recent Celery: a lost task re-sent as a retry is dropped once max_retries run out.
     ("retry_on_worker_lost", False),
 )
 
