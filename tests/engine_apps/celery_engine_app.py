@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 
 from celery import Celery
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 
 from after_response import DeadLetter
 from after_response._engine import RUNNER_TASK
@@ -32,7 +34,9 @@ INSTRUMENT_ENV = "AFTER_RESPONSE_TEST_CELERY_INSTRUMENT"
 # "1": annotate the runner task with acks_late=False, a misconfiguration the worker reports.
 MISCONFIGURE_ENV = "AFTER_RESPONSE_TEST_CELERY_MISCONFIGURE"
 
-install_from_environment()
+# A web process that imports this module may have installed its exporter already.
+if not isinstance(trace.get_tracer_provider(), TracerProvider):
+    install_from_environment()
 
 app = Celery("celery_engine_app", broker=required_environment(BROKER_URL_ENV))
 app.conf.update(
