@@ -1,0 +1,319 @@
+"""Hand durable side effects to Celery: ``AfterResponseMiddleware(engine=CeleryEngine(app))``.
+
+Constructing :class:`CeleryEngine` registers one generic runner task, ``after_response.run``,
+on the Celery app; the web process publishes every durable side effect as a call of it, and
+a Celery worker runs it with the in-process semantics (``after_response._worker``).
+
+**Where to construct it.** In the module that defines your Celery app, the one the worker
+imports (``celery -A proj worker`` imports ``proj``), right after the app::
+
+    app = Celery("proj", broker="redis://localhost:6379/0")
+    engine = CeleryEngine(app)
+
+The web process imports the same module and passes ``engine`` to the middleware. An engine
+constructed elsewhere (only in the web app's module, say) leaves the workers without the
+runner task: Celery rejects its messages as unregistered. Constructing it in the web process
+too matters when ``opentelemetry-instrumentation-celery`` is installed there: the
+instrumentation ends its publish span only for tasks Celery's current app knows.
+
+The runner task acknowledges late and is requeued when its worker process is lost
+(``acks_late``, ``reject_on_worker_lost``); :meth:`CeleryEngine.start` checks that nothing
+(``task_annotations``, say) turned that off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Final, TypeVar
+
+from celery import Celery, Task, signals
+from kombu import Connection, Producer
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
+
+from ._dead_letters import DeadLetterHook
+from ._engine import RUNNER_TASK, Message
+from ._logs import logger
+from ._worker import WorkerRunner
+
+__all__ = ["CeleryEngine"]
+
+T = TypeVar("T")
+
+#: What the runner task relies on, as its attributes after Celery applied the app's
+#: ``task_annotations`` (the task sets them itself, so the app-wide ``task_acks_late``,
+#: ``task_acks_on_failure_or_timeout``... do not change them): attribute, required value.
+_REQUIRED: Final = (
+    ("acks_late", True),
+    ("reject_on_worker_lost", True),
+    ("acks_on_failure_or_timeout", True),
+    ("acks_on_failure", True),
+    ("acks_on_timeout", True),
+    # Recent Celery: a lost task re-sent as a retry is dropped once max_retries run out.
+    ("retry_on_worker_lost", False),
+)
+
+#: What Celery shows (message headers, events, Flower) for the runner task's arguments.
+_ARGS_NOT_SHOWN: Final = "('<an after-response message: arguments not shown>',)"
+
+_engines: weakref.WeakKeyDictionary[Celery, CeleryEngine] = weakref.WeakKeyDictionary()
+_engines_lock = threading.Lock()
+
+
+class CeleryEngine:
+    """Publishes durable side effects to a Celery app, and runs them in its workers.
+
+    Args:
+        celery_app: the Celery app the workers run (``celery -A proj worker``).
+        queue: the queue to publish to (start the workers with ``-Q`` naming it); default:
+            the app's routing for ``after_response.run`` (``task_routes``), else its
+            default queue.
+        on_dead_letter: called in the worker, in a thread of its own, with a
+            ``DeadLetter`` for every side effect whose last attempt failed or timed out.
+        publish_timeout: seconds one :meth:`start` or :meth:`publish` call may take before
+            it raises ``TimeoutError``; also the broker connection's connect and socket
+            timeouts.
+
+    Attributes:
+        system: ``"celery"``.
+        runner: the worker-side runner; ``engine.runner.stats()`` counts this process's runs.
+
+    Raises:
+        TypeError: ``celery_app`` is not a Celery app, or an option has the wrong type.
+        ValueError: ``publish_timeout`` is not a positive number, or the app already has an
+            engine (construct one per app, and share it).
+    """
+
+    system: Final = "celery"
+
+    def __init__(
+        self,
+        celery_app: Celery,
+        *,
+        queue: str | None = None,
+        on_dead_letter: DeadLetterHook | None = None,
+        publish_timeout: float = 10.0,
+    ) -> None:
+        if not isinstance(celery_app, Celery):
+            raise TypeError(
+                f"CeleryEngine(celery_app) expects a celery.Celery app, got a "
+                f"{type(celery_app).__name__}: pass the app your workers run "
+                "(celery -A proj worker)"
+            )
+        if queue is not None and (not isinstance(queue, str) or not queue):
+            raise TypeError(f"CeleryEngine(queue=...) must be a queue name or None, got {queue!r}")
+        if (
+            isinstance(publish_timeout, bool)
+            or not isinstance(publish_timeout, int | float)
+            or not math.isfinite(publish_timeout)
+            or publish_timeout <= 0
+        ):
+            raise ValueError(
+                "CeleryEngine(publish_timeout=...) must be a positive number of seconds, got "
+                f"{publish_timeout!r}"
+            )
+        self.runner = WorkerRunner(self.system, on_dead_letter=on_dead_letter)
+        self.app = celery_app
+        self.queue = queue
+        self.publish_timeout = float(publish_timeout)
+        self._publisher: _Publisher | None = None
+        with _engines_lock:
+            if celery_app in _engines:
+                raise ValueError(
+                    f"the Celery app {celery_app.main!r} already has a CeleryEngine (its "
+                    f"{RUNNER_TASK} task is registered once): construct one engine per app, "
+                    "next to the app, and import it where you need it"
+                )
+            _engines[celery_app] = self
+        self._register()
+
+    def _register(self) -> None:
+        runner = self.runner
+
+        @self.app.task(
+            name=RUNNER_TASK,
+            bind=True,
+            shared=False,
+            ignore_result=True,
+            acks_late=True,
+            reject_on_worker_lost=True,
+            acks_on_failure_or_timeout=True,
+            acks_on_failure=True,
+            acks_on_timeout=True,
+            retry_on_worker_lost=False,
+        )
+        def run(task: Task[Any, Any], body: object) -> None:
+            # kombu's Redis transport marks a message it restores (a lost worker's, or one
+            # past the visibility timeout) as redelivered; a first delivery is not.
+            delivery_info = task.request.delivery_info or {}
+            runner.run_blocking(body, redelivered=bool(delivery_info.get("redelivered")))
+
+        signals.worker_init.connect(self._check_in_worker, weak=False)
+
+    def _check_in_worker(self, sender: object = None, **_: object) -> None:
+        """At a worker's start-up: log what in its configuration undoes the runner's
+        delivery settings (the worker's configuration is the one that counts)."""
+        if getattr(sender, "app", None) is not self.app:
+            return
+        for problem in _settings_problems(self.app):
+            logger.error("after-response: the %s task %s", RUNNER_TASK, problem)
+
+    async def start(self) -> None:
+        """Check the runner task's settings, and connect to the broker.
+
+        Raises:
+            RuntimeError: a setting turns off what the hand-off relies on (the message
+                names the setting and the fix).
+            TimeoutError: the broker did not answer within ``publish_timeout`` seconds.
+            Exception: the broker refused the connection (kombu's error).
+        """
+        problems = _settings_problems(self.app)
+        if problems:
+            raise RuntimeError(
+                f"CeleryEngine: the {RUNNER_TASK} task of Celery app {self.app.main!r} "
+                f"cannot hand off side effects safely: it {'; it '.join(problems)}"
+            )
+        if self._publisher is None:
+            self._publisher = _Publisher(self.app, self.queue, self.publish_timeout)
+        await self._publisher.start()
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        """Publish each message as a call of the runner task, under its own trace context.
+
+        The task id is the message id; the body is the task's one argument; the message's
+        trace headers are the Celery message's headers. Returns once the broker accepted
+        every message.
+
+        Raises:
+            RuntimeError: the engine is not started (or already stopped).
+            TimeoutError: the batch took more than ``publish_timeout`` seconds (messages
+                before the slow one may be published: they are sent again, at least once).
+            Exception: the broker failed (kombu's error).
+        """
+        if self._publisher is None:
+            raise RuntimeError("CeleryEngine.publish() before start(): await engine.start()")
+        await self._publisher.publish(list(messages))
+
+    async def stop(self) -> None:
+        """Release the broker connection and the publishing thread; idempotent."""
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            publisher.close()
+
+
+class _Publisher:
+    """One thread and one broker connection, used only in that thread (kombu's connections
+    and producers are not safe to share across threads)."""
+
+    def __init__(self, app: Celery, queue: str | None, timeout: float) -> None:
+        self.app, self.queue, self.timeout = app, queue, timeout
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="after-response-celery")
+        self.connection: Connection | None = None
+        self.producer: Producer | None = None
+
+    async def start(self) -> None:
+        await self._in_thread(self._connect, time.monotonic() + self.timeout)
+
+    async def publish(self, messages: list[Message]) -> None:
+        if messages:
+            deadline = time.monotonic() + self.timeout
+            await self._in_thread(lambda: self._send(messages, deadline), deadline)
+
+    def close(self) -> None:
+        self.executor.submit(self._close)
+        # A publish stuck on a hung broker must not hold up shutdown.
+        self.executor.shutdown(wait=False)
+
+    async def _in_thread(self, call: Callable[[], T], deadline: float) -> T:
+        future: Future[T] = self.executor.submit(call)
+        try:
+            return await asyncio.wait_for(
+                asyncio.wrap_future(future), max(0.0, deadline - time.monotonic())
+            )
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"the Celery broker did not answer within {self.timeout} s "
+                "(CeleryEngine publish_timeout)"
+            ) from None
+
+    def _connect(self) -> None:
+        if self.producer is not None:
+            return
+        connection = self.app.connection_for_write(
+            connect_timeout=self.timeout,
+            transport_options={
+                # Redis: without a socket timeout, a broker that stops answering hangs us.
+                "socket_timeout": self.timeout,
+                "socket_connect_timeout": self.timeout,
+                **(self.app.conf.broker_transport_options or {}),
+            },
+        )
+        try:
+            connection.connect()
+            producer = self.app.amqp.Producer(connection.default_channel)
+        except BaseException:
+            connection.release()
+            raise
+        self.connection, self.producer = connection, producer
+
+    def _send(self, messages: list[Message], deadline: float) -> None:
+        self._connect()
+        try:
+            self._send_each(messages, deadline)
+        except BaseException:
+            self._close()  # the next call starts from a fresh connection
+            raise
+
+    def _send_each(self, messages: list[Message], deadline: float) -> None:
+        for message in messages:
+            if time.monotonic() > deadline:
+                return  # the caller has already raised TimeoutError
+            # Publish under the message's trace context, so Celery's own instrumentation
+            # (if any) opens its publish span as a child of ours.
+            token = otel_context.attach(propagate.extract(message.headers))
+            try:
+                self.app.send_task(
+                    RUNNER_TASK,
+                    args=[message.body],
+                    task_id=message.id,
+                    headers=dict(message.headers),
+                    queue=self.queue,
+                    producer=self.producer,
+                    ignore_result=True,
+                    add_to_parent=False,
+                    # Celery copies repr(args) into the message headers, its events and
+                    # Flower: ours would show user data there.
+                    argsrepr=_ARGS_NOT_SHOWN,
+                    kwargsrepr="{}",
+                )
+            finally:
+                otel_context.detach(token)
+
+    def _close(self) -> None:
+        connection, self.connection, self.producer = self.connection, None, None
+        if connection is not None:
+            connection.release()
+
+
+def _settings_problems(app: Celery) -> list[str]:
+    """What, in ``app``'s configuration, undoes the runner task's delivery settings (each
+    naming the setting and the fix); empty when all is well."""
+    task = app.tasks.get(RUNNER_TASK)
+    if task is None:
+        return ["is not registered on this app; construct CeleryEngine(app)"]
+    problems = []
+    for attribute, required in _REQUIRED:
+        value = getattr(task, attribute, required)  # absent in older Celery: not relied on
+        if value is not None and bool(value) is not required:
+            problems.append(
+                f"has {attribute}={value!r}, set by the task_annotations setting; "
+                f"after-response needs {attribute}={required}: remove {attribute} from the "
+                f"annotations that match {RUNNER_TASK} (or '*')"
+            )
+    return problems
