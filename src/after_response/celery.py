@@ -90,7 +90,7 @@ class CeleryEngine:
             engine (construct one per app, and share it).
     """
 
-    system: Final = "celery"
+    system: str = "celery"
 
     def __init__(
         self,
