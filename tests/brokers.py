@@ -65,7 +65,7 @@ def wait_until(
         time.sleep(interval)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
@@ -104,12 +104,13 @@ def _stop(process: subprocess.Popen[bytes], *, group: bool, timeout: float = STO
 
 
 @contextmanager
-def redis_server() -> Iterator[str]:
-    """Run ``redis-server`` on a free port of 127.0.0.1 (no RDB, no AOF) in a temporary
-    directory; yields ``redis://127.0.0.1:PORT/0`` once it answers PING; stops it after."""
+def redis_server(port: int | None = None) -> Iterator[str]:
+    """Run ``redis-server`` on ``port`` (default: a free one) of 127.0.0.1 (no RDB, no AOF)
+    in a temporary directory; yields ``redis://127.0.0.1:PORT/0`` once it answers PING;
+    stops it after."""
     executable = require_program("redis-server")
     with tempfile.TemporaryDirectory(prefix="after-response-redis-") as directory:
-        port = _free_port()
+        port = port or free_port()
         log = Path(directory) / "redis.log"
         command = [executable, "--bind", "127.0.0.1", "--port", str(port), "--save", ""]
         command += ["--appendonly", "no", "--dir", directory, "--logfile", str(log)]

@@ -60,12 +60,18 @@ class ServerProcess:
     port, no race for it), its output collected by a thread (a pipe, not a file: a file
     would count against a file-size limit)."""
 
-    def __init__(self, env: Mapping[str, str], *, file_size_limit: int | None = None) -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        *,
+        file_size_limit: int | None = None,
+        app: str = "tests.durable_app:app",
+    ) -> None:
         sock = bound_socket()
         sock.listen(128)
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         descriptor = sock.fileno()
-        command = [sys.executable, "-m", "uvicorn", "tests.durable_app:app", "--lifespan", "on"]
+        command = [sys.executable, "-m", "uvicorn", app, "--lifespan", "on"]
         self.process = subprocess.Popen(
             [*command, "--fd", str(descriptor), "--log-level", "warning", "--no-access-log"],
             cwd=ROOT,
@@ -140,10 +146,13 @@ class ServerProcess:
 
 @contextmanager
 def running(
-    env: Mapping[str, str], *, file_size_limit: int | None = None
+    env: Mapping[str, str],
+    *,
+    file_size_limit: int | None = None,
+    app: str = "tests.durable_app:app",
 ) -> Iterator[ServerProcess]:
     """A started server (not yet ready: call ``wait_ready``), killed on exit if still alive."""
-    server = ServerProcess(env, file_size_limit=file_size_limit)
+    server = ServerProcess(env, file_size_limit=file_size_limit, app=app)
     try:
         yield server
     finally:

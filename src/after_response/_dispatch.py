@@ -15,9 +15,9 @@ How the durable store and the engines plug in (see ``docs/architecture.md``):
   starts (their records are plain data: ``TaskRecord`` plus a W3C trace context), then
   submitted to the wrapped dispatcher as any task; the wrapper records each outcome in the
   store, claims the tasks of dead processes and runs them through the same ``submit``.
-- An **engine** (Celery, taskiq) is a dispatcher of its own for durable tasks: its ``submit``
-  publishes the stored record to the broker instead of running it; non-durable tasks still
-  go to the in-process executor.
+- An **engine** (Celery, taskiq) takes durable tasks at the same seam: the executor's
+  ``submit`` hands them to the outbox relay (``_relay``), which publishes their stored
+  records to the broker instead of running them; non-durable tasks still run in-process.
 
 The books (``Ledger``: added, pending, running, and one terminal state per task) belong to
 the middleware, not to a dispatcher, so ``stats()`` holds whichever dispatcher ran a task.

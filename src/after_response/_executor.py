@@ -284,6 +284,7 @@ class Executor(Waiting):
                 if self.journal is not None:
                     tasks.spawn(self._recover(), None)
                 if self.relay is not None:
+                    self.relay.running = True
                     tasks.spawn(self.relay.run(), None)
                 task_status.started()
                 try:

@@ -59,6 +59,7 @@ class Relay:
         #: Taken out of the queue for the publish under way.
         self._in_flight: list[Task] = []
         self.started = False
+        #: Between lifespan startup and shutdown: tasks taken now are published.
         self.running = False
         #: Failed publish attempts, and the failures in a row (for the backoff).
         self.failures = 0
@@ -98,8 +99,10 @@ class Relay:
     # -- the loop -----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Start the engine, then publish what comes, and claim orphaned outbox tasks."""
-        self.running = True
+        """Start the engine, then publish what comes, and claim orphaned outbox tasks.
+
+        ``running`` is set by the caller before it spawns this, so that tasks handed over
+        before the loop's first turn wait for it."""
         try:
             await self._start_engine()
             next_claim = 0.0
