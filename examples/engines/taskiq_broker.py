@@ -20,7 +20,8 @@ from examples.engines import shop  # noqa: F401  (the side effects the worker ru
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 # A stream broker: consumer groups and acknowledgements, so a message whose worker died
-# before acknowledging it is delivered again.
-broker = RedisStreamBroker(REDIS_URL)
+# before acknowledging it is delivered again; the lock on reclaiming such messages expires,
+# so a worker killed while it held it does not stop the reclaiming for good.
+broker = RedisStreamBroker(REDIS_URL, unacknowledged_lock_timeout=30)
 
 engine = TaskiqEngine(broker)
