@@ -162,8 +162,13 @@ async def measure_throughput(
 
 async def measure_latency(app: Any, args: argparse.Namespace, clients: int) -> dict[str, Any]:
     """Response latencies (ms) of ``/handoff`` and ``/direct``, interleaved in rounds, and
-    the seconds each took in all (with several clients, a handler that blocks the loop
-    delays the *start* of the others' requests: it shows in requests/s, not in latency)."""
+    the seconds each took in all.
+
+    Each client sends its next request as soon as its previous response is complete (as
+    wrk does), and a latency runs from that moment: so it includes the time the request
+    waited for the loop, which a handler that blocks the loop (``.delay()``) makes the
+    other clients' requests wait.
+    """
     latencies: dict[str, list[float]] = {"handoff": [], "direct": []}
     seconds = dict.fromkeys(latencies, 0.0)
     for _ in range(args.rounds):
@@ -172,9 +177,11 @@ async def measure_latency(app: Any, args: argparse.Namespace, clients: int) -> d
             begun = time.perf_counter()
 
             async def client(path: str = path, remaining: Iterator[int] = remaining) -> None:
+                ready = time.perf_counter()
                 for _ in remaining:
-                    started, done = await request(app, f"/{path}", f"counter={path}")
-                    latencies[path].append((done - started) * 1000)
+                    _, done = await request(app, f"/{path}", f"counter={path}")
+                    latencies[path].append((done - ready) * 1000)
+                    ready = done
 
             await asyncio.gather(*(client() for _ in range(clients)))
             seconds[path] += time.perf_counter() - begun
