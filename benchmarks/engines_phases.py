@@ -167,7 +167,9 @@ async def measure_latency(app: Any, args: argparse.Namespace, clients: int) -> d
     Each client sends its next request as soon as its previous response is complete (as
     wrk does), and a latency runs from that moment: so it includes the time the request
     waited for the loop, which a handler that blocks the loop (``.delay()``) makes the
-    other clients' requests wait.
+    other clients' requests wait. Each client yields to the others before it sends, as a
+    server's loop turns to its other connections: an in-process request that never awaits
+    would otherwise run the whole round in one client.
     """
     latencies: dict[str, list[float]] = {"handoff": [], "direct": []}
     seconds = dict.fromkeys(latencies, 0.0)
@@ -179,6 +181,7 @@ async def measure_latency(app: Any, args: argparse.Namespace, clients: int) -> d
             async def client(path: str = path, remaining: Iterator[int] = remaining) -> None:
                 ready = time.perf_counter()
                 for _ in remaining:
+                    await asyncio.sleep(0)
                     _, done = await request(app, f"/{path}", f"counter={path}")
                     latencies[path].append((done - ready) * 1000)
                     ready = done
