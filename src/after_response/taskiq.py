@@ -1,0 +1,352 @@
+"""Hand durable side effects to taskiq: ``TaskiqEngine(broker)``.
+
+``AfterResponseMiddleware(app, store=..., engine=TaskiqEngine(broker))`` publishes each durable
+side effect, after its response, as one message of the generic runner task
+(:data:`~after_response._engine.RUNNER_TASK`), which a taskiq worker runs with the in-process
+semantics (timeout, ``Retry`` policy, dead letters, ``current_task()``, spans and log lines).
+
+Where to construct it: in the module that defines the broker, the one the worker is started
+with (``taskiq worker proj.tasks:broker``), right after the broker::
+
+    broker = RedisStreamBroker("redis://...", unacknowledged_lock_timeout=30)
+    engine = TaskiqEngine(broker)
+
+Constructing the engine registers the runner task on the broker; a worker whose broker module
+does not construct it logs ``task "after_response.run" is not found`` and drops the messages.
+The web process imports the same module and passes ``engine`` to the middleware.
+
+The broker must acknowledge a message after its task has run and give a dead worker's
+messages to another worker: ``taskiq_redis.RedisStreamBroker``. Brokers without
+acknowledgements (``ListQueueBroker``, ``PubSubBroker``) are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Annotated, Any, Final
+
+import anyio
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from redis.asyncio import Redis
+from taskiq import AsyncBroker, Context, InMemoryBroker, TaskiqDepends, TaskiqEvents, TaskiqState
+from taskiq.acks import AcknowledgeType
+from taskiq.kicker import AsyncKicker
+from taskiq.message import TaskiqMessage
+from taskiq_redis import (
+    ListQueueBroker,
+    ListQueueClusterBroker,
+    ListQueueSentinelBroker,
+    PubSubBroker,
+    PubSubSentinelBroker,
+    RedisStreamBroker,
+    RedisStreamClusterBroker,
+    RedisStreamSentinelBroker,
+)
+
+from ._dead_letters import DeadLetterHook
+from ._engine import RUNNER_TASK, Message
+from ._logs import logger
+from ._worker import WorkerRunner
+
+__all__ = ["TaskiqEngine"]
+
+#: Brokers that never acknowledge: a task whose worker dies is lost.
+_WITHOUT_ACKS: Final = (
+    ListQueueBroker,
+    ListQueueClusterBroker,
+    ListQueueSentinelBroker,
+    PubSubBroker,
+    PubSubSentinelBroker,
+)
+#: Brokers that acknowledge but never claim a dead worker's messages back (taskiq-redis 1.2).
+_WITHOUT_RECLAIM: Final = (RedisStreamClusterBroker, RedisStreamSentinelBroker)
+#: The message labels that carry the trace context when no instrumentation consumes them.
+_TRACE_LABELS: Final = ("traceparent", "tracestate")
+#: Sent with every message: the worker acknowledges it after the runner returned, whatever
+#: its own ``--ack-type``, so a message whose worker dies mid-run is delivered again.
+_ACK_AFTER_EXECUTION: Final = AcknowledgeType.WHEN_EXECUTED.value
+#: The body of a wake-up message (see ``_wake_claimers``): the runner task ignores it.
+_WAKE_UP: Final = {"after_response_wake_up": 1}
+
+
+class TaskiqEngine:
+    """The taskiq engine for ``AfterResponseMiddleware(engine=...)``.
+
+    Args:
+        broker: the taskiq broker the workers listen to: a ``taskiq_redis.RedisStreamBroker``
+            (or another broker that acknowledges after execution and redelivers).
+        on_dead_letter: called in the worker, in a thread of its own, with a ``DeadLetter``
+            for every side effect whose last attempt failed or timed out there.
+        publish_timeout: seconds that :meth:`start`, and each :meth:`publish` call, may take
+            before they raise ``TimeoutError`` (a broker that does not answer).
+
+    Raises:
+        TypeError: ``broker`` is not a taskiq broker, or one without acknowledgements.
+        ValueError: a bad ``publish_timeout``, or the broker already has a runner task (one
+            engine per broker).
+
+    Attributes:
+        broker: the broker.
+        runner: the worker-side runner; ``engine.runner.stats()`` counts the runs of this
+            worker process.
+    """
+
+    system: str = "taskiq"
+
+    def __init__(
+        self,
+        broker: AsyncBroker,
+        *,
+        on_dead_letter: DeadLetterHook | None = None,
+        publish_timeout: float = 10.0,
+    ) -> None:
+        if not isinstance(broker, AsyncBroker):
+            raise TypeError(
+                f"TaskiqEngine() expects a taskiq broker, got {type(broker).__name__}: pass "
+                "the broker your workers run, e.g. TaskiqEngine(RedisStreamBroker(url))"
+            )
+        if isinstance(broker, _WITHOUT_ACKS):
+            raise TypeError(
+                f"TaskiqEngine() cannot use a {type(broker).__name__}: it does not acknowledge "
+                "messages, so a side effect whose worker dies is lost; use "
+                "taskiq_redis.RedisStreamBroker (acknowledged after execution, claimed back "
+                "from a dead worker)"
+            )
+        if (
+            isinstance(publish_timeout, bool)
+            or not isinstance(publish_timeout, (int, float))
+            or not math.isfinite(publish_timeout)
+            or publish_timeout <= 0
+        ):
+            raise ValueError(
+                f"publish_timeout must be a positive number of seconds, got {publish_timeout!r}"
+            )
+        if broker.find_task(RUNNER_TASK) is not None:
+            raise ValueError(
+                f"this {type(broker).__name__} already has the {RUNNER_TASK!r} task: construct "
+                "one TaskiqEngine per broker, once, next to the broker, and share it"
+            )
+        self.broker = broker
+        self.runner = WorkerRunner(self.system, on_dead_letter=on_dead_letter)
+        self._publish_timeout = float(publish_timeout)
+        self._broker_running = False  # the client side of the broker (not a worker's)
+        self._started_broker = False  # start() started it, so stop() shuts it down
+        self._waker: asyncio.Task[None] | None = None
+        broker.register_task(_runner_task(self.runner), task_name=RUNNER_TASK)
+        broker.add_event_handler(TaskiqEvents.CLIENT_STARTUP, self._on_client_startup)
+        broker.add_event_handler(TaskiqEvents.CLIENT_SHUTDOWN, self._on_client_shutdown)
+        if isinstance(broker, RedisStreamBroker):
+            broker.add_event_handler(TaskiqEvents.WORKER_STARTUP, self._on_worker_startup)
+            broker.add_event_handler(TaskiqEvents.WORKER_SHUTDOWN, self._on_worker_shutdown)
+
+    def _on_client_startup(self, state: TaskiqState) -> None:
+        self._broker_running = True
+
+    def _on_client_shutdown(self, state: TaskiqState) -> None:
+        self._broker_running = False
+
+    def _on_worker_startup(self, state: TaskiqState) -> None:
+        assert isinstance(self.broker, RedisStreamBroker)
+        self._waker = asyncio.ensure_future(_wake_claimers(self.broker))
+
+    async def _on_worker_shutdown(self, state: TaskiqState) -> None:
+        waker, self._waker = self._waker, None
+        if waker is not None:
+            waker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waker
+
+    async def start(self) -> None:
+        """Check the broker's settings, start its client side unless the app already did
+        (``await broker.startup()``: it declares the stream's consumer group), and check
+        that the broker answers.
+
+        Settings that weaken the redelivery of a dead worker's tasks are logged as
+        warnings on the ``after_response`` logger (see the taskiq engine's page).
+
+        Raises:
+            TimeoutError: the broker did not answer within ``publish_timeout`` seconds.
+            Exception: the broker's own error (refused connection...).
+        """
+        self._warn_about_settings()
+        try:
+            with anyio.fail_after(self._publish_timeout):
+                if not self._broker_running:
+                    self._started_broker = True
+                    await self.broker.startup()
+                await self._ping()
+        except TimeoutError:
+            self._forget_failed_startup()
+            raise TimeoutError(
+                f"the taskiq broker ({type(self.broker).__name__}) did not answer within "
+                f"publish_timeout={self._publish_timeout} s; is it running and reachable?"
+            ) from None
+        except BaseException:
+            self._forget_failed_startup()
+            raise
+
+    def _forget_failed_startup(self) -> None:
+        # So that the relay's next start() runs the broker's startup again.
+        if self._started_broker:
+            self._started_broker = self._broker_running = False
+
+    async def _ping(self) -> None:
+        if isinstance(self.broker, RedisStreamBroker):
+            async with Redis(connection_pool=self.broker.connection_pool) as connection:
+                await connection.ping()
+
+    def _warn_about_settings(self) -> None:
+        broker, kind = self.broker, type(self.broker).__name__
+        if isinstance(broker, RedisStreamBroker):
+            if broker.unacknowledged_lock_timeout is None:
+                logger.warning(
+                    "taskiq engine: %s(unacknowledged_lock_timeout=None): a worker killed while "
+                    "it claims abandoned messages keeps the claim lock forever, and no worker "
+                    "claims a dead worker's tasks again; set unacknowledged_lock_timeout "
+                    "(seconds, e.g. 30)",
+                    kind,
+                )
+            if broker.maxlen is not None:
+                logger.warning(
+                    "taskiq engine: %s(maxlen=%d) trims the stream, unacknowledged and unread "
+                    "messages too: a backlog longer than maxlen loses side effects; leave "
+                    "maxlen=None",
+                    kind,
+                    broker.maxlen,
+                )
+        elif isinstance(broker, _WITHOUT_RECLAIM):
+            logger.warning(
+                "taskiq engine: a %s acknowledges after execution but never claims a dead "
+                "worker's messages back: a side effect whose worker is killed stays pending "
+                "until it is claimed by hand; use RedisStreamBroker for redelivery",
+                kind,
+            )
+        elif isinstance(broker, InMemoryBroker):
+            logger.warning(
+                "taskiq engine: an InMemoryBroker runs the side effects in this process, "
+                "without durability: for tests only"
+            )
+        else:
+            logger.warning(
+                "taskiq engine: after-response cannot check that a %s redelivers a message "
+                "whose worker died before it acknowledged; make sure it does",
+                kind,
+            )
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        """Send each message as one run of the runner task, in order.
+
+        The task id is the message id; the body is the task's one argument; the trace
+        headers are message labels, and the send runs under the trace context they
+        describe (taskiq's ``OpenTelemetryMiddleware``, when installed, opens its PRODUCER
+        span there). Each message is acknowledged by the worker after it ran.
+
+        Raises:
+            RuntimeError: neither :meth:`start` nor the app started the broker (without
+                its startup, the stream's consumer group may not exist yet, and the workers
+                would never see messages sent before it does).
+            TimeoutError: the messages were not all sent within ``publish_timeout`` seconds.
+            taskiq.exceptions.SendTaskError: the broker refused one (its cause attached).
+            Those sent before the error may be sent again by the next call (at least once).
+        """
+        if not (self._started_broker or self._broker_running):
+            raise RuntimeError(
+                "TaskiqEngine.publish() before start(): await engine.start() first (the "
+                "middleware does, at lifespan startup), or await broker.startup()"
+            )
+        try:
+            with anyio.fail_after(self._publish_timeout):
+                for message in messages:
+                    await self._send(message)
+        except TimeoutError:
+            raise TimeoutError(
+                f"the taskiq broker ({type(self.broker).__name__}) did not take "
+                f"{len(messages)} message(s) within publish_timeout={self._publish_timeout} s"
+            ) from None
+
+    async def _send(self, message: Message) -> None:
+        labels: dict[str, Any] = {**message.headers, "ack_type": _ACK_AFTER_EXECUTION}
+        kicker: AsyncKicker[[dict[str, Any]], str] = AsyncKicker(RUNNER_TASK, self.broker, labels)
+        token = otel_context.attach(propagate.extract(message.headers))
+        try:
+            await kicker.with_task_id(message.id).kiq(message.body)
+        finally:
+            otel_context.detach(token)
+
+    async def stop(self) -> None:
+        """Shut down the broker's client side if :meth:`start` started it; idempotent."""
+        if self._started_broker:
+            self._started_broker = False
+            await self.broker.shutdown()
+
+
+def _runner_task(runner: WorkerRunner) -> Callable[..., Awaitable[str]]:
+    """The runner task's function: one message body in, the outcome's name out."""
+
+    async def run_after_response_task(
+        body: Any, context: Annotated[Context, TaskiqDepends()]
+    ) -> str:
+        if body == _WAKE_UP:
+            return "woken"
+        parent = None
+        if not trace.get_current_span().get_span_context().is_valid:
+            # No instrumentation continued the trace here: the labels carry the context of
+            # the send (taskiq's PRODUCER span, or ours).
+            labels = context.message.labels
+            parent = {name: str(labels[name]) for name in _TRACE_LABELS if labels.get(name)}
+        # taskiq-redis hands a claimed-back message over as a first delivery: a redelivery
+        # cannot be told apart here.
+        outcome = await runner.run(body, parent=parent or None, redelivered=False)
+        return outcome.value
+
+    return run_after_response_task
+
+
+async def _wake_claimers(broker: RedisStreamBroker) -> None:
+    """Worker side: while a message left unacknowledged by a dead worker has waited past
+    ``idle_timeout``, send a no-op message.
+
+    A ``RedisStreamBroker`` worker claims such messages (``XAUTOCLAIM``) only after a read
+    that returned new ones: on a quiet stream a killed worker's task would wait for the next
+    publish. Every worker process looks every ``idle_timeout / 2`` (0.5 to 30 s).
+    """
+    interval = min(max(broker.idle_timeout / 2000, 0.5), 30.0)
+    wake_up = TaskiqMessage(
+        task_id="",
+        task_name=RUNNER_TASK,
+        labels={"ack_type": _ACK_AFTER_EXECUTION},
+        args=[_WAKE_UP],
+        kwargs={},
+    )
+    failing = False
+    async with Redis(connection_pool=broker.connection_pool) as connection:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                abandoned = await connection.xpending_range(
+                    broker.queue_name,
+                    broker.consumer_group_name,
+                    min="-",
+                    max="+",
+                    count=1,
+                    idle=broker.idle_timeout,
+                )
+                if abandoned:
+                    wake_up.task_id = uuid.uuid4().hex
+                    await broker.kick(broker.formatter.dumps(wake_up))
+                failing = False
+            except Exception as exc:  # Redis away: the worker's own reads fail loudly too.
+                if not failing:
+                    logger.warning(
+                        "taskiq engine: cannot look for messages of dead workers (%s: %s); "
+                        "trying again every %s s",
+                        type(exc).__name__,
+                        exc,
+                        interval,
+                    )
+                failing = True
