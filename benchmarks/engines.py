@@ -202,7 +202,7 @@ def main() -> int:
             if pins[0] is not None:
                 _support.pin_to_cpu(pins[0])
             results = {e: run_engine(e, args, broker, directory, pins) for e in args.engines}
-        filesystem = durable_servers_filesystem(directory)
+        filesystem = filesystem_of(directory)
 
     _support.print_machine(info)
     pinning = (
@@ -217,7 +217,8 @@ def main() -> int:
     return 0 if print_report(args, results) else 1
 
 
-def durable_servers_filesystem(path: Path) -> str:
+def filesystem_of(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (``durable.py``'s look-up)."""
     import durable
 
     return durable._filesystem(path)
