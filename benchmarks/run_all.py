@@ -3,7 +3,7 @@
     python benchmarks/run_all.py [--smoke] [--output-dir benchmarks]
 
 Runs overhead.py, profile_hot_path.py, load.py, executor.py, overload.py, fairness.py,
-durable.py and plot.py one after the other (each prints its table as it finishes) and
+durable.py, engines.py and plot.py one after the other (each prints its table as it finishes) and
 collects their tables, with the machine and the date, into RESULTS.md. Exits non-zero if a
 benchmark failed (not if a target was missed).
 """
@@ -42,6 +42,7 @@ def main() -> int:
         ("Sustained overload", "overload.py", smoke),
         ("Fairness: /health under a flood of side effects", "fairness.py", smoke),
         ("What durability costs", "durable.py", smoke),
+        ("Handing off to an engine", "engines.py", smoke),
         (
             "Plot",
             "plot.py",
