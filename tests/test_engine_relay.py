@@ -1,0 +1,99 @@
+"""The outbox relay's edges, in-process with a real engine adapter whose broker is down (a
+closed port): shutdown releases what it could not publish, still in the outbox; without
+lifespan the relay does not run and durable tasks wait in the outbox. (Publishing for real,
+and the restart that publishes the outbox, are in tests/test_engine_contract.py.)"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from taskiq_redis import RedisStreamBroker
+
+from after_response import AfterResponseMiddleware, SQLiteStore
+from after_response.taskiq import TaskiqEngine
+
+from . import worker_effects
+from .asgi import lifespan
+from .brokers import free_port
+from .durable_process import until
+from .worker_effects import greet
+
+pytestmark = pytest.mark.anyio
+
+
+async def purchase(request: Request) -> PlainTextResponse:
+    request.state.after_response.options(durable=True).add(greet, "ada@example.com")
+    return PlainTextResponse("ok")
+
+
+def middleware(tmp_path: Path) -> AfterResponseMiddleware:
+    broker = RedisStreamBroker(f"redis://127.0.0.1:{free_port()}/0", unacknowledged_lock_timeout=5)
+    return AfterResponseMiddleware(
+        Starlette(routes=[Route("/purchase", purchase, methods=["POST"])]),
+        store=SQLiteStore(tmp_path / "store.sqlite3"),
+        engine=TaskiqEngine(broker, publish_timeout=0.5),
+        shutdown_timeout=0.5,
+    )
+
+
+async def outbox(path: Path) -> list[tuple[str, str | None]]:
+    store = SQLiteStore(path)
+    await store.open("test-reader")
+    try:
+        return [(row.state, row.owner) for row in store.list()]
+    finally:
+        await store.close()
+
+
+async def test_shutdown_releases_what_the_broker_never_took_to_the_outbox(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = middleware(tmp_path)
+    transport = httpx.ASGITransport(app)
+    async with lifespan(app), httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        for _ in range(3):
+            assert (await client.post("/purchase")).status_code == 200
+        await until(lambda: app.stats().publish_failures >= 2, 10, "publishing retried")
+        assert app.stats().pending == 3
+    stats = app.stats()
+    assert (stats.released, stats.handed_off, stats.pending) == (3, 0, 0)
+    assert await outbox(tmp_path / "store.sqlite3") == [("outbox", None)] * 3
+    assert "starting to taskiq failed" in caplog.text or "to taskiq failed" in caplog.text
+    assert "released to the store" in caplog.text
+    assert "ada@example.com" not in caplog.text
+
+
+async def test_without_lifespan_durable_tasks_wait_in_the_outbox(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "after_response")
+    app = middleware(tmp_path)
+    transport = httpx.ASGITransport(app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.post("/purchase")).status_code == 200
+    assert app.stats().released == 1
+    assert await outbox(tmp_path / "store.sqlite3") == [("outbox", None)]
+    assert "waits in the outbox for a relay to publish it" in caplog.text
+
+
+async def test_without_lifespan_and_without_engine_a_durable_task_is_stored_and_runs(
+    tmp_path: Path,
+) -> None:
+    # The store is opened by the first request that stores (no lifespan startup opened it).
+    app = AfterResponseMiddleware(
+        Starlette(routes=[Route("/purchase", purchase, methods=["POST"])]),
+        store=SQLiteStore(tmp_path / "store.sqlite3"),
+    )
+    seen_before = len(worker_effects.SEEN)
+    transport = httpx.ASGITransport(app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.post("/purchase")).status_code == 200
+    assert app.stats().succeeded == 1
+    assert len(worker_effects.SEEN) == seen_before + 1
