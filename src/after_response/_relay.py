@@ -130,7 +130,7 @@ class Relay:
             try:
                 await self.engine.start()
             except Exception as exc:
-                self._failed("starting", len(self._queue), exc)
+                self._failed(f"starting {self.engine.system}", len(self._queue), exc)
                 await self._back_off()
             else:
                 self.started = True
@@ -169,7 +169,7 @@ class Relay:
                 span.end()
             self._in_flight = []
             self._queue.extendleft(reversed(batch))
-            self._failed("publishing", len(batch), exc)
+            self._failed(f"publishing to {self.engine.system}", len(batch), exc)
             return False
         except BaseException:
             for span in spans:
@@ -214,13 +214,12 @@ class Relay:
         executor = self._executor
         executor.ledger.publish_failures += 1
         kind = qualified_type(exc)
-        if executor.telemetry.aggregator.admit(logging.WARNING, (f"engine {what}", kind)):
+        if executor.telemetry.aggregator.admit(logging.WARNING, (what, kind)):
             # The type only: an engine's error text may quote the message, and so its data.
             logger.warning(
-                "after-response: %s to %s failed (%s); %d durable task(s) wait in the outbox, "
+                "after-response: %s failed (%s); %d durable task(s) wait in the outbox, "
                 "retrying in %.1fs (the app goes on serving)",
                 what,
-                self.engine.system,
                 kind,
                 count,
                 self._delay(),
