@@ -8,11 +8,14 @@ the ``post_send`` hooks run. Other brokers get one ``AsyncKicker.kiq`` per messa
 Each message's ``pre_send`` hooks run under the trace context of its headers (attached on
 top of the previous message's, in order), so taskiq's ``OpenTelemetryMiddleware`` parents
 its PRODUCER span there; after the send the hooks' ``post_send`` and the detaches run in
-the reverse order, so every context is restored last in, first out.
+the reverse order, so every context is restored last in, first out. All of it runs in a task
+of its own, in a copy of the caller's context: a hook that leaves a context attached (taskiq's
+``OpenTelemetryMiddleware`` does, for a message that was not sent) cannot change the caller's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Sequence
 from typing import Any, Final, TypeGuard
@@ -51,6 +54,12 @@ async def send_pipelined(
         SendTaskError: Redis refused the pipeline (its cause attached).
         Exception: a middleware's ``pre_send`` or ``post_send`` hook raised.
     """
+    await asyncio.create_task(_send_pipelined(broker, client, messages))
+
+
+async def _send_pipelined(
+    broker: RedisStreamBroker, client: Redis, messages: Sequence[Message]
+) -> None:
     pre_send = [m for m in broker.middlewares if _overrides(m, "pre_send")]
     post_send = [m for m in reversed(broker.middlewares) if _overrides(m, "post_send")]
     sent = False
