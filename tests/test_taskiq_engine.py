@@ -23,7 +23,15 @@ from opentelemetry import propagate
 from opentelemetry import trace as otel_trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from taskiq import AsyncBroker, BrokerMessage, InMemoryBroker, TaskiqEvents, TaskiqState
+from taskiq import (
+    AsyncBroker,
+    BrokerMessage,
+    InMemoryBroker,
+    TaskiqEvents,
+    TaskiqMessage,
+    TaskiqMiddleware,
+    TaskiqState,
+)
 from taskiq.exceptions import SendTaskError
 from taskiq.kicker import AsyncKicker
 from taskiq.middlewares.opentelemetry_middleware import OpenTelemetryMiddleware
@@ -382,6 +390,142 @@ async def test_publish_leaves_the_callers_trace_context_as_it_was(
         await engine.publish([message("record_effect", "traced", headers=headers)])
         await engine.stop()
         assert otel_trace.get_current_span() is relay_span
+
+
+def stream_entries(redis_url: str) -> list[bytes]:
+    """The bytes of every message in the broker's stream, oldest first."""
+    with redis.Redis.from_url(redis_url) as client:
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange("taskiq")
+        return [fields[b"data"] for _, fields in entries]
+
+
+class LabellingMiddleware(TaskiqMiddleware):
+    """An async ``pre_send`` that adds a label; a ``post_send`` that records the task id."""
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        super().__init__()
+        self.fail_on = fail_on
+        self.sent: list[str] = []
+
+    async def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
+        if message.task_id == self.fail_on:
+            raise LookupError("refused by a middleware")
+        message.labels["tenant"] = "blue"
+        return message
+
+    def post_send(self, message: TaskiqMessage) -> None:
+        self.sent.append(message.task_id)
+
+
+@pytest.mark.anyio
+async def test_a_batch_sends_the_bytes_the_kicker_sends(redis_url: str) -> None:
+    batch = [
+        message("record_effect", f"bytes{n}", headers={"tracestate": f"k={n}"}) for n in (1, 2)
+    ]
+    middleware = LabellingMiddleware()
+    broker = RedisStreamBroker(redis_url, unacknowledged_lock_timeout=30).with_middlewares(
+        middleware
+    )
+    engine = TaskiqEngine(broker)
+    await engine.start()
+    await engine.publish(batch)
+    published = stream_entries(redis_url)
+    with redis.Redis.from_url(redis_url) as client:
+        client.delete("taskiq")
+    for sent in batch:
+        labels: dict[str, Any] = {**sent.headers, "ack_type": "when_executed"}
+        kicker: AsyncKicker[[dict[str, Any]], str] = AsyncKicker(RUNNER_TASK, broker, labels)
+        await kicker.with_task_id(sent.id).kiq(sent.body)
+    await engine.stop()
+
+    assert published == stream_entries(redis_url)
+    assert json.loads(published[0])["labels"]["tenant"] == "blue"  # the middleware ran
+    assert sorted(middleware.sent) == sorted([sent.id for sent in batch] * 2)
+
+
+@pytest.mark.anyio
+async def test_each_producer_span_of_a_batch_is_parented_under_its_own_message(
+    redis_url: str, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    tracer = tracer_provider.get_tracer("test")
+    broker = RedisStreamBroker(redis_url, unacknowledged_lock_timeout=30)
+    broker.add_middlewares(OpenTelemetryMiddleware(tracer_provider=tracer_provider))
+    engine = TaskiqEngine(broker)
+    await engine.start()
+    requests, batch = [], []
+    for n in range(3):
+        with tracer.start_as_current_span(f"request{n}") as request_span:
+            headers: dict[str, str] = {}
+            propagate.inject(headers)
+        requests.append(request_span.get_span_context())
+        batch.append(message("record_effect", f"traced{n}", headers=headers))
+    with tracer.start_as_current_span("relay") as relay_span:
+        await engine.publish(batch)
+        assert otel_trace.get_current_span() is relay_span
+    await engine.stop()
+
+    producers = {
+        span.attributes["messaging.message.id"]: span
+        for span in exporter.get_finished_spans()
+        if span.name == f"send/{RUNNER_TASK}" and span.attributes
+    }
+    entries = [json.loads(data) for data in stream_entries(redis_url)]
+    assert [entry["task_id"] for entry in entries] == [sent.id for sent in batch]
+    for sent, request, entry in zip(batch, requests, entries, strict=True):
+        producer = producers[sent.id]
+        assert producer.kind is otel_trace.SpanKind.PRODUCER
+        assert producer.parent is not None
+        assert (producer.parent.trace_id, producer.parent.span_id) == (
+            request.trace_id,
+            request.span_id,
+        )
+        # The worker continues the trace from the producer span.
+        assert f"{producer.context.span_id:016x}" in entry["labels"]["traceparent"]
+
+
+@pytest.mark.anyio
+async def test_a_batch_a_middleware_refuses_sends_nothing_and_restores_the_context(
+    redis_url: str, tracer_provider: TracerProvider
+) -> None:
+    tracer = tracer_provider.get_tracer("test")
+    batch = [message("record_effect", f"refused{n}") for n in range(3)]
+    refusing = LabellingMiddleware(fail_on=batch[1].id)
+    broker = RedisStreamBroker(redis_url, unacknowledged_lock_timeout=30).with_middlewares(
+        OpenTelemetryMiddleware(tracer_provider=tracer_provider), refusing
+    )
+    engine = TaskiqEngine(broker)
+    await engine.start()
+    with tracer.start_as_current_span("relay") as relay_span:
+        with pytest.raises(LookupError, match="refused by a middleware"):
+            await engine.publish(batch)
+        assert otel_trace.get_current_span() is relay_span
+    await engine.stop()
+    assert stream_entries(redis_url) == []
+    assert refusing.sent == []  # as AsyncKicker: no post_send for what was not sent
+
+
+class KickingBroker(RedisStreamBroker):
+    """A stream broker with a ``kick`` of its own (it records the task ids)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, unacknowledged_lock_timeout=30)
+        self.kicked: list[str] = []
+
+    async def kick(self, message: BrokerMessage) -> None:
+        self.kicked.append(message.task_id)
+        await super().kick(message)
+
+
+@pytest.mark.anyio
+async def test_a_broker_with_its_own_kick_gets_one_kick_per_message(redis_url: str) -> None:
+    batch = [message("record_effect", f"kicked{n}") for n in range(3)]
+    broker = KickingBroker(redis_url)
+    engine = TaskiqEngine(broker)
+    await engine.start()
+    await engine.publish(batch)
+    await engine.stop()
+    assert broker.kicked == [sent.id for sent in batch]
+    assert [json.loads(data)["task_id"] for data in stream_entries(redis_url)] == broker.kicked
 
 
 def _closed_port() -> int:

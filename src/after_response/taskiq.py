@@ -30,12 +30,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any, Final
 
 import anyio
-from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from redis.asyncio import Redis
 from taskiq import AsyncBroker, Context, InMemoryBroker, TaskiqDepends, TaskiqEvents, TaskiqState
-from taskiq.acks import AcknowledgeType
-from taskiq.kicker import AsyncKicker
 from taskiq.message import TaskiqMessage
 from taskiq_redis import (
     ListQueueBroker,
@@ -51,6 +48,7 @@ from taskiq_redis import (
 from ._dead_letters import DeadLetterHook
 from ._engine import RUNNER_TASK, Message
 from ._logs import logger
+from ._taskiq_send import ACK_AFTER_EXECUTION, pipelines, send_each, send_pipelined
 from ._worker import WorkerRunner
 
 __all__ = ["TaskiqEngine"]
@@ -67,9 +65,6 @@ _WITHOUT_ACKS: Final = (
 _WITHOUT_RECLAIM: Final = (RedisStreamClusterBroker, RedisStreamSentinelBroker)
 #: The message labels that carry the trace context when no instrumentation consumes them.
 _TRACE_LABELS: Final = ("traceparent", "tracestate")
-#: Sent with every message: the worker acknowledges it after the runner returned, whatever
-#: its own ``--ack-type``, so a message whose worker dies mid-run is delivered again.
-_ACK_AFTER_EXECUTION: Final = AcknowledgeType.WHEN_EXECUTED.value
 #: The body of a wake-up message (see ``_wake_claimers``): the runner task ignores it.
 _WAKE_UP: Final = {"after_response_wake_up": 1}
 
@@ -137,6 +132,10 @@ class TaskiqEngine:
         self._broker_running = False  # the client side of the broker (not a worker's)
         self._started_broker = False  # start() started it, so stop() shuts it down
         self._waker: asyncio.Task[None] | None = None
+        # The client of the one-round-trip batches (see _taskiq_send), on the broker's pool.
+        self._client: Redis | None = None
+        if pipelines(broker):
+            self._client = Redis(connection_pool=broker.connection_pool)
         broker.register_task(_runner_task(self.runner), task_name=RUNNER_TASK)
         broker.add_event_handler(TaskiqEvents.CLIENT_STARTUP, self._on_client_startup)
         broker.add_event_handler(TaskiqEvents.CLIENT_SHUTDOWN, self._on_client_shutdown)
@@ -244,7 +243,9 @@ class TaskiqEngine:
         The task id is the message id; the body is the task's one argument; the trace
         headers are message labels, and the send runs under the trace context they
         describe (taskiq's ``OpenTelemetryMiddleware``, when installed, opens its PRODUCER
-        span there). Each message is acknowledged by the worker after it ran.
+        span there). Each message is acknowledged by the worker after it ran. To a
+        ``RedisStreamBroker`` the messages go in one Redis round trip (a pipeline of the
+        ``XADD``s its ``kick`` runs); to other brokers, one ``kiq`` each.
 
         Raises:
             RuntimeError: neither :meth:`start` nor the app started the broker (without
@@ -261,22 +262,16 @@ class TaskiqEngine:
             )
         try:
             with anyio.fail_after(self._publish_timeout):
-                for message in messages:
-                    await self._send(message)
+                if self._client is not None:
+                    assert isinstance(self.broker, RedisStreamBroker)
+                    await send_pipelined(self.broker, self._client, messages)
+                else:
+                    await send_each(self.broker, messages)
         except TimeoutError:
             raise TimeoutError(
                 f"the taskiq broker ({type(self.broker).__name__}) did not take "
                 f"{len(messages)} message(s) within publish_timeout={self._publish_timeout} s"
             ) from None
-
-    async def _send(self, message: Message) -> None:
-        labels: dict[str, Any] = {**message.headers, "ack_type": _ACK_AFTER_EXECUTION}
-        kicker: AsyncKicker[[dict[str, Any]], str] = AsyncKicker(RUNNER_TASK, self.broker, labels)
-        token = otel_context.attach(propagate.extract(message.headers))
-        try:
-            await kicker.with_task_id(message.id).kiq(message.body)
-        finally:
-            otel_context.detach(token)
 
     async def stop(self) -> None:
         """Shut down the broker's client side if :meth:`start` started it; idempotent."""
@@ -319,7 +314,7 @@ async def _wake_claimers(broker: RedisStreamBroker) -> None:
     wake_up = TaskiqMessage(
         task_id="",
         task_name=RUNNER_TASK,
-        labels={"ack_type": _ACK_AFTER_EXECUTION},
+        labels={"ack_type": ACK_AFTER_EXECUTION},
         args=[_WAKE_UP],
         kwargs={},
     )
