@@ -323,6 +323,23 @@ async def test_a_batch_reaches_redis_in_one_pipeline_unless_the_client_retries_w
     assert [headers["id"] for headers in queued_headers(redis_url)] == [m.id for m in batch]
 
 
+@pytest.mark.anyio
+async def test_the_apps_task_routes_route_each_message(redis_url: str) -> None:
+    app = Celery("web", broker=redis_url)
+    app.conf.task_routes = {RUNNER_TASK: {"queue": "routed"}}
+    engine = CeleryEngine(app)
+    await engine.start()
+    try:
+        await engine.publish([message("first"), message("second")])
+    finally:
+        await engine.stop()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert (client.llen("routed"), client.llen("celery")) == (2, 0)
+    finally:
+        client.close()
+
+
 # 3. kill -9 of a worker mid-task: the message comes back and runs under the same id, and
 # the runner knows it is a redelivery (kombu's Redis transport marks a restored message).
 
