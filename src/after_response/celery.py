@@ -272,12 +272,9 @@ class _Publisher:
         self.connection, self.producer = connection, producer
 
     def _bound_queue(self, channel: Any) -> Queue | None:
-        """The queue Celery's routing picks for every message, bound to ``channel``; None
-        when ``task_routes`` may route each message its own way (Celery then routes each).
-
-        kombu declares the queue it publishes to once per connection, but first binds an
-        unbound queue to the channel, a copy for every message: a quarter of a batch's
-        cost. With this queue passed on, Celery's routing resolves to it unchanged."""
+        """The queue Celery routes every message to, bound to ``channel`` (kombu copies an
+        unbound queue for every message it publishes: a quarter of a batch's cost); None
+        when ``task_routes`` may route each message its own way."""
         if self.queue is None and self.app.amqp.routes:
             return None
         queue = self.app.amqp.queues[self.queue or self.app.conf.task_default_queue]
@@ -300,13 +297,11 @@ class _Publisher:
                 self._send_one(message)
 
     def _batch(self, size: int) -> AbstractContextManager[object]:
-        """kombu's publish batch (kombu 5.7+): each ``send_task`` buffers its ``LPUSH`` in
-        one Redis pipeline, sent in one round trip when the batch ends, or when an error
-        discards it. Celery's publish signals still fire per message, in ``send_task``, so
-        instrumentation that listens to them (``opentelemetry-instrumentation-celery``)
-        sees each message under its own context; the message reaches Redis at the flush.
-        A transport without batches (or a Redis client that retries on timeout, where a
-        replayed pipeline could double messages) makes kombu publish each one at once."""
+        """kombu's publish batch (5.7+): each ``send_task`` buffers its ``LPUSH`` in one
+        Redis pipeline, sent when the batch ends (discarded on an error). Celery's publish
+        signals still fire per message, under its context. kombu publishes each message
+        at once on a transport without batches, or with a client that retries on timeout
+        (a replayed pipeline could double messages)."""
         batch = getattr(self.producer, "batch", None)
         if batch is None:
             return nullcontext()
