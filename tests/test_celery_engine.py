@@ -22,8 +22,11 @@ from typing import Any, NamedTuple
 import anyio
 import pytest
 import redis
-from celery import Celery
-from kombu.exceptions import OperationalError
+from celery import Celery, signals
+from kombu.exceptions import (  # type: ignore[attr-defined]  # kombu 5.7's, not in the stubs
+    BatchPublishError,
+    OperationalError,
+)
 from opentelemetry import propagate
 from opentelemetry.instrumentation.celery import CeleryInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
@@ -40,8 +43,14 @@ EFFECTS = "tests.engine_apps.effects"
 OPTIONS: dict[str, Any] = {"timeout": 5, "retry": {"attempts": 3, "backoff": 0.05}}
 # Read by the worker app (which the tests never import: it reads its settings at import).
 INSTRUMENT_ENV = "AFTER_RESPONSE_TEST_CELERY_INSTRUMENT"
-# What a broker that is down raises: the Redis client's, kombu's, or our timeout's error.
-BROKER_ERRORS = (redis.exceptions.ConnectionError, OperationalError, TimeoutError)
+# What a broker that is down raises: the Redis client's, kombu's (a batch's send among them),
+# or our timeout's error.
+BROKER_ERRORS = (
+    redis.exceptions.ConnectionError,
+    OperationalError,
+    BatchPublishError,
+    TimeoutError,
+)
 # kombu's Redis transport: messages delivered and not yet acknowledged.
 UNACKED = "unacked"
 
@@ -270,6 +279,67 @@ async def test_messages_go_to_the_engines_queue(redis_url: str) -> None:
     assert "a-secret-argument" not in published["headers"]["argsrepr"]
 
 
+def queued_headers(url: str) -> list[dict[str, Any]]:
+    """The Celery headers of the messages waiting in the default queue, oldest first."""
+    client = redis.Redis.from_url(url)
+    try:
+        raws = client.lrange("celery", 0, -1)
+    finally:
+        client.close()
+    return [json.loads(raw)["headers"] for raw in reversed(raws)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("transport_options", "queued_before_each"),
+    [({}, [0, 0, 0, 0]), ({"retry_on_timeout": True}, [0, 1, 2, 3])],
+    ids=["one-pipeline", "retry-on-timeout-one-at-a-time"],
+)
+async def test_a_batch_reaches_redis_in_one_pipeline_unless_the_client_retries_writes(
+    redis_url: str, transport_options: dict[str, Any], queued_before_each: list[int]
+) -> None:
+    # A Redis client that retries on timeout could replay a pipeline that went through,
+    # doubling its messages: kombu then publishes each message at once.
+    client = redis.Redis.from_url(redis_url)
+    queued: list[int] = []
+
+    def count_queued(sender: object = None, **_: object) -> None:
+        if sender == RUNNER_TASK:
+            queued.append(client.llen("celery"))
+
+    batch = [message(f"effect-{index}") for index in range(4)]
+    app = Celery("web", broker=redis_url)
+    app.conf.broker_transport_options = transport_options
+    engine = CeleryEngine(app)
+    signals.before_task_publish.connect(count_queued, weak=False)
+    try:
+        await engine.start()
+        await engine.publish(batch)
+    finally:
+        signals.before_task_publish.disconnect(count_queued)
+        await engine.stop()
+        client.close()
+    assert queued == queued_before_each
+    assert [headers["id"] for headers in queued_headers(redis_url)] == [m.id for m in batch]
+
+
+@pytest.mark.anyio
+async def test_the_apps_task_routes_route_each_message(redis_url: str) -> None:
+    app = Celery("web", broker=redis_url)
+    app.conf.task_routes = {RUNNER_TASK: {"queue": "routed"}}
+    engine = CeleryEngine(app)
+    await engine.start()
+    try:
+        await engine.publish([message("first"), message("second")])
+    finally:
+        await engine.stop()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert (client.llen("routed"), client.llen("celery")) == (2, 0)
+    finally:
+        client.close()
+
+
 # 3. kill -9 of a worker mid-task: the message comes back and runs under the same id, and
 # the runner knows it is a redelivery (kombu's Redis transport marks a restored message).
 
@@ -417,6 +487,35 @@ async def test_the_workers_span_is_in_the_publishers_trace(
         ]
     else:
         assert span_chain(worker_span, by_id) == ["after_response traced", "request"]
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("celery_instrumented")
+async def test_celery_instrumentation_publishes_each_message_of_a_batch_under_its_own_trace(
+    redis_url: str, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    tracer = tracer_provider.get_tracer("test")
+    batch, request_spans = [], []
+    for entry in ("first", "second", "third"):
+        with tracer.start_as_current_span(f"request {entry}") as request_span:
+            headers: dict[str, str] = {}
+            propagate.inject(headers)
+        batch.append(message(entry, headers=headers))
+        request_spans.append(request_span)
+    async with started(redis_url) as engine:
+        await engine.publish(batch)
+    publish_spans = [
+        span for span in exporter.get_finished_spans() if span.name == f"apply_async/{RUNNER_TASK}"
+    ]
+    assert [
+        (s.context.trace_id, s.parent.span_id if s.parent else None) for s in publish_spans
+    ] == [(r.get_span_context().trace_id, r.get_span_context().span_id) for r in request_spans]
+    # Each message carries its own publish span's context to the worker.
+    published = queued_headers(redis_url)
+    assert [(h["id"], *h["traceparent"].split("-")[1:3]) for h in published] == [
+        (m.id, f"{s.context.trace_id:032x}", f"{s.context.span_id:016x}")
+        for m, s in zip(batch, publish_spans, strict=True)
+    ]
 
 
 # 5. A broker that is down or hangs: start() and publish() raise, in bounded time.
