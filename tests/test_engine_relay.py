@@ -10,6 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -27,6 +29,7 @@ from . import worker_effects
 from .asgi import lifespan
 from .brokers import free_port, redis_server
 from .durable_process import until
+from .test_metrics import metrics_by_name, sums
 from .worker_effects import greet
 
 pytestmark = pytest.mark.anyio
@@ -110,12 +113,14 @@ async def test_the_relay_publishes_once_the_broker_comes_up_with_a_producer_span
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
+    reader = InMemoryMetricReader()
     broker = RedisStreamBroker(f"redis://127.0.0.1:{port}/0", unacknowledged_lock_timeout=5)
     app = AfterResponseMiddleware(
         Starlette(routes=[Route("/purchase", purchase, methods=["POST"])]),
         store=SQLiteStore(tmp_path / "store.sqlite3"),
         engine=TaskiqEngine(broker, publish_timeout=0.5),
         tracer_provider=provider,
+        meter_provider=MeterProvider(metric_readers=[reader]),
     )
     transport = httpx.ASGITransport(app)
     async with lifespan(app), httpx.AsyncClient(transport=transport, base_url="http://t") as client:
@@ -132,3 +137,5 @@ async def test_the_relay_publishes_once_the_broker_comes_up_with_a_producer_span
     attributes = published[0].attributes or {}
     assert attributes["messaging.system"] == "taskiq"
     assert attributes["after_response.task.outcome"] == "handed_off"
+    finished = metrics_by_name(reader)["after_response.task.finished"]
+    assert sums(finished) == {("greet", "handed_off"): 5}
