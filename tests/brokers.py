@@ -260,18 +260,21 @@ class LedgerLine(NamedTuple):
     pid: int
 
 
-def read_ledger(ledger: Path) -> list[LedgerLine]:
-    """The ledger's complete lines, oldest first (none when the file does not exist yet)."""
+def _complete_lines(ledger: Path) -> list[list[str]]:
+    """The fields of the ledger's complete lines, oldest first (none before it exists)."""
     try:
         text = ledger.read_text(encoding="utf-8")
     except FileNotFoundError:
         return []
-    lines = []
-    for line in text.splitlines(keepends=True):
-        if line.endswith("\n"):
-            event, entry, task_id, pid = line.split()
-            lines.append(LedgerLine(event, entry, task_id, int(pid)))
-    return lines
+    return [line.split() for line in text.splitlines(keepends=True) if line.endswith("\n")]
+
+
+def read_ledger(ledger: Path) -> list[LedgerLine]:
+    """The ledger's complete lines, oldest first (none when the file does not exist yet)."""
+    return [
+        LedgerLine(event, entry, task_id, int(pid))
+        for event, entry, task_id, pid in _complete_lines(ledger)
+    ]
 
 
 def wait_for_ledger(
@@ -285,3 +288,38 @@ def wait_for_ledger(
         waiting_for=lambda: f"{count} x {event!r} {entry!r} in {read_ledger(ledger)}",
     )
     return read_ledger(ledger)
+
+
+class EffectLine(NamedTuple):
+    """One line a side effect of :mod:`tests.engine_apps.effects` (or an engine test app's
+    dead-letter hook) wrote: ``EVENT ENTRY TASK_ID PID ATTEMPT``."""
+
+    event: str
+    entry: str
+    task_id: str
+    pid: int
+    attempt: int
+
+
+def read_effects(ledger: Path) -> list[EffectLine]:
+    """The ledger's complete lines, oldest first (none when the file does not exist yet)."""
+    return [
+        EffectLine(event, entry, task_id, int(pid), int(attempt))
+        for event, entry, task_id, pid, attempt in _complete_lines(ledger)
+    ]
+
+
+def wait_for_effect(
+    ledger: Path, event: str, entry: str, *, count: int = 1, timeout: float = 20.0
+) -> list[EffectLine]:
+    """The ledger's lines of ``entry``, once ``count`` of them are ``event``."""
+
+    def of_entry() -> list[EffectLine]:
+        return [line for line in read_effects(ledger) if line.entry == entry]
+
+    wait_until(
+        lambda: sum(1 for line in of_entry() if line.event == event) >= count,
+        timeout=timeout,
+        waiting_for=lambda: f"{count} x {event!r} {entry!r} in {read_effects(ledger)}",
+    )
+    return of_entry()

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import anyio
 import pytest
@@ -35,7 +35,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from after_response._engine import RUNNER_TASK, Engine, Message, encode
 from after_response._store import StoredTask
 from after_response.celery import CeleryEngine
-from tests.brokers import celery_worker, redis_server, wait_until
+from tests.brokers import (
+    celery_worker,
+    redis_server,
+    wait_for_effect,
+    wait_until,
+)
 from tests.engine_apps import spans
 
 APP = "tests.engine_apps.celery_engine_app"
@@ -53,39 +58,6 @@ BROKER_ERRORS = (
 )
 # kombu's Redis transport: messages delivered and not yet acknowledged.
 UNACKED = "unacked"
-
-
-class Line(NamedTuple):
-    """A side effect's ledger line (``tests.engine_apps.effects``)."""
-
-    event: str
-    entry: str
-    task_id: str
-    pid: int
-    attempt: int
-
-
-def read_lines(ledger: Path) -> list[Line]:
-    try:
-        text = ledger.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    lines = []
-    for line in text.splitlines(keepends=True):
-        if line.endswith("\n"):
-            event, entry, task_id, pid, attempt = line.split()
-            lines.append(Line(event, entry, task_id, int(pid), int(attempt)))
-    return lines
-
-
-def wait_for_line(ledger: Path, event: str, entry: str, *, count: int = 1) -> list[Line]:
-    """The ledger's lines for ``entry``, once ``count`` of them are ``event``."""
-    wait_until(
-        lambda: sum(1 for line in read_lines(ledger) if line[:2] == (event, entry)) >= count,
-        timeout=20,
-        waiting_for=lambda: f"{count} x {event!r} {entry!r} in {read_lines(ledger)}",
-    )
-    return [line for line in read_lines(ledger) if line.entry == entry]
 
 
 def message(
@@ -154,11 +126,11 @@ async def test_published_side_effects_run_in_the_worker_under_the_message_id(
     with worker(redis_url, ledger) as running:
         async with started(redis_url) as engine:
             await engine.publish([async_, sync])
-        [async_done] = wait_for_line(ledger, "done", "areceipt")
+        [async_done] = wait_for_effect(ledger, "done", "areceipt")
         # The keyword argument arrived: the sync side effect waits for its gate.
-        [started_line] = wait_for_line(ledger, "started", "receipt")
+        [started_line] = wait_for_effect(ledger, "started", "receipt")
         gate.touch()
-        [_, done] = wait_for_line(ledger, "done", "receipt")
+        [_, done] = wait_for_effect(ledger, "done", "receipt")
         wait_until(
             lambda: broker_is_drained(redis_url),
             timeout=10,
@@ -183,7 +155,7 @@ async def test_a_failing_side_effect_is_retried_in_the_worker_by_its_policy(
     with worker(redis_url, ledger):
         async with started(redis_url) as engine:
             await engine.publish([flaky])
-        lines = wait_for_line(ledger, "done", "flaky")
+        lines = wait_for_effect(ledger, "done", "flaky")
     assert [(line.event, line.attempt) for line in lines] == [
         ("failed", 1),
         ("failed", 2),
@@ -202,7 +174,7 @@ async def test_a_side_effect_past_its_timeout_times_out_and_is_dead_lettered(
     with worker(redis_url, ledger, **{spans.SPANS_ENV: str(span_file)}) as running:
         async with started(redis_url) as engine:
             await engine.publish([slow])
-        wait_for_line(ledger, "dead-timed_out", "slow")
+        wait_for_effect(ledger, "dead-timed_out", "slow")
         wait_until(
             lambda: broker_is_drained(redis_url),
             timeout=10,
@@ -236,7 +208,7 @@ async def test_a_side_effect_that_cannot_be_imported_is_logged_and_acknowledged(
             )
             # The worker goes on serving.
             await engine.publish([after])
-            wait_for_line(ledger, "done", "after")
+            wait_for_effect(ledger, "done", "after")
         output = running.output()
     assert missing.id in output
     assert f"{EFFECTS}:no_such_effect" in output
@@ -358,11 +330,11 @@ async def test_a_killed_workers_side_effect_runs_again_in_the_next_worker_under_
     with worker(redis_url, ledger, **{spans.SPANS_ENV: str(span_file)}) as first:
         async with started(redis_url) as engine:
             await engine.publish([receipt])
-        wait_for_line(ledger, "started", "receipt")
+        wait_for_effect(ledger, "started", "receipt")
         first.kill()
     gate.touch()
     with worker(redis_url, ledger, **{spans.SPANS_ENV: str(span_file)}):
-        lines = wait_for_line(ledger, "done", "receipt")
+        lines = wait_for_effect(ledger, "done", "receipt")
     [first_run, second_run, done] = lines
     assert first_run.event == second_run.event == "started"
     assert first_run.task_id == second_run.task_id == done.task_id == receipt.id
@@ -380,10 +352,10 @@ async def test_a_killed_pool_processs_side_effect_is_requeued_and_runs_again(
     with worker(redis_url, ledger, **{spans.SPANS_ENV: str(span_file)}) as running:
         async with started(redis_url) as engine:
             await engine.publish([receipt])
-        [started_line] = wait_for_line(ledger, "started", "receipt")
+        [started_line] = wait_for_effect(ledger, "started", "receipt")
         os.kill(started_line.pid, signal.SIGKILL)  # the pool process, not the worker
         gate.touch()
-        lines = wait_for_line(ledger, "done", "receipt")
+        lines = wait_for_effect(ledger, "done", "receipt")
         assert running.process.poll() is None
     [first_run, second_run, done] = lines
     assert first_run.task_id == second_run.task_id == done.task_id == receipt.id
@@ -403,7 +375,7 @@ def test_a_first_delivery_is_not_marked_recovered(
 
     with worker(redis_url, ledger, **{spans.SPANS_ENV: str(span_file)}):
         anyio.run(publish)
-        wait_for_line(ledger, "done", "receipt")
+        wait_for_effect(ledger, "done", "receipt")
         wait_until(
             lambda: bool(spans.read(span_file)),
             timeout=10,
@@ -467,7 +439,7 @@ async def test_the_workers_span_is_in_the_publishers_trace(
         # Published outside the request's context, as the relay does: under the headers'.
         async with started(redis_url) as engine:
             await engine.publish([traced])
-        wait_for_line(ledger, "done", "traced")
+        wait_for_effect(ledger, "done", "traced")
         wait_until(
             lambda: any(s["name"] == "after_response traced" for s in spans.read(span_file)),
             timeout=10,

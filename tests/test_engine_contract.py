@@ -13,13 +13,21 @@ from __future__ import annotations
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import anyio
 import httpx
 import pytest
 
-from tests.brokers import Worker, celery_worker, free_port, redis_server, taskiq_worker
+from tests.brokers import (
+    EffectLine,
+    Worker,
+    celery_worker,
+    free_port,
+    read_effects,
+    redis_server,
+    taskiq_worker,
+)
 from tests.durable_process import Load, ServerProcess, running, unfinished, until, wait_until
 from tests.engine_apps import BROKER_URL_ENV, LEDGER_ENV
 from tests.engine_apps import spans as span_files
@@ -28,16 +36,6 @@ pytestmark = [pytest.mark.parametrize("engine", ["celery", "taskiq"]), pytest.ma
 
 WEB_APP = "tests.engine_apps.web:app"
 ENGINE_ENV = "AFTER_RESPONSE_TEST_ENGINE"  # read by tests.engine_apps.web
-
-
-class Run(NamedTuple):
-    """One ledger line: ``EVENT ENTRY TASK_ID PID ATTEMPT``."""
-
-    event: str
-    entry: str
-    task_id: str
-    pid: int
-    attempt: int
 
 
 @dataclass
@@ -83,21 +81,12 @@ class Stack:
             environment=environment,
         )
 
-    def runs(self) -> list[Run]:
-        try:
-            text = self.ledger.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return []
-        runs = []
-        for line in text.splitlines(keepends=True):
-            if line.endswith("\n"):
-                event, entry, task_id, pid, attempt = line.split()
-                runs.append(Run(event, entry, task_id, int(pid), int(attempt)))
-        return runs
+    def runs(self) -> list[EffectLine]:
+        return read_effects(self.ledger)
 
-    def done(self, prefix: str = "order-") -> dict[str, list[Run]]:
+    def done(self, prefix: str = "order-") -> dict[str, list[EffectLine]]:
         """The ``done`` runs by entry."""
-        by_entry: dict[str, list[Run]] = {}
+        by_entry: dict[str, list[EffectLine]] = {}
         for run in self.runs():
             if run.event == "done" and run.entry.startswith(prefix):
                 by_entry.setdefault(run.entry, []).append(run)

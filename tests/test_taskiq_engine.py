@@ -40,7 +40,14 @@ from taskiq_redis import ListQueueBroker, PubSubBroker, RedisStreamBroker, Redis
 from after_response._engine import RUNNER_TASK, Engine, Message, encode
 from after_response._store import StoredTask
 from after_response.taskiq import TaskiqEngine
-from tests.brokers import Worker, redis_server, taskiq_worker, wait_until
+from tests.brokers import (
+    Worker,
+    read_effects,
+    redis_server,
+    taskiq_worker,
+    wait_for_effect,
+    wait_until,
+)
 from tests.engine_apps import spans
 
 BROKER = "tests.engine_apps.taskiq_engine_app:broker"
@@ -49,43 +56,6 @@ OTEL_MIDDLEWARE_ENV = "AFTER_RESPONSE_TEST_TASKIQ_OTEL"
 STATS_TASK = "engine_apps.taskiq.stats"
 EFFECTS = "tests.engine_apps.effects"
 OPTIONS: dict[str, Any] = {"timeout": 5, "retry": {"attempts": 3, "backoff": 0.05}}
-
-
-class EffectLine(NamedTuple):
-    """One ledger line of ``tests.engine_apps.effects``."""
-
-    event: str
-    entry: str
-    task_id: str
-    pid: int
-    attempt: int
-
-
-def read_effects(ledger: Path) -> list[EffectLine]:
-    try:
-        text = ledger.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    lines = []
-    for line in text.splitlines(keepends=True):
-        if line.endswith("\n"):
-            event, entry, task_id, pid, attempt = line.split()
-            lines.append(EffectLine(event, entry, task_id, int(pid), int(attempt)))
-    return lines
-
-
-def wait_for_effect(ledger: Path, event: str, entry: str, *, count: int = 1) -> list[EffectLine]:
-    """The ledger's lines of ``entry``, once ``count`` of them are ``event``."""
-
-    def of_entry() -> list[EffectLine]:
-        return [line for line in read_effects(ledger) if line.entry == entry]
-
-    wait_until(
-        lambda: sum(line.event == event for line in of_entry()) >= count,
-        timeout=20,
-        waiting_for=lambda: f"{count} x {event!r} {entry!r} in {read_effects(ledger)}",
-    )
-    return of_entry()
 
 
 def message(
