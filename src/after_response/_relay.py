@@ -107,18 +107,18 @@ class Relay:
             await self._start_engine()
             next_claim = 0.0
             while True:
+                # Orphans are claimed on schedule even under steady load, and only while
+                # fewer than a batch wait here (a broker outage does not pull the whole
+                # outbox into memory).
+                if time.monotonic() >= next_claim:
+                    if len(self._queue) < PUBLISH_BATCH:
+                        await self._claim()
+                    next_claim = time.monotonic() + CLAIM_INTERVAL
                 if self._queue:
-                    batch = [
-                        self._queue.popleft() for _ in range(min(PUBLISH_BATCH, len(self._queue)))
-                    ]
-                    if not await self._publish(batch):
+                    count = min(PUBLISH_BATCH, len(self._queue))
+                    if not await self._publish([self._queue.popleft() for _ in range(count)]):
                         await self._back_off()
                     continue
-                if time.monotonic() >= next_claim:
-                    await self._claim()
-                    next_claim = time.monotonic() + CLAIM_INTERVAL
-                    if self._queue:
-                        continue
                 self._wake = anyio.Event()
                 with anyio.move_on_after(max(0.0, next_claim - time.monotonic())):
                     await self._wake.wait()
@@ -168,14 +168,14 @@ class Relay:
                 span.set_status(Status(StatusCode.ERROR, qualified_type(exc)))
                 span.end()
             self._in_flight = []
-            self._queue.extendleft(reversed(batch))
+            self._queue.extendleft(reversed([task for task in batch if not task.done]))
             self._failed(f"publishing to {self.engine.system}", len(batch), exc)
             return False
         except BaseException:
             for span in spans:
                 span.end()
             self._in_flight = []
-            self._queue.extendleft(reversed(batch))
+            self._queue.extendleft(reversed([task for task in batch if not task.done]))
             raise
         self._in_flight = []
         self._streak = 0
@@ -185,6 +185,8 @@ class Relay:
         journal.published(batch)
         ledger = executor.ledger
         for task in batch:
+            if task.done:  # released at the shutdown deadline while its publish went on
+                continue
             ledger.outbox -= 1
             executor.telemetry.pending(task, -1)
             log_task(logging.DEBUG, task, "handed off to %s", self.engine.system)
