@@ -116,10 +116,11 @@ class Executor(Waiting):
         task.slot = True
         self.telemetry.running(task, 1)
         owner = task.owner
-        # Spawned inside the task's context: the new asyncio task runs in a copy of it, the
-        # request's contextvars (and so its current span) as they were at add() time.
+        # The new asyncio task runs in a copy of the task's context: the request's contextvars
+        # (and so its current span) as they were at add() time. A copy, because logs and dead
+        # letters read the task's own context while it runs.
         if type(owner) is NativeTasks:
-            task.context.run(owner.spawn, self._run(task), task)
+            task.running = owner.spawn(self._run(task), task, task.context.copy())
         else:
             task.context.run(owner.start_soon, self._run, task)
 
@@ -176,6 +177,7 @@ class Executor(Waiting):
                 if not await self._back_off(task, exc):
                     return  # queued again: whoever frees a slot runs its next attempt
         finally:
+            task.running = None  # no cycle: the asyncio task holds this coroutine
             self._release(task)  # if it still holds one, whatever ended it
 
     async def _back_off(self, task: Task, exc: BaseException | None) -> bool:

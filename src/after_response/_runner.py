@@ -39,11 +39,39 @@ class Runner:
         if span is not None:
             task.span = span.span
         exc: BaseException | None = None
+        record = task.record
         try:
-            if await self._call_with_deadline(task):
+            # An async side effect's coroutine is awaited as it is: no wrapper per attempt,
+            # and the deadline is set and cleared with plain calls around it.
+            if task.is_async:
+                call = task.fn(*record.args, **record.kwargs)
+            else:
+                call = self._in_thread(task)
+            timeout = record.timeout
+            owner = task.owner
+            if timeout is None:
+                await call
+                in_time = True
+            elif HAS_UNCANCEL and type(owner) is NativeTasks:
+                running = task.running
+                owner.set_deadline(running, timeout)
+                try:
+                    await call
+                    in_time = True
+                except asyncio.CancelledError:
+                    if not owner.expired(running):
+                        raise
+                    in_time = False
+                finally:
+                    owner.clear_deadline(running)
+            else:
+                with anyio.CancelScope(deadline=anyio.current_time() + timeout) as scope:
+                    await call
+                in_time = not scope.cancelled_caught
+            if in_time:
                 outcome = Outcome.SUCCEEDED
             else:
-                exc = TaskTimeoutError(f"{task.record.name} timed out after {task.record.timeout}s")
+                exc = TaskTimeoutError(f"{record.name} timed out after {timeout}s")
                 outcome = Outcome.TIMED_OUT
         except BaseException as error:
             if task.done and isinstance(error, GeneratorExit):
@@ -93,24 +121,7 @@ class Runner:
             )
         return outcome, exc
 
-    async def _call_with_deadline(self, task: Task) -> bool:
-        """Run one attempt; ``False`` if it ran out of time (and was cancelled)."""
-        record = task.record
-        # An async side effect's coroutine is awaited as it is: no wrapper per attempt.
-        call = (
-            task.fn(*record.args, **record.kwargs) if task.is_async else self._call_in_thread(task)
-        )
-        if record.timeout is None:
-            await call
-            return True
-        owner = task.owner
-        if HAS_UNCANCEL and type(owner) is NativeTasks:
-            return await owner.run_with_deadline(record.timeout, call)
-        with anyio.CancelScope(deadline=anyio.current_time() + record.timeout) as scope:
-            await call
-        return not scope.cancelled_caught
-
-    async def _call_in_thread(self, task: Task) -> None:
+    async def _in_thread(self, task: Task) -> None:
         result: Any = await self.threads.run(task.fn, task.record.args, task.record.kwargs)
         if inspect.isawaitable(result):
             # A sync callable that returned a coroutine (a lambda around an async call).

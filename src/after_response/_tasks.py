@@ -10,6 +10,7 @@ import logging
 import math
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
+from contextvars import Context
 from typing import Any, TypeAlias
 
 import anyio
@@ -28,6 +29,7 @@ class NativeTasks:
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._time = self._loop.time
         #: Each running asyncio task, and the item it runs (its first argument).
         self._tasks: dict[asyncio.Task[Any], Any] = {}
         #: Tasks this owner cancelled (closing): their CancelledError is ours, not theirs.
@@ -40,25 +42,26 @@ class NativeTasks:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
 
-    async def run_with_deadline(self, timeout: float, call: Awaitable[None]) -> bool:
-        """Await ``call``, cancelling it after ``timeout`` seconds; ``False`` if it was."""
-        task = asyncio.current_task()
-        assert task is not None
-        deadline = self._loop.time() + timeout
+    def set_deadline(self, task: asyncio.Task[Any], timeout: float) -> None:
+        """Cancel ``task`` (the attempt running in it) after ``timeout`` seconds, unless
+        :meth:`clear_deadline` comes first."""
+        deadline = self._time() + timeout
         self._deadlines[task] = deadline
         if deadline < self._timer_at:
             self._schedule(deadline)
-        try:
-            await call
-        except asyncio.CancelledError:
-            if task not in self._expired:
-                raise
-            self._expired.discard(task)
-            task.uncancel()  # type: ignore[attr-defined,unused-ignore]
+
+    def expired(self, task: asyncio.Task[Any]) -> bool:
+        """Whether the ``CancelledError`` that ``task``'s attempt just got came from its
+        deadline; if so, the cancellation is taken back (the task goes on, timed out)."""
+        if task not in self._expired:
             return False
-        finally:
-            self._deadlines.pop(task, None)
+        self._expired.discard(task)
+        task.uncancel()  # type: ignore[attr-defined,unused-ignore]
         return True
+
+    def clear_deadline(self, task: asyncio.Task[Any]) -> None:
+        """The attempt ended: its deadline no longer applies."""
+        self._deadlines.pop(task, None)
 
     def _schedule(self, when: float) -> None:
         if self._timer is not None:
@@ -95,16 +98,26 @@ class NativeTasks:
         """Run ``func(*args)`` as a task of this owner (anyio's ``TaskGroup`` signature)."""
         self.spawn(func(*args), args[0] if args else None)  # type: ignore[arg-type]
 
-    def spawn(self, coroutine: Coroutine[Any, Any, Any], item: Any) -> None:
-        """Run ``coroutine`` as a task of this owner, in the current context; ``item`` is
-        what ``aclose()`` returns should the task outlive its cancellation."""
-        task = self._loop.create_task(coroutine)
+    def spawn(
+        self, coroutine: Coroutine[Any, Any, Any], item: Any, context: Context | None = None
+    ) -> asyncio.Task[Any]:
+        """Run ``coroutine`` as a task of this owner, in ``context`` (default: a copy of the
+        current one), and return it; ``item`` is what ``aclose()`` returns should the task
+        outlive its cancellation."""
+        if context is None:
+            task = self._loop.create_task(coroutine)
+        elif HAS_UNCANCEL:  # 3.11+: create_task takes the context, no run() around it
+            task = self._loop.create_task(coroutine, context=context)  # type: ignore[call-arg,unused-ignore]
+        else:
+            task = context.run(self._loop.create_task, coroutine)
         self._tasks[task] = item
         task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         del self._tasks[task]
-        self._cancelled.discard(task)
+        if self._cancelled:
+            self._cancelled.discard(task)
         if not task.cancelled() and task.exception() is not None:  # pragma: no cover - a bug
             logger.error("after-response internal error: %s", type(task.exception()).__qualname__)
 
