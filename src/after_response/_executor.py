@@ -114,7 +114,8 @@ class Executor(Waiting):
             return
         self.ledger.running += 1
         task.slot = True
-        self.telemetry.running(task, 1)
+        if self.telemetry.on:
+            self.telemetry.running(task, 1)
         owner = task.owner
         # The new asyncio task runs in a copy of the task's context: the request's contextvars
         # (and so its current span) as they were at add() time. A copy, because logs and dead
@@ -131,7 +132,8 @@ class Executor(Waiting):
         if task.slot:
             task.slot = False
             self.ledger.running -= 1
-            self.telemetry.running(task, -1)
+            if self.telemetry.on:
+                self.telemetry.running(task, -1)
         self._dispatch()
 
     def _dispatch(self) -> None:

@@ -35,7 +35,8 @@ class Runner:
         """Run one attempt; ``RETRY`` when it failed and another attempt is due."""
         telemetry = self.telemetry
         started = time.perf_counter()
-        span = telemetry.attempt_started(task, started - task.ready_at)
+        watched = telemetry.on  # off (no SDK): no telemetry call for this attempt
+        span = telemetry.attempt_started(task, started - task.ready_at) if watched else None
         if span is not None:
             task.span = span.span
         exc: BaseException | None = None
@@ -78,13 +79,17 @@ class Runner:
                 # Left behind at shutdown, then closed with its loop: it has its outcome.
                 raise
             if isinstance(error, anyio.get_cancelled_exc_class()) and _cancelled(task):
-                telemetry.attempt_ended(
-                    task, span, Outcome.ABANDONED, None, time.perf_counter() - started
-                )
+                if watched:
+                    telemetry.attempt_ended(
+                        task, span, Outcome.ABANDONED, None, time.perf_counter() - started
+                    )
                 raise
             exc, outcome = error, Outcome.FAILED  # a CancelledError it raised itself too
         if exc is not None and may_retry and task.record.retry.should_retry(task.attempt, exc):
-            telemetry.attempt_ended(task, span, Outcome.RETRY, exc, time.perf_counter() - started)
+            if watched:
+                telemetry.attempt_ended(
+                    task, span, Outcome.RETRY, exc, time.perf_counter() - started
+                )
             log_task(
                 logging.WARNING,
                 task,
@@ -96,7 +101,8 @@ class Runner:
                 span=None if span is None else span.span,
             )
             return Outcome.RETRY, exc
-        telemetry.attempt_ended(task, span, outcome, exc, time.perf_counter() - started)
+        if watched:
+            telemetry.attempt_ended(task, span, outcome, exc, time.perf_counter() - started)
         if outcome is Outcome.FAILED:
             assert exc is not None
             log_task(
