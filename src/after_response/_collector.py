@@ -109,12 +109,13 @@ class Collector:
     overflow: list[Task] | None = None
     #: Durable tasks added since the last save.
     unsaved: list[Task] | None = None
+    #: The tasks held; a list of its own from the first add() (this one is never appended to).
+    _tasks: list[Task] = []  # noqa: RUF012
 
     def __init__(self, executor: Executor, method: str, path: str) -> None:
         self._executor = executor
         self._method = method
         self._path = path
-        self._tasks: list[Task] = []
 
     @property
     def request(self) -> RequestInfo:
@@ -213,15 +214,23 @@ class Collector:
             name, timeout, retry, run_on_error, durable, key, limits = options.resolve(
                 executor.defaults, info.name
             )
-        info.check_arguments(args, kwargs, bound_self, name)
+        if (
+            kwargs
+            or info.required_keywords
+            or not info.min_positional <= len(args) + len(bound_self) <= info.max_positional
+        ):
+            info.check_arguments(args, kwargs, bound_self, name)  # the fast case is above
         context = contextvars.copy_context()
         carrier = None
         if durable or key is not None:
             self._check_durable(fn, info, bound_self, args, kwargs, name, durable)
             carrier = trace_carrier(context)
+        request = self._request
+        if request is None:
+            request = self._request = RequestInfo(self._method, self._path)
         if _mode.captured is not None:
             _mode.captured.append(
-                CapturedCall(name, fn, args, kwargs, timeout, retry, run_on_error, *self.request)
+                CapturedCall(name, fn, args, kwargs, timeout, retry, run_on_error, *request)
             )
             return
         record = TaskRecord(
@@ -233,7 +242,7 @@ class Collector:
             timeout,
             retry,
             run_on_error,
-            self.request,
+            request,
             carrier,
             durable,
             key,
@@ -242,7 +251,10 @@ class Collector:
         task = Task(record, fn, info.is_async, context, executor.ledger.add())
         executor.telemetry.added(task)
         if self._state == _OPEN:
-            self._tasks.append(task)
+            if self._tasks:
+                self._tasks.append(task)
+            else:
+                self._tasks = [task]
             if durable:
                 if self.unsaved is None:
                     self.unsaved = []

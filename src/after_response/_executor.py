@@ -88,22 +88,24 @@ class Executor(Waiting):
         for task in tasks:
             if overflow or self._closing or owner is None:
                 overflow.append(task)
-            elif ledger.running < self.max_concurrency:
-                self._take(task, owner, now)
-                self._start(task)  # or parks it, to wait for its name's own limits
+                continue
+            if ledger.running < self.max_concurrency:
+                start = True
             elif ledger.pending < self.max_pending:
-                self._take(task, owner, now)
+                start = False
+            else:
+                overflow.append(task)
+                continue
+            task.owner = owner
+            task.ready_at = now
+            ledger.left_request += 1
+            if start:
+                self._start(task)  # or parks it, to wait for its name's own limits
+            else:
                 self._queue.append(task)
                 ledger.queued += 1
                 self.telemetry.pending(task, 1)
-            else:
-                overflow.append(task)
         return overflow
-
-    def _take(self, task: Task, owner: Spawner, now: float) -> None:
-        task.owner = owner
-        task.ready_at = now
-        self.ledger.left_request += 1
 
     def _start(self, task: Task) -> None:
         """Give ``task`` a slot and run it; or, if its name is at its own limits, park it
@@ -134,7 +136,8 @@ class Executor(Waiting):
             self.ledger.running -= 1
             if self.telemetry.on:
                 self.telemetry.running(task, -1)
-        self._dispatch()
+        if self._queue or self._gate_waiters or self.backlog:
+            self._dispatch()
 
     def _dispatch(self) -> None:
         """Start queued tasks while there are free slots."""

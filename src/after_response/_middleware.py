@@ -244,7 +244,7 @@ class AfterResponseMiddleware:
         if status == 0 and not client_gone:
             failed = "the app returned without sending a response"
         else:
-            failed = _status_failure(status)
+            failed = None if status < 500 else _status_failure(status)
         if collector.holding or collector.overflow:
             await self._finish(collector, failed)
         collector.close(failed)  # late adds follow the request's verdict
