@@ -86,6 +86,8 @@ def get(request: HTTPConnection, state_key: str = "after_response") -> Collector
     )
 
 
+#: A collector holding no task holds this list (never appended to: add() makes a new one).
+_NO_TASKS: Final[list[Task]] = []
 _OPEN: Final = 0  # collecting; tasks wait for the response to complete
 _HANDED_OVER: Final = 1  # the tasks went to a dispatcher; add() submits at once
 
@@ -110,7 +112,7 @@ class Collector:
     #: Durable tasks added since the last save.
     unsaved: list[Task] | None = None
     #: The tasks held; a list of its own from the first add() (this one is never appended to).
-    _tasks: list[Task] = []  # noqa: RUF012
+    _tasks: list[Task] = _NO_TASKS
 
     def __init__(self, executor: Executor, method: str, path: str) -> None:
         self._executor = executor
@@ -363,12 +365,12 @@ class Collector:
 
     def abandon(self, reason: str) -> None:
         """End the tasks still held: the request was cancelled before handing them over."""
-        tasks, self._tasks = self._tasks, []
+        tasks, self._tasks = self._tasks, _NO_TASKS
         self._state = _HANDED_OVER
         self._executor.abandon(tasks, reason, taken=False)
 
     def _take(self, failed: str | None) -> list[Task]:
-        tasks, self._tasks = self._tasks, []
+        tasks, self._tasks = self._tasks, _NO_TASKS
         self._failed = failed
         if failed is not None and tasks:
             kept = [task for task in tasks if task.record.run_on_error]
