@@ -23,7 +23,6 @@ from ._mode import CapturedCall
 from ._options import EMPTY_OPTIONS, UNSET, Retry, TaskOptions, _Unset
 from ._record import RequestInfo, TaskRecord, new_task_id
 from ._task import Task
-from ._tasks import loop_handle
 
 if TYPE_CHECKING:
     from starlette.requests import HTTPConnection
@@ -357,7 +356,7 @@ class Collector:
         async with InlineDispatcher(self._executor) as dispatcher:
             self._dispatcher = dispatcher
             self._state = _HANDED_OVER
-            self._loop_thread, self._call_soon = threading.get_ident(), loop_handle()
+            self._loop_thread, self._call_soon = dispatcher.loop_thread, dispatcher.call_soon
             overflow = dispatcher.submit(tasks)
             if overflow:
                 await dispatcher.submit_waiting(overflow)

@@ -68,6 +68,8 @@ class Executor(Waiting):
         #: The last lifespan's owner, kept once it stops: its tasks' cancellations are told
         #: apart from those of a request's own owner (no lifespan).
         self._lifespan_owner: Spawner | None = None
+        #: Without lifespan: the task set the requests of one asyncio loop share.
+        self.inline_owner: NativeTasks | None = None
         self._stopped: anyio.Event | None = None
         self._serving_done: anyio.Event | None = None
         #: The loop's thread, and how to call onto the loop from another thread.

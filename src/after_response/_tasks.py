@@ -10,6 +10,7 @@ import contextvars
 import logging
 import math
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import Context
 from typing import Any, TypeAlias
@@ -29,8 +30,11 @@ class NativeTasks:
     """
 
     def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._loop = self.loop = asyncio.get_running_loop()
         self._time = self._loop.time
+        #: The loop's thread, and how another thread calls onto the loop.
+        self.loop_thread = threading.get_ident()
+        self.call_soon_threadsafe = self._loop.call_soon_threadsafe
         #: Each running asyncio task, and the item it runs (its first argument).
         self._tasks: dict[asyncio.Task[Any], Any] = {}
         #: Tasks this owner cancelled (closing): their CancelledError is ours, not theirs.
@@ -90,17 +94,6 @@ class NativeTasks:
         if earliest < math.inf:
             self._schedule(earliest)
 
-    def drop_timer(self) -> None:
-        """Cancel the deadline timer, for an owner whose attempts have all ended.
-
-        The timer is left running when the last deadline goes (rescheduling it for every
-        short task would cost more than the task); an owner that is done with, one per
-        request without lifespan, drops it so it does not linger until the timeout.
-        """
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer, self._timer_at = None, math.inf
-
     def start_soon(self, func: Callable[..., Awaitable[Any]], /, *args: Any) -> None:
         """Run ``func(*args)`` as a task of this owner (anyio's ``TaskGroup`` signature)."""
         self.spawn(func(*args), args[0] if args else None)  # type: ignore[arg-type]
@@ -125,6 +118,8 @@ class NativeTasks:
         del self._tasks[task]
         if self._cancelled:
             self._cancelled.discard(task)
+        if self._expired:  # cancelled at its deadline, and it caught the cancellation
+            self._expired.discard(task)
         if not task.cancelled() and task.exception() is not None:  # pragma: no cover - a bug
             logger.error("after-response internal error: %s", type(task.exception()).__qualname__)
 
@@ -134,22 +129,39 @@ class NativeTasks:
         task = asyncio.current_task()
         return task in self._cancelled or task in self._expired
 
-    async def aclose(self, grace: float | None = None) -> list[Any]:
+    async def aclose(
+        self, grace: float | None = None, only: Callable[[Any], bool] | None = None
+    ) -> list[Any]:
         """Cancel the tasks that still run and wait for them to finish, at most ``grace``
-        seconds (``None``: as long as it takes); the items of those that carry on."""
-        if self._timer is not None:
-            self._timer.cancel()
-        self._deadlines.clear()
-        self._expired.clear()
-        for task in self._tasks:
+        seconds (``None``: as long as it takes); the items of those that carry on.
+
+        With ``only``, just the tasks whose item it accepts (one request's, in a task set
+        that requests without lifespan share); the owner stays open for the others.
+        """
+        if only is None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._deadlines.clear()
+            self._expired.clear()
+            tasks = list(self._tasks)
+        else:
+            tasks = [task for task, item in self._tasks.items() if only(item)]
+        for task in tasks:
             self._cancelled.add(task)
             task.cancel()
         with anyio.move_on_after(grace):
-            while self._tasks:
-                await asyncio.wait(list(self._tasks))
-        for task in self._tasks:
+            while running := self._still_running(tasks if only is not None else None):
+                await asyncio.wait(running)
+        left = self._still_running(tasks if only is not None else None)
+        for task in left:
             _forget(task)
-        return list(self._tasks.values())
+        return [self._tasks[task] for task in left]
+
+    def _still_running(self, tasks: list[asyncio.Task[Any]] | None) -> list[asyncio.Task[Any]]:
+        """Those of ``tasks`` not done yet (``None``: every task of this owner)."""
+        if tasks is None:
+            return list(self._tasks)
+        return [task for task in tasks if task in self._tasks]
 
 
 def _forget(task: asyncio.Task[Any]) -> None:
