@@ -87,6 +87,9 @@ def get(request: HTTPConnection, state_key: str = "after_response") -> Collector
 
 #: A collector holding no task holds this list (never appended to: add() makes a new one).
 _NO_TASKS: Final[list[Task]] = []
+#: The keyword arguments of every task added without any: a record is never changed, and
+#: one empty dict less per waiting task keeps the garbage collector quieter.
+_NO_KWARGS: Final[dict[str, Any]] = {}
 _OPEN: Final = 0  # collecting; tasks wait for the response to complete
 _HANDED_OVER: Final = 1  # the tasks went to a dispatcher; add() submits at once
 
@@ -239,7 +242,7 @@ class Collector:
             name,
             info.target,
             args,
-            kwargs,
+            kwargs or _NO_KWARGS,
             timeout,
             retry,
             run_on_error,
