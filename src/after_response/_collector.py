@@ -21,7 +21,7 @@ from ._inline import InlineDispatcher
 from ._logs import log_task
 from ._mode import CapturedCall
 from ._options import EMPTY_OPTIONS, UNSET, Retry, TaskOptions, _Unset
-from ._record import RequestInfo, TaskRecord, new_task_id
+from ._record import RequestInfo, TaskRecord, task_ids
 from ._task import Task
 
 if TYPE_CHECKING:
@@ -113,8 +113,9 @@ class Collector:
     overflow: list[Task] | None = None
     #: Durable tasks added since the last save.
     unsaved: list[Task] | None = None
-    #: The tasks held; a list of its own from the first add() (this one is never appended to).
-    _tasks: list[Task] = _NO_TASKS
+    #: The tasks that wait here for the response to complete (read it, never change it): a
+    #: list of its own from the first add(); this shared empty one is never appended to.
+    held: list[Task] = _NO_TASKS
 
     def __init__(self, executor: Executor, method: str, path: str) -> None:
         self._executor = executor
@@ -130,8 +131,8 @@ class Collector:
 
     @property
     def holding(self) -> bool:
-        """Whether tasks wait here for the response to complete."""
-        return bool(self._tasks)
+        """Whether tasks wait here for the response to complete (``held`` is quicker)."""
+        return bool(self.held)
 
     @property
     def handed_over(self) -> bool:
@@ -140,10 +141,10 @@ class Collector:
 
     def __len__(self) -> int:
         """How many tasks wait for the response (handed-over tasks no longer count)."""
-        return len(self._tasks)
+        return len(self.held)
 
     def __repr__(self) -> str:
-        names = ", ".join(task.record.name for task in self._tasks)
+        names = ", ".join(task.record.name for task in self.held)
         return f"<Collector {self.request.method} {self.request.path} [{names}]>"
 
     def add(self, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> None:
@@ -238,7 +239,7 @@ class Collector:
             )
             return
         record = TaskRecord(
-            new_task_id(),
+            task_ids.next(),
             name,
             info.target,
             args,
@@ -255,10 +256,10 @@ class Collector:
         task = Task(record, fn, info.is_async, context, executor.ledger.add())
         executor.telemetry.added(task)
         if self._state == _OPEN:
-            if self._tasks:
-                self._tasks.append(task)
+            if self.held:
+                self.held.append(task)
             else:
-                self._tasks = [task]
+                self.held = [task]
             if durable:
                 if self.unsaved is None:
                     self.unsaved = []
@@ -304,7 +305,7 @@ class Collector:
 
     def forget(self, tasks: set[Task]) -> None:
         """Drop ``tasks`` from those held (a durable add that was deduplicated)."""
-        self._tasks = [task for task in self._tasks if task not in tasks]
+        self.held = [task for task in self.held if task not in tasks]
 
     def _add_late(self, task: Task) -> None:
         """A task added after the response was complete: one rule, whoever adds it (a side
@@ -367,12 +368,12 @@ class Collector:
 
     def abandon(self, reason: str) -> None:
         """End the tasks still held: the request was cancelled before handing them over."""
-        tasks, self._tasks = self._tasks, _NO_TASKS
+        tasks, self.held = self.held, _NO_TASKS
         self._state = _HANDED_OVER
         self._executor.abandon(tasks, reason, taken=False)
 
     def _take(self, failed: str | None) -> list[Task]:
-        tasks, self._tasks = self._tasks, _NO_TASKS
+        tasks, self.held = self.held, _NO_TASKS
         self._failed = failed
         if failed is not None and tasks:
             kept = [task for task in tasks if task.record.run_on_error]

@@ -34,11 +34,14 @@ class Runner:
     async def attempt(self, task: Task, *, may_retry: bool) -> tuple[Outcome, BaseException | None]:
         """Run one attempt; ``RETRY`` when it failed and another attempt is due."""
         telemetry = self.telemetry
-        started = time.perf_counter()
-        watched = telemetry.on  # off (no SDK): no telemetry call for this attempt
-        span = telemetry.attempt_started(task, started - task.ready_at) if watched else None
-        if span is not None:
-            task.span = span.span
+        watched = telemetry.on  # off (no SDK): no telemetry call, no clock read
+        if watched:
+            started = time.perf_counter()
+            span = telemetry.attempt_started(task, started - task.ready_at)
+            if span is not None:
+                task.span = span.span
+        else:
+            span = None
         exc: BaseException | None = None
         record = task.record
         try:

@@ -128,18 +128,15 @@ class Telemetry:
     # -- the verbs ---------------------------------------------------------------------------
 
     def _look(self) -> None:
-        """Look at the providers again, at most once a second until both are settled."""
-        now = time.monotonic()
-        if now < self._next_look:
-            return
-        self._next_look = now + _RECHECK_SECONDS
+        """Look at the providers again (at most once a second until both are settled)."""
+        self._next_look = time.monotonic() + _RECHECK_SECONDS
         tracer, instruments = self._tracer.look(), self._instruments.look()
         self.on = tracer is not None or instruments is not None
         self._settled = self._tracer.settled and self._instruments.settled
 
     def added(self, task: Task) -> None:
         """A request added ``task`` (the one place the providers are looked at, per task)."""
-        if not self._settled:
+        if not self._settled and time.monotonic() >= self._next_look:
             self._look()
         instruments = self._instruments.value
         if instruments is not None:
