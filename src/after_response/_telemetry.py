@@ -140,7 +140,8 @@ class Telemetry:
             self._look()
         instruments = self._instruments.value
         if instruments is not None:
-            _count(instruments.added, task.record.name, 1)
+            added, name = instruments.added, task.record.name  # _count, inline: per task
+            added[name] = added.get(name, 0) + 1
 
     def pending(self, task: Task, delta: int) -> None:
         """``task`` joined (+1) or left (-1) the pending tasks."""
@@ -152,7 +153,8 @@ class Telemetry:
         """``task`` took (+1) or gave back (-1) a running slot."""
         instruments = self._instruments.value
         if instruments is not None:
-            _count(instruments.running, task.record.name, delta)
+            running, name = instruments.running, task.record.name  # _count, inline: per task
+            running[name] = running.get(name, 0) + delta
 
     def attempt_started(self, task: Task, queue_wait: float) -> AttemptSpan | None:
         """An attempt starts: its queue time recorded, its span opened (in the task's context)."""
@@ -231,7 +233,8 @@ class Telemetry:
         """``task`` reached its terminal state."""
         instruments = self._instruments.value
         if instruments is not None:
-            _count(instruments.finished, (task.record.name, outcome), 1)
+            finished, key = instruments.finished, (task.record.name, outcome)  # _count, inline
+            finished[key] = finished.get(key, 0) + 1
 
     def unrun(self, task: Task, outcome: Outcome, level: int, what: str, *args: object) -> None:
         """``task`` ended without running (discarded, shed, abandoned, released): a span,
