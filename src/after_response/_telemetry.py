@@ -7,7 +7,6 @@ provider is still the proxy or a no-op) every verb below short-circuits on a ``N
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -160,7 +159,9 @@ class Telemetry:
         """An attempt starts: its queue time recorded, its span opened (in the task's context)."""
         instruments = self._instruments.value
         if instruments is not None:
-            instruments.queue_duration.record(queue_wait, _name_attributes(task.record.name))
+            instruments.queue_duration.record(
+                queue_wait, {"after_response.task.name": task.record.name}
+            )
         tracer = self._tracer.value
         return None if tracer is None else _tracing.start_attempt(tracer, task, queue_wait)
 
@@ -180,7 +181,13 @@ class Telemetry:
             _tracing.end_attempt(span, task, outcome, exc)
         instruments = self._instruments.value
         if instruments is not None:
-            instruments.duration.record(duration, _outcome_attributes(task.record.name, outcome))
+            instruments.duration.record(
+                duration,
+                {
+                    "after_response.task.name": task.record.name,
+                    "after_response.task.outcome": outcome,
+                },
+            )
 
     def ended_line(
         self, task: Task, outcome: Outcome, level: int, what: str, *args: object
@@ -247,16 +254,3 @@ class Telemetry:
 
 def _count(tally: dict[K, int], key: K, delta: int) -> None:
     tally[key] = tally.get(key, 0) + delta
-
-
-# The histograms' attributes, made once per task name (and outcome): names are
-# low-cardinality by contract, and the bound keeps a misuse from growing without limit.
-# Never changed once made, so the SDK may keep a reference to one.
-@functools.lru_cache(maxsize=1024)
-def _name_attributes(name: str) -> dict[str, str]:
-    return {"after_response.task.name": name}
-
-
-@functools.lru_cache(maxsize=4096)
-def _outcome_attributes(name: str, outcome: Outcome) -> dict[str, str]:
-    return {"after_response.task.name": name, "after_response.task.outcome": outcome.value}
