@@ -21,9 +21,8 @@ from ._inline import InlineDispatcher
 from ._logs import log_task
 from ._mode import CapturedCall
 from ._options import EMPTY_OPTIONS, UNSET, Retry, TaskOptions, _Unset
-from ._record import RequestInfo, TaskRecord, new_task_id
+from ._record import RequestInfo, TaskRecord, task_ids
 from ._task import Task
-from ._tasks import loop_handle
 
 if TYPE_CHECKING:
     from starlette.requests import HTTPConnection
@@ -86,6 +85,11 @@ def get(request: HTTPConnection, state_key: str = "after_response") -> Collector
     )
 
 
+#: A collector holding no task holds this list (never appended to: add() makes a new one).
+_NO_TASKS: Final[list[Task]] = []
+#: The keyword arguments of every task added without any: a record is never changed, and
+#: one empty dict less per waiting task keeps the garbage collector quieter.
+_NO_KWARGS: Final[dict[str, Any]] = {}
 _OPEN: Final = 0  # collecting; tasks wait for the response to complete
 _HANDED_OVER: Final = 1  # the tasks went to a dispatcher; add() submits at once
 
@@ -109,12 +113,14 @@ class Collector:
     overflow: list[Task] | None = None
     #: Durable tasks added since the last save.
     unsaved: list[Task] | None = None
+    #: The tasks that wait here for the response to complete (read it, never change it): a
+    #: list of its own from the first add(); this shared empty one is never appended to.
+    held: list[Task] = _NO_TASKS
 
     def __init__(self, executor: Executor, method: str, path: str) -> None:
         self._executor = executor
         self._method = method
         self._path = path
-        self._tasks: list[Task] = []
 
     @property
     def request(self) -> RequestInfo:
@@ -125,8 +131,8 @@ class Collector:
 
     @property
     def holding(self) -> bool:
-        """Whether tasks wait here for the response to complete."""
-        return bool(self._tasks)
+        """Whether tasks wait here for the response to complete (``held`` is quicker)."""
+        return bool(self.held)
 
     @property
     def handed_over(self) -> bool:
@@ -135,10 +141,10 @@ class Collector:
 
     def __len__(self) -> int:
         """How many tasks wait for the response (handed-over tasks no longer count)."""
-        return len(self._tasks)
+        return len(self.held)
 
     def __repr__(self) -> str:
-        names = ", ".join(task.record.name for task in self._tasks)
+        names = ", ".join(task.record.name for task in self.held)
         return f"<Collector {self.request.method} {self.request.path} [{names}]>"
 
     def add(self, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> None:
@@ -213,27 +219,35 @@ class Collector:
             name, timeout, retry, run_on_error, durable, key, limits = options.resolve(
                 executor.defaults, info.name
             )
-        info.check_arguments(args, kwargs, bound_self, name)
+        if (
+            kwargs
+            or info.required_keywords
+            or not info.min_positional <= len(args) + len(bound_self) <= info.max_positional
+        ):
+            info.check_arguments(args, kwargs, bound_self, name)  # the fast case is above
         context = contextvars.copy_context()
         carrier = None
         if durable or key is not None:
             self._check_durable(fn, info, bound_self, args, kwargs, name, durable)
             carrier = trace_carrier(context)
+        request = self._request
+        if request is None:
+            request = self._request = RequestInfo(self._method, self._path)
         if _mode.captured is not None:
             _mode.captured.append(
-                CapturedCall(name, fn, args, kwargs, timeout, retry, run_on_error, *self.request)
+                CapturedCall(name, fn, args, kwargs, timeout, retry, run_on_error, *request)
             )
             return
         record = TaskRecord(
-            new_task_id(),
+            task_ids.next(),
             name,
             info.target,
             args,
-            kwargs,
+            kwargs or _NO_KWARGS,
             timeout,
             retry,
             run_on_error,
-            self.request,
+            request,
             carrier,
             durable,
             key,
@@ -242,7 +256,10 @@ class Collector:
         task = Task(record, fn, info.is_async, context, executor.ledger.add())
         executor.telemetry.added(task)
         if self._state == _OPEN:
-            self._tasks.append(task)
+            if self.held:
+                self.held.append(task)
+            else:
+                self.held = [task]
             if durable:
                 if self.unsaved is None:
                     self.unsaved = []
@@ -288,7 +305,7 @@ class Collector:
 
     def forget(self, tasks: set[Task]) -> None:
         """Drop ``tasks`` from those held (a durable add that was deduplicated)."""
-        self._tasks = [task for task in self._tasks if task not in tasks]
+        self.held = [task for task in self.held if task not in tasks]
 
     def _add_late(self, task: Task) -> None:
         """A task added after the response was complete: one rule, whoever adds it (a side
@@ -343,7 +360,7 @@ class Collector:
         async with InlineDispatcher(self._executor) as dispatcher:
             self._dispatcher = dispatcher
             self._state = _HANDED_OVER
-            self._loop_thread, self._call_soon = threading.get_ident(), loop_handle()
+            self._loop_thread, self._call_soon = dispatcher.loop_thread, dispatcher.call_soon
             overflow = dispatcher.submit(tasks)
             if overflow:
                 await dispatcher.submit_waiting(overflow)
@@ -351,12 +368,12 @@ class Collector:
 
     def abandon(self, reason: str) -> None:
         """End the tasks still held: the request was cancelled before handing them over."""
-        tasks, self._tasks = self._tasks, []
+        tasks, self.held = self.held, _NO_TASKS
         self._state = _HANDED_OVER
         self._executor.abandon(tasks, reason, taken=False)
 
     def _take(self, failed: str | None) -> list[Task]:
-        tasks, self._tasks = self._tasks, []
+        tasks, self.held = self.held, _NO_TASKS
         self._failed = failed
         if failed is not None and tasks:
             kept = [task for task in tasks if task.record.run_on_error]

@@ -45,7 +45,8 @@ class Endings:
             return
         task.done = True
         self.ledger.end(task, outcome)
-        self.telemetry.finished(task, outcome)
+        if self.telemetry.on:
+            self.telemetry.finished(task, outcome)
         on_end, task.on_end = task.on_end, None
         if on_end is not None:
             on_end()

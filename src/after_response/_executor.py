@@ -76,6 +76,8 @@ class Executor(Waiting):
         #: The last lifespan's owner, kept once it stops: its tasks' cancellations are told
         #: apart from those of a request's own owner (no lifespan).
         self._lifespan_owner: Spawner | None = None
+        #: Without lifespan: the task set the requests of one asyncio loop share.
+        self.inline_owner: NativeTasks | None = None
         self._stopped: anyio.Event | None = None
         self._serving_done: anyio.Event | None = None
         #: The loop's thread, and how to call onto the loop from another thread.
@@ -98,22 +100,24 @@ class Executor(Waiting):
         for task in tasks:
             if overflow or self._closing or owner is None:
                 overflow.append(task)
-            elif ledger.running < self.max_concurrency:
-                self._take(task, owner, now)
-                self._start(task)  # or parks it, to wait for its name's own limits
+                continue
+            if ledger.running < self.max_concurrency:
+                start = True
             elif ledger.pending < self.max_pending:
-                self._take(task, owner, now)
+                start = False
+            else:
+                overflow.append(task)
+                continue
+            task.owner = owner
+            task.ready_at = now
+            ledger.left_request += 1
+            if start:
+                self._start(task)  # or parks it, to wait for its name's own limits
+            else:
                 self._queue.append(task)
                 ledger.queued += 1
                 self.telemetry.pending(task, 1)
-            else:
-                overflow.append(task)
         return overflow
-
-    def _take(self, task: Task, owner: Spawner, now: float) -> None:
-        task.owner = owner
-        task.ready_at = now
-        self.ledger.left_request += 1
 
     def _start(self, task: Task) -> None:
         """Give ``task`` a slot and run it; or, if its name is at its own limits, park it
@@ -124,12 +128,14 @@ class Executor(Waiting):
             return
         self.ledger.running += 1
         task.slot = True
-        self.telemetry.running(task, 1)
+        if self.telemetry.on:
+            self.telemetry.running(task, 1)
         owner = task.owner
-        # Spawned inside the task's context: the new asyncio task runs in a copy of it, the
-        # request's contextvars (and so its current span) as they were at add() time.
+        # The new asyncio task runs in a copy of the task's context: the request's contextvars
+        # (and so its current span) as they were at add() time. A copy, because logs and dead
+        # letters read the task's own context while it runs.
         if type(owner) is NativeTasks:
-            task.context.run(owner.spawn, self._run(task), task)
+            task.running = owner.spawn(self._run(task), task, task.context.copy())
         else:
             task.context.run(owner.start_soon, self._run, task)
 
@@ -140,8 +146,10 @@ class Executor(Waiting):
         if task.slot:
             task.slot = False
             self.ledger.running -= 1
-            self.telemetry.running(task, -1)
-        self._dispatch()
+            if self.telemetry.on:
+                self.telemetry.running(task, -1)
+        if self._queue or self._gate_waiters or self.backlog:
+            self._dispatch()
 
     def _dispatch(self) -> None:
         """Start queued tasks while there are free slots."""
@@ -186,6 +194,7 @@ class Executor(Waiting):
                 if not await self._back_off(task, exc):
                     return  # queued again: whoever frees a slot runs its next attempt
         finally:
+            task.running = None  # no cycle: the asyncio task holds this coroutine
             self._release(task)  # if it still holds one, whatever ended it
 
     async def _back_off(self, task: Task, exc: BaseException | None) -> bool:

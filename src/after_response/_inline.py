@@ -1,11 +1,16 @@
 """Without lifespan there is no shared executor: each request's own ASGI call runs its
 tasks, after its response, and returns when they have ended (so a server's graceful
 shutdown, which waits for open calls, waits for them too). The executor's bounds and books
-still apply; only the owner of the tasks is the request's call."""
+still apply; only the owner of the tasks is the request's call.
+
+On asyncio, the requests of one loop share one task set (and its one deadline timer); each
+call waits for its own tasks, and cancels only its own should it be cancelled."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -15,7 +20,7 @@ from anyio.abc import TaskGroup
 from ._accounting import Stats
 from ._executor import CANCEL_GRACE, Executor
 from ._task import Task
-from ._tasks import NativeTasks, Spawner, running_asyncio
+from ._tasks import NativeTasks, Spawner, loop_handle
 
 
 class InlineDispatcher:
@@ -28,15 +33,21 @@ class InlineDispatcher:
         self._owner: Spawner | None = None
         self._task_group: TaskGroup | None = None
         self.open = False
+        #: The loop's thread, and how another thread calls onto the loop (late adds).
+        self.loop_thread = 0
+        self.call_soon: Callable[..., Any] | None = None
 
     async def __aenter__(self) -> InlineDispatcher:
-        if running_asyncio():
-            # A task set of the request's own: an anyio task group per request costs several
-            # times more, and nothing here needs more than "cancel and wait".
-            self._owner = NativeTasks()
+        owner = _shared_owner(self._executor)
+        if owner is not None:
+            # An anyio task group per request costs several times more, and nothing here
+            # needs more than "cancel and wait".
+            self._owner = owner
+            self.loop_thread, self.call_soon = owner.loop_thread, owner.call_soon_threadsafe
         else:
             self._task_group = anyio.create_task_group()
             self._owner = await self._task_group.__aenter__()
+            self.loop_thread, self.call_soon = threading.get_ident(), loop_handle()
         self.open = True
         return self
 
@@ -50,10 +61,12 @@ class InlineDispatcher:
         owner = self._owner
         if type(owner) is NativeTasks:
             if exc_type is not None:
-                for task in await owner.aclose(CANCEL_GRACE):
+                ended = self._task_ended
+                mine = await owner.aclose(
+                    CANCEL_GRACE, only=lambda item: getattr(item, "on_end", None) == ended
+                )
+                for task in mine:
                     self._executor.left_behind(task)
-            else:
-                owner.drop_timer()  # settled: every task has ended and is only returning
         elif self._task_group is not None:
             await self._task_group.__aexit__(exc_type, exc, traceback)
 
@@ -72,7 +85,7 @@ class InlineDispatcher:
             return
         settled: Any
         if type(self._owner) is NativeTasks:
-            settled = asyncio.get_running_loop().create_future()
+            settled = self._owner.loop.create_future()
         else:
             settled = anyio.Event()
         self._settled = settled
@@ -95,3 +108,16 @@ class InlineDispatcher:
                     settled.set_result(None)
             else:
                 settled.set()
+
+
+def _shared_owner(executor: Executor) -> NativeTasks | None:
+    """The task set of the running asyncio loop's requests without lifespan (``None``
+    under trio): one per loop and executor, made at the first such request."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    owner = executor.inline_owner
+    if owner is None or owner.loop is not loop:
+        owner = executor.inline_owner = NativeTasks()
+    return owner

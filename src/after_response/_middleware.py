@@ -193,46 +193,46 @@ class AfterResponseMiddleware:
         async def send_watching(message: Message) -> None:
             nonlocal status, trailers, complete, client_gone, refused
             kind = message["type"]
-            if kind == "http.response.body":
-                final = not (trailers or message.get("more_body", False))
-            elif kind == "http.response.start":
-                final = False
-            else:
-                final = kind in _OTHER_FINAL and not message.get(_OTHER_FINAL[kind], False)
-            if refused:  # the response became a 503: the app's own messages go nowhere
-                if final:
-                    complete = True
-                    await send({"type": "http.response.body", "body": _STORE_FAILED_BODY})
-                return
-            if collector.unsaved and (final or kind == "http.response.start"):
-                # Durable side effects are stored before the client can hold a response
-                # that promises them: before it starts, and before its last message.
-                starting = kind == "http.response.start"
-                if not await self._store(collector, message["status"] if starting else status):
-                    if not starting:
-                        raise StoreUnavailableError(
-                            "a durable side effect added while the response streamed could "
-                            "not be stored: the response is not completed"
-                        )
-                    refused = True
-                    status = 503
-                    await send(_STORE_FAILED_START)
+            if refused or collector.unsaved:
+                final = _is_final(kind, message, trailers)
+                if refused:  # the response became a 503: the app's own messages go nowhere
+                    if final:
+                        complete = True
+                        await send({"type": "http.response.body", "body": _STORE_FAILED_BODY})
                     return
+                if final or kind == "http.response.start":
+                    # Durable side effects are stored before the client can hold a response
+                    # that promises them: before it starts, and before its last message.
+                    starting = kind == "http.response.start"
+                    if not await self._store(collector, message["status"] if starting else status):
+                        if not starting:
+                            raise StoreUnavailableError(
+                                "a durable side effect added while the response streamed "
+                                "could not be stored: the response is not completed"
+                            )
+                        refused = True
+                        status = 503
+                        await send(_STORE_FAILED_START)
+                        return
             try:
                 await send(message)
             except OSError:
                 client_gone = True
                 raise
-            if kind == "http.response.start":
+            if kind == "http.response.body":
+                if trailers or message.get("more_body", False):
+                    return
+            elif kind == "http.response.start":
                 status = message["status"]
                 trailers = message.get("trailers", False)
                 return
-            if not final:
+            elif kind not in _OTHER_FINAL or message.get(_OTHER_FINAL[kind], False):
                 return
             # The server has the whole response: the request's tasks may start now.
             complete = True
-            if collector.holding and executor.background is not None and not _mode.inline:
-                collector.hand_over(executor, failed=_status_failure(status))
+            if collector.held and executor.background is not None and not _mode.inline:
+                failed = None if status < 500 else _status_failure(status)
+                collector.hand_over(executor, failed=failed)
 
         try:
             await self.app(scope, receive, send_watching)
@@ -252,8 +252,8 @@ class AfterResponseMiddleware:
         if status == 0 and not client_gone:
             failed = "the app returned without sending a response"
         else:
-            failed = _status_failure(status)
-        if collector.holding or collector.overflow:
+            failed = None if status < 500 else _status_failure(status)
+        if collector.held or collector.overflow:
             await self._finish(collector, failed)
         collector.close(failed)  # late adds follow the request's verdict
 
@@ -491,6 +491,15 @@ _CLIENT_GONE: Final = frozenset({"ClientDisconnect", "ClientDisconnected", "WebS
 def _client_left(raised: Exception) -> bool:
     """Whether ``raised`` says the client went away (the handler's decisions stand)."""
     return isinstance(raised, OSError) or type(raised).__name__ in _CLIENT_GONE
+
+
+def _is_final(kind: str, message: Message, trailers: bool) -> bool:
+    """Whether ``message`` is the response's last."""
+    if kind == "http.response.body":
+        return not (trailers or message.get("more_body", False))
+    if kind == "http.response.start":
+        return False
+    return kind in _OTHER_FINAL and not message.get(_OTHER_FINAL[kind], False)
 
 
 def _status_failure(status: int) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Callable
 from typing import Any, Final, NamedTuple
 
 from ._limits import Limits
@@ -59,19 +60,15 @@ class _Ids:
     across forks: a forked child draws a new prefix) at the cost of a string format."""
 
     def __init__(self) -> None:
+        self.next: Callable[[], str]
         self.reset()
 
     def reset(self) -> None:
-        self.prefix = _new_prefix() + "-"
-        self.counter = itertools.count(1)
-
-    def new(self) -> str:
-        return f"{self.prefix}{next(self.counter):x}"
+        # An iterator of formatted ids: next() on it runs no Python frame.
+        self.next = map(f"{_new_prefix()}-%x".__mod__, itertools.count(1)).__next__
 
 
-_ids: Final = _Ids()
+#: Task ids: ``task_ids.next()`` is a new one, unique across processes and restarts.
+task_ids: Final = _Ids()
 if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
-    os.register_at_fork(after_in_child=_ids.reset)
-
-#: A new task id, unique across processes and restarts.
-new_task_id: Final = _ids.new
+    os.register_at_fork(after_in_child=task_ids.reset)

@@ -34,29 +34,65 @@ class Runner:
     async def attempt(self, task: Task, *, may_retry: bool) -> tuple[Outcome, BaseException | None]:
         """Run one attempt; ``RETRY`` when it failed and another attempt is due."""
         telemetry = self.telemetry
-        started = time.perf_counter()
-        span = telemetry.attempt_started(task, started - task.ready_at)
-        if span is not None:
-            task.span = span.span
+        watched = telemetry.on  # off (no SDK): no telemetry call, no clock read
+        if watched:
+            started = time.perf_counter()
+            span = telemetry.attempt_started(task, started - task.ready_at)
+            if span is not None:
+                task.span = span.span
+        else:
+            span = None
         exc: BaseException | None = None
+        record = task.record
         try:
-            if await self._call_with_deadline(task):
+            # An async side effect's coroutine is awaited as it is: no wrapper per attempt,
+            # and the deadline is set and cleared with plain calls around it.
+            if task.is_async:
+                call = task.fn(*record.args, **record.kwargs)
+            else:
+                call = self._in_thread(task)
+            timeout = record.timeout
+            owner = task.owner
+            if timeout is None:
+                await call
+                in_time = True
+            elif HAS_UNCANCEL and type(owner) is NativeTasks:
+                running = task.running
+                owner.set_deadline(running, timeout)
+                try:
+                    await call
+                    in_time = True
+                except asyncio.CancelledError:
+                    if not owner.expired(running):
+                        raise
+                    in_time = False
+                finally:
+                    owner.clear_deadline(running)
+            else:
+                with anyio.CancelScope(deadline=anyio.current_time() + timeout) as scope:
+                    await call
+                in_time = not scope.cancelled_caught
+            if in_time:
                 outcome = Outcome.SUCCEEDED
             else:
-                exc = TaskTimeoutError(f"{task.record.name} timed out after {task.record.timeout}s")
+                exc = TaskTimeoutError(f"{record.name} timed out after {timeout}s")
                 outcome = Outcome.TIMED_OUT
         except BaseException as error:
             if task.done and isinstance(error, GeneratorExit):
                 # Left behind at shutdown, then closed with its loop: it has its outcome.
                 raise
             if isinstance(error, anyio.get_cancelled_exc_class()) and _cancelled(task):
-                telemetry.attempt_ended(
-                    task, span, Outcome.ABANDONED, None, time.perf_counter() - started
-                )
+                if watched:
+                    telemetry.attempt_ended(
+                        task, span, Outcome.ABANDONED, None, time.perf_counter() - started
+                    )
                 raise
             exc, outcome = error, Outcome.FAILED  # a CancelledError it raised itself too
         if exc is not None and may_retry and task.record.retry.should_retry(task.attempt, exc):
-            telemetry.attempt_ended(task, span, Outcome.RETRY, exc, time.perf_counter() - started)
+            if watched:
+                telemetry.attempt_ended(
+                    task, span, Outcome.RETRY, exc, time.perf_counter() - started
+                )
             log_task(
                 logging.WARNING,
                 task,
@@ -68,7 +104,8 @@ class Runner:
                 span=None if span is None else span.span,
             )
             return Outcome.RETRY, exc
-        telemetry.attempt_ended(task, span, outcome, exc, time.perf_counter() - started)
+        if watched:
+            telemetry.attempt_ended(task, span, outcome, exc, time.perf_counter() - started)
         if outcome is Outcome.FAILED:
             assert exc is not None
             log_task(
@@ -93,24 +130,7 @@ class Runner:
             )
         return outcome, exc
 
-    async def _call_with_deadline(self, task: Task) -> bool:
-        """Run one attempt; ``False`` if it ran out of time (and was cancelled)."""
-        record = task.record
-        # An async side effect's coroutine is awaited as it is: no wrapper per attempt.
-        call = (
-            task.fn(*record.args, **record.kwargs) if task.is_async else self._call_in_thread(task)
-        )
-        if record.timeout is None:
-            await call
-            return True
-        owner = task.owner
-        if HAS_UNCANCEL and type(owner) is NativeTasks:
-            return await owner.run_with_deadline(record.timeout, call)
-        with anyio.CancelScope(deadline=anyio.current_time() + record.timeout) as scope:
-            await call
-        return not scope.cancelled_caught
-
-    async def _call_in_thread(self, task: Task) -> None:
+    async def _in_thread(self, task: Task) -> None:
         result: Any = await self.threads.run(task.fn, task.record.args, task.record.kwargs)
         if inspect.isawaitable(result):
             # A sync callable that returned a coroutine (a lambda around an async call).

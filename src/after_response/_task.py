@@ -74,6 +74,7 @@ class Task:
         "ready_at",
         "record",
         "recovered",
+        "running",
         "seq",
         "slot",
         "span",
@@ -98,6 +99,8 @@ class Task:
         self.on_end: Callable[[], None] | None = None
         #: What runs it (a task set or task group), once a dispatcher has taken it.
         self.owner: Any = None
+        #: The asyncio task of its current run, when its owner is a native task set.
+        self.running: Any = None
         #: Whether it holds one of the ``max_concurrency`` slots now.
         self.slot = False
         #: Whether it holds a slot of its name's own limits (``max_concurrency``, rate).

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import math
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Coroutine
+from contextvars import Context
 from typing import Any, TypeAlias
 
 import anyio
@@ -27,7 +30,11 @@ class NativeTasks:
     """
 
     def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._loop = self.loop = asyncio.get_running_loop()
+        self._time = self._loop.time
+        #: The loop's thread, and how another thread calls onto the loop.
+        self.loop_thread = threading.get_ident()
+        self.call_soon_threadsafe = self._loop.call_soon_threadsafe
         #: Each running asyncio task, and the item it runs (its first argument).
         self._tasks: dict[asyncio.Task[Any], Any] = {}
         #: Tasks this owner cancelled (closing): their CancelledError is ours, not theirs.
@@ -39,26 +46,33 @@ class NativeTasks:
         self._expired: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
+        # The done callback as one bound method, run in one empty context: by default each
+        # add_done_callback() makes a bound method and a context copy, objects that live as
+        # long as the task and, with hundreds of tasks waiting for the loop, set off the
+        # garbage collector far more often.
+        self._on_done = self._done
+        self._done_context = contextvars.Context()
 
-    async def run_with_deadline(self, timeout: float, call: Awaitable[None]) -> bool:
-        """Await ``call``, cancelling it after ``timeout`` seconds; ``False`` if it was."""
-        task = asyncio.current_task()
-        assert task is not None
-        deadline = self._loop.time() + timeout
+    def set_deadline(self, task: asyncio.Task[Any], timeout: float) -> None:
+        """Cancel ``task`` (the attempt running in it) after ``timeout`` seconds, unless
+        :meth:`clear_deadline` comes first."""
+        deadline = self._time() + timeout
         self._deadlines[task] = deadline
         if deadline < self._timer_at:
             self._schedule(deadline)
-        try:
-            await call
-        except asyncio.CancelledError:
-            if task not in self._expired:
-                raise
-            self._expired.discard(task)
-            task.uncancel()  # type: ignore[attr-defined,unused-ignore]
+
+    def expired(self, task: asyncio.Task[Any]) -> bool:
+        """Whether the ``CancelledError`` that ``task``'s attempt just got came from its
+        deadline; if so, the cancellation is taken back (the task goes on, timed out)."""
+        if task not in self._expired:
             return False
-        finally:
-            self._deadlines.pop(task, None)
+        self._expired.discard(task)
+        task.uncancel()  # type: ignore[attr-defined,unused-ignore]
         return True
+
+    def clear_deadline(self, task: asyncio.Task[Any]) -> None:
+        """The attempt ended: its deadline no longer applies."""
+        self._deadlines.pop(task, None)
 
     def _schedule(self, when: float) -> None:
         if self._timer is not None:
@@ -80,31 +94,32 @@ class NativeTasks:
         if earliest < math.inf:
             self._schedule(earliest)
 
-    def drop_timer(self) -> None:
-        """Cancel the deadline timer, for an owner whose attempts have all ended.
-
-        The timer is left running when the last deadline goes (rescheduling it for every
-        short task would cost more than the task); an owner that is done with, one per
-        request without lifespan, drops it so it does not linger until the timeout.
-        """
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer, self._timer_at = None, math.inf
-
     def start_soon(self, func: Callable[..., Awaitable[Any]], /, *args: Any) -> None:
         """Run ``func(*args)`` as a task of this owner (anyio's ``TaskGroup`` signature)."""
         self.spawn(func(*args), args[0] if args else None)  # type: ignore[arg-type]
 
-    def spawn(self, coroutine: Coroutine[Any, Any, Any], item: Any) -> None:
-        """Run ``coroutine`` as a task of this owner, in the current context; ``item`` is
-        what ``aclose()`` returns should the task outlive its cancellation."""
-        task = self._loop.create_task(coroutine)
+    def spawn(
+        self, coroutine: Coroutine[Any, Any, Any], item: Any, context: Context | None = None
+    ) -> asyncio.Task[Any]:
+        """Run ``coroutine`` as a task of this owner, in ``context`` (default: a copy of the
+        current one), and return it; ``item`` is what ``aclose()`` returns should the task
+        outlive its cancellation."""
+        if context is None:
+            task = self._loop.create_task(coroutine)
+        elif HAS_UNCANCEL:  # 3.11+: create_task takes the context, no run() around it
+            task = self._loop.create_task(coroutine, context=context)  # type: ignore[call-arg,unused-ignore]
+        else:
+            task = context.run(self._loop.create_task, coroutine)
         self._tasks[task] = item
-        task.add_done_callback(self._done)
+        task.add_done_callback(self._on_done, context=self._done_context)
+        return task
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         del self._tasks[task]
-        self._cancelled.discard(task)
+        if self._cancelled:
+            self._cancelled.discard(task)
+        if self._expired:  # cancelled at its deadline, and it caught the cancellation
+            self._expired.discard(task)
         if not task.cancelled() and task.exception() is not None:  # pragma: no cover - a bug
             logger.error("after-response internal error: %s", type(task.exception()).__qualname__)
 
@@ -114,22 +129,39 @@ class NativeTasks:
         task = asyncio.current_task()
         return task in self._cancelled or task in self._expired
 
-    async def aclose(self, grace: float | None = None) -> list[Any]:
+    async def aclose(
+        self, grace: float | None = None, only: Callable[[Any], bool] | None = None
+    ) -> list[Any]:
         """Cancel the tasks that still run and wait for them to finish, at most ``grace``
-        seconds (``None``: as long as it takes); the items of those that carry on."""
-        if self._timer is not None:
-            self._timer.cancel()
-        self._deadlines.clear()
-        self._expired.clear()
-        for task in self._tasks:
+        seconds (``None``: as long as it takes); the items of those that carry on.
+
+        With ``only``, just the tasks whose item it accepts (one request's, in a task set
+        that requests without lifespan share); the owner stays open for the others.
+        """
+        if only is None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._deadlines.clear()
+            self._expired.clear()
+            tasks = list(self._tasks)
+        else:
+            tasks = [task for task, item in self._tasks.items() if only(item)]
+        for task in tasks:
             self._cancelled.add(task)
             task.cancel()
         with anyio.move_on_after(grace):
-            while self._tasks:
-                await asyncio.wait(list(self._tasks))
-        for task in self._tasks:
+            while running := self._still_running(tasks if only is not None else None):
+                await asyncio.wait(running)
+        left = self._still_running(tasks if only is not None else None)
+        for task in left:
             _forget(task)
-        return list(self._tasks.values())
+        return [self._tasks[task] for task in left]
+
+    def _still_running(self, tasks: list[asyncio.Task[Any]] | None) -> list[asyncio.Task[Any]]:
+        """Those of ``tasks`` not done yet (``None``: every task of this owner)."""
+        if tasks is None:
+            return list(self._tasks)
+        return [task for task in tasks if task in self._tasks]
 
 
 def _forget(task: asyncio.Task[Any]) -> None:

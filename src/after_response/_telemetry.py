@@ -64,6 +64,10 @@ class _FromProvider(Generic[P, T]):
         if now < self._next_check:
             return self.value
         self._next_check = now + _RECHECK_SECONDS
+        return self.look()
+
+    def look(self) -> T | None:
+        """Look at the provider now."""
         provider = self._explicit or self._get_global()
         if provider is not self._provider:
             self._provider = provider
@@ -74,6 +78,11 @@ class _FromProvider(Generic[P, T]):
 
 class Telemetry:
     """Spans, metrics and logs for one middleware, from explicit or global providers."""
+
+    #: Whether a tracer or the instruments were found at the last look. The executor checks
+    #: it once per step of a task and skips the verbs that would only find ``None``: with no
+    #: SDK, a task costs one look (in :meth:`added`) and a bool check per step.
+    on = False
 
     def __init__(
         self,
@@ -102,6 +111,8 @@ class Telemetry:
                 provider.get_meter("after_response", _version.VERSION, schema_url=_SCHEMA_URL)
             ),
         )
+        self._settled = False
+        self._next_look = 0.0
 
     @property
     def tracer(self) -> trace.Tracer | None:
@@ -115,11 +126,21 @@ class Telemetry:
 
     # -- the verbs ---------------------------------------------------------------------------
 
+    def _look(self) -> None:
+        """Look at the providers again (at most once a second until both are settled)."""
+        self._next_look = time.monotonic() + _RECHECK_SECONDS
+        tracer, instruments = self._tracer.look(), self._instruments.look()
+        self.on = tracer is not None or instruments is not None
+        self._settled = self._tracer.settled and self._instruments.settled
+
     def added(self, task: Task) -> None:
-        """A request added ``task`` (the one place the meter provider is looked at)."""
-        instruments = self._instruments.get()
+        """A request added ``task`` (the one place the providers are looked at, per task)."""
+        if not self._settled and time.monotonic() >= self._next_look:
+            self._look()
+        instruments = self._instruments.value
         if instruments is not None:
-            _count(instruments.added, task.record.name, 1)
+            added, name = instruments.added, task.record.name  # _count, inline: per task
+            added[name] = added.get(name, 0) + 1
 
     def pending(self, task: Task, delta: int) -> None:
         """``task`` joined (+1) or left (-1) the pending tasks."""
@@ -131,7 +152,8 @@ class Telemetry:
         """``task`` took (+1) or gave back (-1) a running slot."""
         instruments = self._instruments.value
         if instruments is not None:
-            _count(instruments.running, task.record.name, delta)
+            running, name = instruments.running, task.record.name  # _count, inline: per task
+            running[name] = running.get(name, 0) + delta
 
     def attempt_started(self, task: Task, queue_wait: float) -> AttemptSpan | None:
         """An attempt starts: its queue time recorded, its span opened (in the task's context)."""
@@ -140,7 +162,7 @@ class Telemetry:
             instruments.queue_duration.record(
                 queue_wait, {"after_response.task.name": task.record.name}
             )
-        tracer = self._tracer.get()
+        tracer = self._tracer.value
         return None if tracer is None else _tracing.start_attempt(tracer, task, queue_wait)
 
     def attempt_ended(
@@ -218,7 +240,8 @@ class Telemetry:
         """``task`` reached its terminal state."""
         instruments = self._instruments.value
         if instruments is not None:
-            _count(instruments.finished, (task.record.name, outcome), 1)
+            finished, key = instruments.finished, (task.record.name, outcome)  # _count, inline
+            finished[key] = finished.get(key, 0) + 1
 
     def unrun(self, task: Task, outcome: Outcome, level: int, what: str, *args: object) -> None:
         """``task`` ended without running (discarded, shed, abandoned, released): a span,

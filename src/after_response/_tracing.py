@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from types import FunctionType
 from typing import Any, Final
 
 from opentelemetry import context as otel_context
@@ -124,8 +125,11 @@ def mark(span: Span, task: Task, outcome: Outcome, exc: BaseException | None) ->
 
 def span_attributes(task: Task) -> dict[str, Any]:
     """Attributes shared by every span of this task."""
+    fn = task.fn
     attributes = {
-        **_function_attributes(task.record.name, _code_target(task.fn)),
+        **_function_attributes(
+            task.record.name, fn if type(fn) is FunctionType else _code_target(fn)
+        ),
         "after_response.task.id": task.record.id,
     }
     if task.record.durable:
