@@ -133,6 +133,12 @@ class Telemetry:
         self.on = tracer is not None or instruments is not None
         self._settled = self._tracer.settled and self._instruments.settled
 
+    def look(self) -> None:
+        """Look at the providers if it is time (once a second until both are settled): for
+        a caller whose tasks were not added through :meth:`added` (an engine's worker)."""
+        if not self._settled and time.monotonic() >= self._next_look:
+            self._look()
+
     def added(self, task: Task) -> None:
         """A request added ``task`` (the one place the providers are looked at, per task)."""
         if not self._settled and time.monotonic() >= self._next_look:

@@ -133,6 +133,7 @@ class WorkerRunner:
             )
             self._count("failed")
             return Outcome.FAILED
+        self.telemetry.look()
         task = Task(record, fn, CallableInfo(fn).is_async, context, next(self._seq))
         task.attempt = row.attempt + 1
         task.recovered = row.recovered or redelivered
