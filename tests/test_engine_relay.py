@@ -23,6 +23,7 @@ from starlette.routing import Route
 from taskiq_redis import RedisStreamBroker
 
 from after_response import AfterResponseMiddleware, SQLiteStore
+from after_response._store import OUTBOX, StoredTask
 from after_response.taskiq import TaskiqEngine
 
 from . import worker_effects
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.anyio
 
 async def purchase(request: Request) -> PlainTextResponse:
     request.state.after_response.options(durable=True).add(greet, "ada@example.com")
+    request.state.after_response.add(greet, "here")  # not durable: runs in this process
     return PlainTextResponse("ok")
 
 
@@ -102,8 +104,8 @@ async def test_without_lifespan_and_without_engine_a_durable_task_is_stored_and_
     transport = httpx.ASGITransport(app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         assert (await client.post("/purchase")).status_code == 200
-    assert app.stats().succeeded == 1
-    assert len(worker_effects.SEEN) == seen_before + 1
+    assert app.stats().succeeded == 2
+    assert len(worker_effects.SEEN) == seen_before + 2
 
 
 async def test_the_relay_publishes_once_the_broker_comes_up_with_a_producer_span(
@@ -138,4 +140,58 @@ async def test_the_relay_publishes_once_the_broker_comes_up_with_a_producer_span
     assert attributes["messaging.system"] == "taskiq"
     assert attributes["after_response.task.outcome"] == "handed_off"
     finished = metrics_by_name(reader)["after_response.task.finished"]
-    assert sums(finished) == {("greet", "handed_off"): 5}
+    assert sums(finished) == {("greet", "handed_off"): 5, ("greet", "succeeded"): 5}
+
+
+async def test_a_failed_publish_is_retried_and_the_outbox_of_a_dead_process_is_published(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A row a dead process left in the outbox (its owner never heartbeats here).
+    path = tmp_path / "store.sqlite3"
+    store = SQLiteStore(path)
+    await store.open("dead-host:1:0000")
+    await store.save(
+        [
+            StoredTask(
+                id="orphan-1",
+                name="greet",
+                target="tests.worker_effects:greet",
+                args=["bob@example.com"],
+                state=OUTBOX,
+                owner="dead-host:1:0000",
+            )
+        ]
+    )
+    await store.close()
+    port = free_port()
+    broker = RedisStreamBroker(f"redis://127.0.0.1:{port}/0", unacknowledged_lock_timeout=5)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = AfterResponseMiddleware(
+        Starlette(routes=[Route("/purchase", purchase, methods=["POST"])]),
+        store=SQLiteStore(path),
+        engine=TaskiqEngine(broker, publish_timeout=0.5),
+        tracer_provider=provider,
+    )
+    transport = httpx.ASGITransport(app)
+    async with lifespan(app), httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        with redis_server(port):
+            await until(lambda: app.stats().handed_off == 1, 30, "the orphan is published")
+            assert app.stats().recovered == 1
+        # The broker goes away after the engine started: publishing itself fails.
+        for _ in range(2):
+            assert (await client.post("/purchase")).status_code == 200
+        await until(lambda: app.stats().publish_failures >= 1, 10, "a publish failed")
+        assert app.stats().pending == 2
+        with redis_server(port):
+            await until(lambda: app.stats().handed_off == 3, 30, "published once it is back")
+    assert "publishing to taskiq failed (" in caplog.text
+    assert "example.com" not in caplog.text
+    failed = [
+        span
+        for span in exporter.get_finished_spans()
+        if span.kind is SpanKind.PRODUCER and span.status.status_code is StatusCode.ERROR
+    ]
+    assert failed, "a failed publish leaves its PRODUCER span, marked as an error"
+    assert all((span.attributes or {}).get("error.type") for span in failed)
