@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from after_response import AfterResponseMiddleware
-from after_response._tasks import NativeTasks
+from after_response._tasks import HAS_UNCANCEL, NativeTasks
 
 from .apps import app_adding
 from .asgi import call, http_scope
@@ -35,4 +35,6 @@ async def test_without_lifespan_requests_share_one_deadline_timer() -> None:
         if not handle.cancelled()
         and isinstance(getattr(handle._callback, "__self__", None), NativeTasks)
     ]
-    assert len(timers) == 1
+    # One shared timer where deadlines are the task owner's (3.11+: Task.uncancel); on 3.10
+    # they are cancel scopes, and the owner keeps no timer at all. Never one per request.
+    assert len(timers) == (1 if HAS_UNCANCEL else 0)
