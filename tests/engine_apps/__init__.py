@@ -49,12 +49,35 @@ def record(entry: str, task_id: str, gate: str | None) -> None:
     ledger = Path(required_environment(LEDGER_ENV))
     _append(ledger, "started", entry, task_id)
     if gate is not None:
-        deadline = time.monotonic() + GATE_LIMIT_SECONDS
-        while not Path(gate).exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"gate file {gate} never appeared")
-            time.sleep(0.02)
+        wait_for_gate(gate)
     _append(ledger, "done", entry, task_id)
+
+
+def wait_for_gate(gate: str) -> None:
+    """Poll until the file ``gate`` exists; ``TimeoutError`` after GATE_LIMIT_SECONDS."""
+    deadline = time.monotonic() + GATE_LIMIT_SECONDS
+    while not Path(gate).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gate file {gate} never appeared")
+        time.sleep(0.02)
+
+
+def celery_test_settings() -> dict[str, object]:
+    """The Celery settings of the test apps: redelivery in seconds, not the default hour."""
+    return {
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            "visibility_timeout": redelivery_seconds(),
+            # Sweep for abandoned messages every second (default: every 10 x 10 s).
+            "unacked_restore_interval": 1,
+            "unacked_restore_throttle": 1,
+            # The sweep's lock, should a killed worker have held it, expires soon.
+            "unacked_mutex_expire": 5,
+        },
+        "task_ignore_result": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_hijack_root_logger": False,
+    }
 
 
 def _append(ledger: Path, event: str, entry: str, task_id: str) -> None:

@@ -13,26 +13,13 @@ from celery import Celery
 from tests.engine_apps import (
     BROKER_URL_ENV,
     CELERY_RECORD_TASK,
+    celery_test_settings,
     record,
-    redelivery_seconds,
     required_environment,
 )
 
 app = Celery("engine_apps", broker=required_environment(BROKER_URL_ENV))
-app.conf.update(
-    broker_connection_retry_on_startup=True,
-    broker_transport_options={
-        "visibility_timeout": redelivery_seconds(),
-        # Sweep for abandoned messages every second (default: every 10 x 10 s).
-        "unacked_restore_interval": 1,
-        "unacked_restore_throttle": 1,
-        # The sweep's lock, should a killed worker have held it, expires soon.
-        "unacked_mutex_expire": 5,
-    },
-    task_ignore_result=True,
-    worker_prefetch_multiplier=1,
-    worker_hijack_root_logger=False,
-)
+app.conf.update(celery_test_settings())
 
 
 @app.task(name=CELERY_RECORD_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)

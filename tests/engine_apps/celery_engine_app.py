@@ -25,7 +25,7 @@ from after_response.celery import CeleryEngine
 from tests.engine_apps import (
     BROKER_URL_ENV,
     LEDGER_ENV,
-    redelivery_seconds,
+    celery_test_settings,
     required_environment,
 )
 from tests.engine_apps.spans import install_from_environment
@@ -39,20 +39,7 @@ if not isinstance(trace.get_tracer_provider(), TracerProvider):
     install_from_environment()
 
 app = Celery("celery_engine_app", broker=required_environment(BROKER_URL_ENV))
-app.conf.update(
-    broker_connection_retry_on_startup=True,
-    broker_transport_options={
-        "visibility_timeout": redelivery_seconds(),
-        # Sweep for abandoned messages every second (default: every 10 x 10 s).
-        "unacked_restore_interval": 1,
-        "unacked_restore_throttle": 1,
-        # The sweep's lock, should a killed worker have held it, expires soon.
-        "unacked_mutex_expire": 5,
-    },
-    task_ignore_result=True,
-    worker_prefetch_multiplier=1,
-    worker_hijack_root_logger=False,
-)
+app.conf.update(celery_test_settings())
 if os.environ.get(MISCONFIGURE_ENV) == "1":
     app.conf.task_annotations = {RUNNER_TASK: {"acks_late": False}}
 

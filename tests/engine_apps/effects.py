@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import after_response
-from tests.engine_apps import GATE_LIMIT_SECONDS, LEDGER_ENV, required_environment
+from tests.engine_apps import LEDGER_ENV, required_environment, wait_for_gate
 
 
 def _append(event: str, entry: str) -> None:
@@ -26,11 +26,7 @@ def record_effect(entry: str, gate: str | None = None) -> None:
     """A plain side effect: ``started``, wait for ``gate`` if given, ``done``."""
     _append("started", entry)
     if gate is not None:
-        deadline = time.monotonic() + GATE_LIMIT_SECONDS
-        while not Path(gate).exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"gate file {gate} never appeared")
-            time.sleep(0.02)
+        wait_for_gate(gate)
     _append("done", entry)
 
 
