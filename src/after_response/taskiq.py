@@ -245,7 +245,8 @@ class TaskiqEngine:
         describe (taskiq's ``OpenTelemetryMiddleware``, when installed, opens its PRODUCER
         span there). Each message is acknowledged by the worker after it ran. To a
         ``RedisStreamBroker`` the messages go in one Redis round trip (a pipeline of the
-        ``XADD``s its ``kick`` runs); to other brokers, one ``kiq`` each.
+        ``XADD``s its ``kick`` runs); to other brokers, one ``kiq`` each. On an error, those
+        sent before it may be sent again by the next call (at least once).
 
         Raises:
             RuntimeError: neither :meth:`start` nor the app started the broker (without
@@ -253,7 +254,6 @@ class TaskiqEngine:
                 would never see messages sent before it does).
             TimeoutError: the messages were not all sent within ``publish_timeout`` seconds.
             taskiq.exceptions.SendTaskError: the broker refused one (its cause attached).
-            Those sent before the error may be sent again by the next call (at least once).
         """
         if not (self._started_broker or self._broker_running):
             raise RuntimeError(
