@@ -195,3 +195,26 @@ async def test_a_failed_publish_is_retried_and_the_outbox_of_a_dead_process_is_p
     ]
     assert failed, "a failed publish leaves its PRODUCER span, marked as an error"
     assert all((span.attributes or {}).get("error.type") for span in failed)
+
+
+async def test_tasks_waiting_in_the_outbox_do_not_count_against_the_executor_s_queue(
+    tmp_path: Path,
+) -> None:
+    # The broker is down and the outbox holds more than max_pending: the in-process queue is
+    # still empty, so backpressure admits every request and their plain tasks run.
+    broker = RedisStreamBroker(f"redis://127.0.0.1:{free_port()}/0", unacknowledged_lock_timeout=5)
+    app = AfterResponseMiddleware(
+        Starlette(routes=[Route("/purchase", purchase, methods=["POST"])]),
+        store=SQLiteStore(tmp_path / "store.sqlite3"),
+        engine=TaskiqEngine(broker, publish_timeout=0.5),
+        max_pending=2,
+        overflow="backpressure",
+        admission_timeout=0.5,
+        shutdown_timeout=0.5,
+    )
+    transport = httpx.ASGITransport(app)
+    async with lifespan(app), httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        for _ in range(5):
+            assert (await client.post("/purchase")).status_code == 200
+        await until(lambda: app.stats().succeeded == 5, 10, "the plain tasks ran")
+        assert app.stats().pending == 5, "the durable ones wait in the outbox"

@@ -111,8 +111,15 @@ class Ledger:
         return self.added - sum(self.counts.values())
 
     @property
+    def waiting(self) -> int:
+        """Tasks waiting in the executor (queued, backing off, parked): what its
+        ``max_pending`` bounds. The outbox is not the executor's to bound."""
+        return self.queued + self.retry_waiting + self.parked
+
+    @property
     def pending(self) -> int:
-        return self.queued + self.retry_waiting + self.parked + self.outbox
+        """Every task waiting: in the executor, or in the outbox for the engine's relay."""
+        return self.waiting + self.outbox
 
     def end(self, task: Task, outcome: Outcome) -> None:
         """Count ``task`` in its terminal state; wake the drains it was the last one for."""

@@ -103,7 +103,7 @@ class Executor(Waiting):
                 continue
             if ledger.running < self.max_concurrency:
                 start = True
-            elif ledger.pending < self.max_pending:
+            elif ledger.waiting < self.max_pending:
                 start = False
             else:
                 overflow.append(task)
@@ -211,7 +211,7 @@ class Executor(Waiting):
         task.attempt += 1
         if self.journal is not None and task.record.durable and exc is not None:
             self.journal.retrying(task, delay, exc)  # a restart keeps the attempt and delay
-        gives_slot_back = ledger.pending < self.max_pending
+        gives_slot_back = ledger.waiting < self.max_pending
         if gives_slot_back:
             self._release(task)
             ledger.retry_waiting += 1

@@ -131,7 +131,7 @@ class Durable(Endings):
                 self.max_concurrency
                 + self.max_pending
                 - self.ledger.running
-                - (self.ledger.pending + self._waiting)
+                - (self.ledger.waiting + self._waiting)
             )
             if room > 0 and not self._closing:
                 try:

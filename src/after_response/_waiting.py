@@ -79,7 +79,7 @@ class Waiting(Durable):
     @property
     def saturated(self) -> bool:
         """Whether the queue is full (requests' tasks would have to wait for room)."""
-        return self.background is not None and self.ledger.pending + self._waiting >= max(
+        return self.background is not None and self.ledger.waiting + self._waiting >= max(
             1, self.max_pending
         )
 
@@ -101,7 +101,7 @@ class Waiting(Durable):
 
     def _wake_gate(self) -> None:
         """Let in as many held requests as the queue has room for (at least one)."""
-        room = max(1, self.max_pending - self.ledger.pending - self._waiting)
+        room = max(1, self.max_pending - self.ledger.waiting - self._waiting)
         while self._gate_waiters and room > 0:
             self._gate_waiters.popleft().set()
             room -= 1
