@@ -114,7 +114,14 @@ def context_from_carrier(carrier: dict[str, str]) -> contextvars.Context:
     return context
 
 
-def to_stored(record: TaskRecord, owner: str | None, state: str) -> StoredTask:
+def to_stored(
+    record: TaskRecord,
+    owner: str | None,
+    state: str,
+    *,
+    attempt: int = 0,
+    recovered: bool = False,
+) -> StoredTask:
     assert record.target is not None
     retry = record.retry
     return StoredTask(
@@ -134,6 +141,8 @@ def to_stored(record: TaskRecord, owner: str | None, state: str) -> StoredTask:
         key=record.key,
         state=state,
         owner=owner,
+        attempt=attempt,
+        recovered=recovered,
     )
 
 

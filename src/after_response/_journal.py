@@ -57,6 +57,9 @@ class Journal:
         Raises:
             StoreError: nothing was stored.
         """
+        if not self.opened:
+            # No lifespan (or a request before its startup): the first save opens the store.
+            await self.open()
         owner, state = (self.owner, self.durable_state) if owned else (None, QUEUED)
         rows = [to_stored(record, owner, state) for record in records]
         deduplicated = set(await self.store.save(rows))  # type: ignore[attr-defined]

@@ -49,9 +49,6 @@ class Durable(Endings):
             StoreError: nothing was stored.
         """
         assert self.journal is not None
-        if not self.journal.opened:
-            # No lifespan (or a request before its startup): the first save opens the store.
-            await self.journal.open()
         deduplicated_ids = await self.journal.save([task.record for task in tasks])
         self.ledger.stored += len(tasks) - len(deduplicated_ids)
         deduplicated = {task for task in tasks if task.record.id in deduplicated_ids}

@@ -22,7 +22,6 @@ import random
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import replace
 from typing import TYPE_CHECKING, Final
 
 import anyio
@@ -61,8 +60,7 @@ class Relay:
         self.started = False
         #: Between lifespan startup and shutdown: tasks taken now are published.
         self.running = False
-        #: Failed publish attempts, and the failures in a row (for the backoff).
-        self.failures = 0
+        #: Failures in a row (for the backoff); the total is the ledger's publish_failures.
         self._streak = 0
 
     # -- taking tasks -------------------------------------------------------------------------
@@ -151,8 +149,10 @@ class Relay:
                 propagate.inject(carrier, context=trace.set_span_in_context(span))
             else:
                 carrier = dict(task.record.trace_context or {})
-            row = replace(
-                to_stored(task.record, journal.owner, OUTBOX),
+            row = to_stored(
+                task.record,
+                journal.owner,
+                OUTBOX,
                 attempt=task.attempt - 1,
                 recovered=task.recovered,
             )
@@ -211,7 +211,6 @@ class Relay:
 
     def _failed(self, what: str, count: int, exc: Exception) -> None:
         """A failed start or publish: logged (aggregated while it goes on), counted."""
-        self.failures += 1
         self._streak += 1
         executor = self._executor
         executor.ledger.publish_failures += 1

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ._dead_letters import DeadLetterHook, check_hook
+from ._engine import Engine
 from ._options import Retry, check_timeout
 
 #: What happens to a side effect that finds the queue full.
@@ -83,8 +84,6 @@ class Settings:
 
 
 def _check_engine(engine: object, store: object) -> None:
-    from ._engine import Engine
-
     if not isinstance(engine, Engine):
         raise TypeError(
             f"engine must be an engine adapter such as CeleryEngine(celery_app) or "
