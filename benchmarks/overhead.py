@@ -49,6 +49,7 @@ COMPLETION: _support.Completion
 
 BARE = "bare Starlette app"
 NO_TASK = "after-response, no task"
+NO_WATCHDOG = "after-response, no task, loop watchdog off"
 FLOOR_SEND = "floor: pass-through middleware watching send, no task"
 ONE_TASK = "after-response, one task"
 FLOOR_TASK = "floor: bare create_task per request, run to completion"
@@ -149,6 +150,11 @@ def variants() -> list[Variant]:
     return [
         Variant(BARE, lambda: with_lifespan(starlette(bare_endpoint)), 0),
         Variant(NO_TASK, lambda: with_lifespan(ar(starlette(bare_endpoint))), 0),
+        Variant(
+            NO_WATCHDOG,
+            lambda: with_lifespan(ar(starlette(bare_endpoint), loop_block_threshold=None)),
+            0,
+        ),
         Variant(FLOOR_SEND, lambda: with_lifespan(SendWatcher(starlette(bare_endpoint))), 0),
         Variant(ONE_TASK, lambda: with_lifespan(ar(starlette(adding))), 1),
         Variant(

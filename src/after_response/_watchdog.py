@@ -4,13 +4,15 @@ How it sees a block, at no cost per task:
 
 - A *heartbeat* callback on the loop reschedules itself every ``threshold / 2`` seconds
   (``loop.call_later``) and notes when the next beat is due.
-- ONE daemon thread per watchdog wakes every ``threshold / 4`` seconds. While the beat is
-  overdue, it samples the loop thread's stack (``sys._current_frames()``) and walks ``f_back``
-  from the innermost frame to the first frame of a registered *runner* (the coroutine function
-  that awaits each side effect). While a coroutine runs, its frame's ``f_back`` chain goes
-  through every coroutine awaiting it, so the runner's frame is on it. ``describe(frame)``
-  turns that frame into a description of the task (it reads the frame's locals), in this
-  thread, while the frame is live.
+- ONE daemon thread per watchdog sleeps until the beat is ``threshold / 4`` late: on Linux on
+  a kernel timer (``_timerfd``) that every beat pushes forward, so a healthy loop never wakes
+  it; elsewhere on a clock, once a beat. While the beat is overdue, it wakes every
+  ``threshold / 4`` seconds, samples the loop thread's stack (``sys._current_frames()``) and
+  walks ``f_back`` from the innermost frame to the first frame of a registered *runner* (the
+  coroutine function that awaits each side effect). While a coroutine runs, its frame's
+  ``f_back`` chain goes through every coroutine awaiting it, so the runner's frame is on it.
+  ``describe(frame)`` turns that frame into a description of the task (it reads the frame's
+  locals), in this thread, while the frame is live.
 - When the loop is free again it runs the beat, which measures how late it ran: later than
   ``threshold``, it calls ``on_block(description, blocked_for)`` on the loop's thread, once per
   blocking episode.
@@ -28,9 +30,9 @@ The runner must await the side effect in its own frame, in the same task (``awai
 under a cancel scope), so that the side effect's frames chain up to it; a side effect moved to
 a task of its own (``asyncio.wait_for`` before 3.12 does that) is reported as ``None``.
 
-Costs when on: ``2 / threshold`` beats a second on the loop (20 at 0.1 s), ``4 / threshold``
-thread wake-ups; stacks are walked only while the loop is held. ``threshold=None`` turns it all
-off: no thread, no beat.
+Costs when on: ``2 / threshold`` beats a second on the loop (20 at 0.1 s), each re-arming the
+timer; no thread wake-up while the loop is healthy (without a timer: one a beat); stacks are
+walked only while the loop is held. ``threshold=None`` turns it all off: no thread, no beat.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from types import CodeType, FrameType
 from typing import Any, Final, Generic, TypeVar
 
 from ._options import check_timeout
+from ._timerfd import TimerFd, timer_fd
 
 T = TypeVar("T")
 
@@ -97,6 +100,9 @@ class Watchdog(Generic[T]):
         # its own event set and ends, whatever a later start does.
         self._stopping = threading.Event()
         self._handle: asyncio.TimerHandle | None = None
+        self._alarm: TimerFd | None = None
+        #: Times the thread woke up (to look at the beat, or to sample the loop's stack).
+        self.wakeups = 0
         # Shared with the thread; each is replaced whole, never changed in place.
         self._beat_state: tuple[int, float] = (0, math.inf)  # (beats so far, next beat due)
         self._finding: tuple[int, T | None] | None = None  # (episode's beat count, description)
@@ -105,6 +111,11 @@ class Watchdog(Generic[T]):
     def threshold(self) -> float | None:
         """Seconds the loop may be held before it is reported; ``None``: the watchdog is off."""
         return self._threshold
+
+    @property
+    def beats(self) -> int:
+        """Heartbeats run since the last start."""
+        return self._beat_state[0]
 
     @property
     def running(self) -> bool:
@@ -147,9 +158,12 @@ class Watchdog(Generic[T]):
         period = threshold / 2
         self._handle = running.call_later(period, self._beat, stopping)
         self._beat_state = (0, time.monotonic() + period)
+        self._alarm = alarm = timer_fd()
+        if alarm is not None:
+            alarm.arm(period + threshold / 4)
         self._thread = threading.Thread(
             target=self._watch,
-            args=(threshold, stopping),
+            args=(threshold, stopping, alarm),
             name="after-response-watchdog",
             daemon=True,
         )
@@ -162,12 +176,17 @@ class Watchdog(Generic[T]):
             return
         self._thread = self._handle = None
         self._stopping.set()
+        alarm, self._alarm = self._alarm, None
+        if alarm is not None:
+            alarm.arm(1e-9)  # wake the thread now
         if handle is not None and loop is not None:
             if threading.get_ident() == self._loop_thread:
                 handle.cancel()
             elif not loop.is_closed():
                 loop.call_soon_threadsafe(handle.cancel)
         thread.join(timeout=5.0)
+        if alarm is not None and not thread.is_alive():
+            alarm.close()
 
     # -- on the loop -----------------------------------------------------------------------
 
@@ -180,6 +199,9 @@ class Watchdog(Generic[T]):
         period = threshold / 2
         self._handle = loop.call_later(period, self._beat, stopping)
         self._beat_state = (beats + 1, now + period)
+        alarm = self._alarm
+        if alarm is not None:
+            alarm.arm(period + threshold / 4)  # fires if the next beat is a tick late
         late = now - due
         if late <= threshold:
             return
@@ -193,17 +215,34 @@ class Watchdog(Generic[T]):
 
     # -- on the watchdog's thread ----------------------------------------------------------
 
-    def _watch(self, threshold: float, stopping: threading.Event) -> None:
+    def _watch(self, threshold: float, stopping: threading.Event, alarm: TimerFd | None) -> None:
         tick = threshold / 4
         episode = -1  # the beat count of the episode being sampled, -1 between episodes
         confirmed: _Sample[T] | None = None  # what every confirmed sample agrees on
         pending: _Sample[T] | None = None  # the last sample, confirmed if the episode goes on
-        while not stopping.wait(tick):
+        pause = tick
+        on_alarm = alarm is not None
+        while True:
+            if on_alarm:
+                assert alarm is not None
+                alarm.wait()
+                if stopping.is_set():
+                    return
+            elif stopping.wait(pause):
+                return
+            self.wakeups += 1
             beats, due = self._beat_state
-            if time.monotonic() - due <= tick:
+            overdue = time.monotonic() - due
+            if overdue <= tick:
                 # Not held (or no longer): drop the frames, which hold their tasks' locals.
                 episode, confirmed, pending = -1, None, None
+                # Sleep until this beat would be a tick late. A beat not due yet re-arms the
+                # alarm when it runs; one already due might be held up now: poll for it.
+                pause = tick - overdue
+                on_alarm = alarm is not None and overdue <= 0
                 continue
+            on_alarm = False
+            pause = tick
             if beats != episode:
                 episode, confirmed, pending = beats, None, None
             elif pending is not None:
