@@ -14,7 +14,8 @@ logged failures and a graceful drain at shutdown::
 
 from ._accounting import Stats
 from ._callable import side_effect
-from ._collector import Collector, TaskAdder, current, get
+from ._collector import Collector, TaskAdder
+from ._current import current, get
 from ._dead_letters import DeadLetterHook
 from ._errors import (
     AfterResponseError,

@@ -123,6 +123,29 @@ def callable_info(fn: Callable[..., Any]) -> tuple[CallableInfo, tuple[Any, ...]
     return CallableInfo(fn), ()  # partials, callable objects, builtins: rare, not cached
 
 
+def check_callable(fn: object) -> None:
+    """Raise ``TypeError``, saying what to pass instead, unless ``fn`` is callable."""
+    if callable(fn):
+        return
+    if inspect.iscoroutine(fn):
+        name = fn.__qualname__
+        fn.close()  # it will never run: close it so Python does not warn "never awaited"
+        raise TypeError(
+            f"add() expects a callable, got a coroutine object ({name}(...) was called "
+            f"instead of passed); pass the function and its arguments: add({name}, *args) "
+            f"instead of add({name}(*args))"
+        )
+    if inspect.isawaitable(fn):
+        raise TypeError(
+            f"add() expects a callable, got an awaitable {type(fn).__name__}; pass the "
+            "function and its arguments: add(send_email, to, code)"
+        )
+    raise TypeError(
+        f"add() expects a callable, got {type(fn).__name__}; pass the function and its "
+        "arguments: add(send_email, to, code)"
+    )
+
+
 def import_name(fn: object) -> str | None:
     """``"module:qualname"`` where importing the module and walking the qualname finds
     ``fn`` again (a module-level function, or a method reached from one); else ``None``."""

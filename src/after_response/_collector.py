@@ -5,7 +5,6 @@ the response is complete."""
 from __future__ import annotations
 
 import contextvars
-import inspect
 import logging
 import threading
 from collections.abc import Callable
@@ -13,10 +12,9 @@ from types import FunctionType, MethodType
 from typing import TYPE_CHECKING, Any, Final, ParamSpec
 
 from . import _mode
-from ._callable import CallableInfo, callable_info
+from ._callable import callable_info, check_callable
 from ._dispatch import Dispatcher
-from ._durable import check_storable, trace_carrier
-from ._errors import NoActiveRequestError
+from ._durable import check_durable, check_storable, trace_carrier
 from ._inline import InlineDispatcher
 from ._logs import log_task
 from ._mode import CapturedCall
@@ -25,65 +23,9 @@ from ._record import RequestInfo, TaskRecord, task_ids
 from ._task import Task
 
 if TYPE_CHECKING:
-    from starlette.requests import HTTPConnection
-
     from ._executor import Executor
 
 P = ParamSpec("P")
-
-_current: Final[contextvars.ContextVar[Collector | None]] = contextvars.ContextVar(
-    "after_response_collector", default=None
-)
-
-_INSTALL_HINT: Final = (
-    "Wrap your ASGI app: app = AfterResponseMiddleware(app) (or, in Starlette and FastAPI, "
-    "app.add_middleware(AfterResponseMiddleware))"
-)
-
-
-def current() -> Collector:
-    """The collector of the request being handled, from anywhere in its call stack.
-
-    Works in service layers, Quart and Django views, and in side effects themselves (a
-    side effect may add follow-up side effects).
-
-    Raises:
-        NoActiveRequestError: (a ``LookupError``) outside a request handled by
-            ``AfterResponseMiddleware``.
-    """
-    collector = _current.get()
-    if collector is None:
-        raise NoActiveRequestError(
-            "after_response.current() was called outside a request handled by "
-            f"AfterResponseMiddleware. {_INSTALL_HINT}, and call current() while a request "
-            "is being handled."
-        )
-    return collector
-
-
-def get(request: HTTPConnection, state_key: str = "after_response") -> Collector:
-    """The collector of ``request`` (a Starlette/FastAPI ``Request`` or ``WebSocket``).
-
-    The same as ``request.state.after_response``, with an error that says what to do when
-    the middleware is missing (rather than Starlette's bare ``AttributeError``).
-
-    Raises:
-        NoActiveRequestError: (a ``LookupError``) when ``AfterResponseMiddleware`` does not
-            wrap the app that handles ``request``.
-    """
-    state = request.scope.get("state")
-    collector = state.get(state_key) if state else None
-    if isinstance(collector, Collector):
-        return collector
-    collector = _current.get()
-    if collector is not None:
-        return collector
-    raise NoActiveRequestError(
-        f"after_response.get(request) found no collector on this request (state key "
-        f"{state_key!r}): AfterResponseMiddleware is not installed around this app. "
-        f"{_INSTALL_HINT}."
-    )
-
 
 #: A collector holding no task holds this list (never appended to: add() makes a new one).
 _NO_TASKS: Final[list[Task]] = []
@@ -208,7 +150,7 @@ class Collector:
         call_options: TaskOptions | None,
     ) -> None:
         if type(fn) is not FunctionType and type(fn) is not MethodType:
-            _check_callable(fn)
+            check_callable(fn)
         info, bound_self = callable_info(fn)
         executor = self._executor
         options = info.options if call_options is None else call_options.over(info.options)
@@ -228,7 +170,8 @@ class Collector:
         context = contextvars.copy_context()
         carrier = None
         if durable or key is not None:
-            self._check_durable(fn, info, bound_self, args, kwargs, name, durable)
+            check_durable(name, durable=durable, has_store=executor.journal is not None)
+            check_storable(fn, info, bound_self, args, kwargs, name)
             carrier = trace_carrier(context)
         request = self._request
         if request is None:
@@ -273,29 +216,6 @@ class Collector:
             call_soon(self._add_late, task)
         else:
             self._add_late(task)
-
-    def _check_durable(
-        self,
-        fn: Callable[..., Any],
-        info: CallableInfo,
-        bound_self: tuple[Any, ...],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        name: str,
-        durable: bool,
-    ) -> None:
-        if not durable:
-            raise TypeError(
-                f"add({name}, ...): key= is the idempotency key of a durable side effect; "
-                f"add durable=True: options(durable=True, key=...).add({name}, ...)"
-            )
-        if self._executor.journal is None:
-            raise TypeError(
-                f"add({name}, ...) with durable=True needs a durable store, and the middleware "
-                "has none: AfterResponseMiddleware(app, store=SQLiteStore("
-                '"after_response.sqlite3"))'
-            )
-        check_storable(fn, info, bound_self, args, kwargs, name)
 
     def take_unsaved(self) -> list[Task]:
         """The durable tasks not stored yet (the middleware stores them before the response
@@ -397,25 +317,3 @@ class TaskAdder:
     def add(self, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> None:
         """Like :meth:`Collector.add`, with these options."""
         self._collector._add(fn, args, kwargs, self._options)
-
-
-def _check_callable(fn: object) -> None:
-    if callable(fn):
-        return
-    if inspect.iscoroutine(fn):
-        name = fn.__qualname__
-        fn.close()  # it will never run: close it so Python does not warn "never awaited"
-        raise TypeError(
-            f"add() expects a callable, got a coroutine object ({name}(...) was called "
-            f"instead of passed); pass the function and its arguments: add({name}, *args) "
-            f"instead of add({name}(*args))"
-        )
-    if inspect.isawaitable(fn):
-        raise TypeError(
-            f"add() expects a callable, got an awaitable {type(fn).__name__}; pass the "
-            "function and its arguments: add(send_email, to, code)"
-        )
-    raise TypeError(
-        f"add() expects a callable, got {type(fn).__name__}; pass the function and its "
-        "arguments: add(send_email, to, code)"
-    )

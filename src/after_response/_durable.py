@@ -21,6 +21,22 @@ from ._store import StoredTask
 _RETRY_FIELDS: Final = ("attempts", "backoff", "multiplier", "max_backoff", "jitter")
 
 
+def check_durable(name: str, *, durable: bool, has_store: bool) -> None:
+    """Raise ``TypeError`` unless a call added with ``durable``/``key=`` options may be
+    stored: durable (a key alone is a mistake), with a store to keep it."""
+    if not durable:
+        raise TypeError(
+            f"add({name}, ...): key= is the idempotency key of a durable side effect; "
+            f"add durable=True: options(durable=True, key=...).add({name}, ...)"
+        )
+    if not has_store:
+        raise TypeError(
+            f"add({name}, ...) with durable=True needs a durable store, and the middleware "
+            "has none: AfterResponseMiddleware(app, store=SQLiteStore("
+            '"after_response.sqlite3"))'
+        )
+
+
 def check_storable(
     fn: Callable[..., Any],
     info: CallableInfo,

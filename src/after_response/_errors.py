@@ -31,3 +31,7 @@ class TaskShedError(AfterResponseError, RuntimeError):
 class TaskAbandonedError(AfterResponseError, RuntimeError):
     """A task was cancelled, or never started, because shutdown's drain deadline passed or
     the request call that owned it (without lifespan) was cancelled."""
+
+
+class StoreUnavailableError(AfterResponseError, RuntimeError):
+    """A durable side effect could not be stored, so the response was not completed."""

@@ -3,36 +3,35 @@ response is complete, and ties the executor's lifetime to the server's lifespan.
 
 from __future__ import annotations
 
-import logging
-import math
 from collections.abc import Awaitable, Callable, Collection
-from contextvars import Token
-from typing import Any, Final
+from typing import Any
 
-import anyio
-from anyio.abc import TaskGroup
 from opentelemetry import metrics, trace
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Message
 
 from . import _mode
 from ._accounting import Stats
-from ._collector import Collector, _current
+from ._collector import Collector
+from ._current import current_collector
 from ._dead_letters import DeadLetterHook
 from ._engine import Engine
-from ._errors import AfterResponseError
+from ._errors import StoreUnavailableError
 from ._executor import Executor
-from ._logs import logger
+from ._lifespan import serve_lifespan
 from ._options import NO_RETRY, Resolved, Retry, check_timeout
+from ._requests import (
+    OTHER_FINAL,
+    STORE_FAILED_BODY,
+    STORE_FAILED_START,
+    Requests,
+    client_left,
+    is_final,
+    status_failure,
+    store_durable,
+)
 from ._settings import Settings
-from ._store import Store, StoreError
+from ._store import Store
 from ._telemetry import Telemetry
-
-#: Final messages other than ``http.response.body``, with the key that says "more follows".
-_OTHER_FINAL: Final = {
-    "http.response.pathsend": "",
-    "http.response.zerocopysend": "more_body",
-    "http.response.trailers": "more_trailers",
-}
 
 #: Any ASGI 3 application. Loosely typed on purpose: Litestar, Quart and Django type their
 #: scopes and messages as TypedDicts, which Starlette's ``MutableMapping``-based ``ASGIApp``
@@ -157,8 +156,7 @@ class AfterResponseMiddleware:
         )
         #: Backpressure: new requests wait for room before their handler runs.
         self._gate = overflow == "backpressure"
-        self._exempt_paths = frozenset(exempt_paths)
-        self._warned_no_lifespan = False
+        self._requests = Requests(self._executor, settings)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         # Parameters typed Any for the reason given at AnyASGIApp: the middleware must be
@@ -166,7 +164,9 @@ class AfterResponseMiddleware:
         scope_type = scope["type"]
         if scope_type != "http" and scope_type != "websocket":
             if scope_type == "lifespan":
-                await self._lifespan(scope, receive, send)
+                await serve_lifespan(
+                    self.app, self._executor, self.shutdown_timeout, scope, receive, send
+                )
             else:
                 await self.app(scope, receive, send)
             return
@@ -174,7 +174,7 @@ class AfterResponseMiddleware:
         # The per-request hot path: a request that adds nothing costs a collector, a state
         # dict, a context variable and a send wrapper, and nothing else.
         executor = self._executor
-        if self._gate and scope_type == "http" and not await self._admit(scope, send):
+        if self._gate and scope_type == "http" and not await self._requests.admit(scope, send):
             return
         collector = Collector(executor, scope.get("method", "WEBSOCKET"), scope.get("path", ""))
         # A new state dict: a server that shares one between requests must not see ours.
@@ -182,9 +182,9 @@ class AfterResponseMiddleware:
         scope["state"] = (
             {**state, self.state_key: collector} if state else {self.state_key: collector}
         )
-        token = _current.set(collector)
+        token = current_collector.set(collector)
         if scope_type == "websocket":
-            await self._websocket(scope, receive, send, collector, token)
+            await self._requests.websocket(self.app, scope, receive, send, collector, token)
             return
 
         status = 0
@@ -194,17 +194,19 @@ class AfterResponseMiddleware:
             nonlocal status, trailers, complete, client_gone, refused
             kind = message["type"]
             if refused or collector.unsaved:
-                final = _is_final(kind, message, trailers)
+                final = is_final(kind, message, trailers)
                 if refused:  # the response became a 503: the app's own messages go nowhere
                     if final:
                         complete = True
-                        await send({"type": "http.response.body", "body": _STORE_FAILED_BODY})
+                        await send({"type": "http.response.body", "body": STORE_FAILED_BODY})
                     return
                 if final or kind == "http.response.start":
                     # Durable side effects are stored before the client can hold a response
                     # that promises them: before it starts, and before its last message.
                     starting = kind == "http.response.start"
-                    if not await self._store(collector, message["status"] if starting else status):
+                    if not await store_durable(
+                        executor, collector, message["status"] if starting else status
+                    ):
                         if not starting:
                             raise StoreUnavailableError(
                                 "a durable side effect added while the response streamed "
@@ -212,7 +214,7 @@ class AfterResponseMiddleware:
                             )
                         refused = True
                         status = 503
-                        await send(_STORE_FAILED_START)
+                        await send(STORE_FAILED_START)
                         return
             try:
                 await send(message)
@@ -226,64 +228,39 @@ class AfterResponseMiddleware:
                 status = message["status"]
                 trailers = message.get("trailers", False)
                 return
-            elif kind not in _OTHER_FINAL or message.get(_OTHER_FINAL[kind], False):
+            elif kind not in OTHER_FINAL or message.get(OTHER_FINAL[kind], False):
                 return
             # The server has the whole response: the request's tasks may start now.
             complete = True
             if collector.held and executor.background is not None and not _mode.inline:
-                failed = None if status < 500 else _status_failure(status)
+                failed = None if status < 500 else status_failure(status)
                 collector.hand_over(executor, failed=failed)
 
         try:
             await self.app(scope, receive, send_watching)
         except Exception as exc:
-            _current.reset(token)
-            if complete or client_gone or _client_left(exc):
-                failed = _status_failure(status)
+            current_collector.reset(token)
+            if complete or client_gone or client_left(exc):
+                failed = status_failure(status)
             else:
                 failed = f"the app raised {type(exc).__qualname__}"
-            await self._finish(collector, failed)
+            await self._requests.finish(collector, failed)
             raise
         except BaseException:
-            _current.reset(token)
-            self._finish_cancelled(collector, _status_failure(status))
+            current_collector.reset(token)
+            self._requests.finish_cancelled(collector, status_failure(status))
             raise
-        _current.reset(token)
-        if status == 0 and not client_gone:
+        current_collector.reset(token)
+        if 0 < status < 500:
+            failed = None
+        elif status == 0 and not client_gone:
             failed = "the app returned without sending a response"
         else:
-            failed = None if status < 500 else _status_failure(status)
+            failed = status_failure(status)
         if collector.held or collector.overflow:
-            await self._finish(collector, failed)
-        collector.close(failed)  # late adds follow the request's verdict
-
-    async def _websocket(
-        self, scope: Scope, receive: Receive, send: Send, collector: Collector, token: Token[Any]
-    ) -> None:
-        client_gone = False
-
-        async def receive_watching() -> Message:
-            nonlocal client_gone
-            message = await receive()
-            if message["type"] == "websocket.disconnect":
-                client_gone = True
-            return message
-
-        try:
-            await self.app(scope, receive_watching, send)
-        except Exception as exc:
-            _current.reset(token)
-            if client_gone or _client_left(exc):
-                await self._finish(collector, None)
-            else:
-                await self._finish(collector, f"the app raised {type(exc).__qualname__}")
-            raise
-        except BaseException:
-            _current.reset(token)
-            self._finish_cancelled(collector, None)
-            raise
-        _current.reset(token)
-        await self._finish(collector, None)
+            await self._requests.finish(collector, failed)
+        else:
+            collector.close(failed)  # late adds follow the request's verdict
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait until every task added before this call has ended (succeeded, failed,
@@ -300,208 +277,3 @@ class AfterResponseMiddleware:
     def stats(self) -> Stats:
         """Live counts: added, collected, pending, running, and each terminal outcome."""
         return self._executor.stats()
-
-    # -- requests ----------------------------------------------------------------------------
-
-    async def _store(self, collector: Collector, status: int) -> bool:
-        """Store the request's unsaved durable tasks; ``False`` if the store failed (logged).
-
-        A response that fails (5xx) stores nothing but its ``run_on_error`` tasks: the
-        others are discarded with the request's other tasks.
-        """
-        tasks = collector.take_unsaved()
-        if status >= 500:
-            tasks = [task for task in tasks if task.record.run_on_error]
-        if not tasks:
-            return True
-        try:
-            deduplicated = await self._executor.save(tasks)
-        except StoreError as exc:
-            if not self._executor.telemetry.aggregator.admit(
-                logging.ERROR, ("durable store", "response became a 503")
-            ):
-                return False  # counted: one line per interval while the store is broken
-            logger.error(
-                "after-response could not store %d durable side effect(s) of %s %s, so the "
-                "response is a 503 (never a complete response for a side effect that was not "
-                "stored): %s",
-                len(tasks),
-                collector.request.method,
-                collector.request.path,
-                exc,
-                extra={
-                    "request_method": collector.request.method,
-                    "request_path": collector.request.path,
-                    "error_type": type(exc).__qualname__,
-                },
-            )
-            return False
-        if deduplicated:
-            collector.forget(deduplicated)
-        return True
-
-    async def _admit(self, scope: Scope, send: Send) -> bool:
-        """Backpressure: hold a new request while the queue is full, at most
-        ``admission_timeout``; then answer it ``503`` with ``Retry-After`` (and ``False``)."""
-        executor = self._executor
-        settings = self.settings
-        if not executor.saturated or scope.get("path") in self._exempt_paths:
-            return True
-        if await executor.wait_for_room(settings.admission_timeout):
-            return True
-        executor.refused += 1
-        logger.warning(
-            "backpressure: %s %s answered 503 after waiting admission_timeout=%ss for room in "
-            "the side-effect queue (max_pending=%d)",
-            scope.get("method", "-"),
-            scope.get("path", "-"),
-            settings.admission_timeout,
-            settings.max_pending,
-            extra={"request_method": scope.get("method"), "request_path": scope.get("path")},
-        )
-        retry_after = str(max(1, math.ceil(settings.admission_timeout)))
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 503,
-                "headers": [
-                    (b"content-type", b"text/plain; charset=utf-8"),
-                    (b"retry-after", retry_after.encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": b"busy: try again later\n"})
-        return False
-
-    async def _finish(self, collector: Collector, failed: str | None) -> None:
-        """After the app returned: hand over (or run) what is still held, wait for room."""
-        executor = self._executor
-        try:
-            if collector.overflow:
-                await executor.submit_waiting(collector.overflow)
-            if collector.handed_over or not collector.holding:
-                return
-            if executor.background is not None and not _mode.inline:
-                collector.hand_over(executor, failed=failed)
-                if collector.overflow:
-                    await executor.submit_waiting(collector.overflow)
-                return
-            if not self._warned_no_lifespan and not _mode.inline:
-                self._warned_no_lifespan = True
-                logger.warning(
-                    "AfterResponseMiddleware got a request before lifespan startup (is the "
-                    "server running with lifespan off, as `uvicorn --lifespan off` does?). Side "
-                    "effects still run, after each response, but inside the request's own ASGI "
-                    "call, so the server's graceful shutdown waits for them; shutdown_timeout "
-                    "does not apply. Enable lifespan to give them a shared executor and a "
-                    "bounded drain."
-                )
-            await collector.run_inline(failed=failed)
-        finally:
-            collector.overflow = None
-            collector.close(failed)
-
-    def _finish_cancelled(self, collector: Collector, failed: str | None) -> None:
-        """The request's call was cancelled: nothing here may await."""
-        executor = self._executor
-        if collector.overflow:
-            executor.shed(collector.overflow, "its request was cancelled while it waited")
-            collector.overflow = None
-        if collector.holding:
-            if executor.background is not None:
-                # The handler already decided these; the cancellation (often a client that
-                # went away) does not undo that.
-                collector.hand_over(executor, failed=failed)
-                if collector.overflow:
-                    executor.shed(collector.overflow, "its request was cancelled")
-                    collector.overflow = None
-            else:
-                collector.abandon("its request's ASGI call was cancelled before they could run")
-        collector.close(failed)
-
-    # -- lifespan ----------------------------------------------------------------------------
-
-    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        executor = self._executor
-        startup_received = False
-        error: Exception | None = None
-
-        async with anyio.create_task_group() as task_group:
-
-            async def receive_lifespan() -> Message:
-                nonlocal startup_received
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    startup_received = True
-                    await task_group.start(executor.serve)
-                elif message["type"] == "lifespan.shutdown":
-                    # Drain before the app shuts down: side effects may need its clients.
-                    await executor.stop(self.shutdown_timeout)
-                return message
-
-            try:
-                await self.app(scope, receive_lifespan, send)
-            except Exception as exc:
-                if startup_received:
-                    # Raised outside the task group, so the server sees the app's own error
-                    # rather than an exception group.
-                    error = exc
-                else:
-                    logger.info(
-                        "the wrapped app does not support the lifespan protocol (it raised %s "
-                        "before reading lifespan.startup); AfterResponseMiddleware answers it",
-                        type(exc).__qualname__,
-                    )
-                    await self._answer_lifespan(receive, send, task_group)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await executor.stop(self.shutdown_timeout)
-        if error is not None:
-            raise error
-
-    async def _answer_lifespan(self, receive: Receive, send: Send, task_group: TaskGroup) -> None:
-        """Speak the lifespan protocol for an app that does not."""
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await task_group.start(self._executor.serve)
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self._executor.stop(self.shutdown_timeout)
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
-
-_STORE_FAILED_START: Final = {
-    "type": "http.response.start",
-    "status": 503,
-    "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"1")],
-}
-_STORE_FAILED_BODY: Final = b"service unavailable: the request's side effects could not be stored\n"
-
-
-class StoreUnavailableError(AfterResponseError, RuntimeError):
-    """A durable side effect could not be stored, so the response was not completed."""
-
-
-#: Exceptions frameworks raise when the client went away (matched by name: no imports).
-_CLIENT_GONE: Final = frozenset({"ClientDisconnect", "ClientDisconnected", "WebSocketDisconnect"})
-
-
-def _client_left(raised: Exception) -> bool:
-    """Whether ``raised`` says the client went away (the handler's decisions stand)."""
-    return isinstance(raised, OSError) or type(raised).__name__ in _CLIENT_GONE
-
-
-def _is_final(kind: str, message: Message, trailers: bool) -> bool:
-    """Whether ``message`` is the response's last."""
-    if kind == "http.response.body":
-        return not (trailers or message.get("more_body", False))
-    if kind == "http.response.start":
-        return False
-    return kind in _OTHER_FINAL and not message.get(_OTHER_FINAL[kind], False)
-
-
-def _status_failure(status: int) -> str | None:
-    """Why a response with this status discards its tasks, or ``None``."""
-    return f"the response status was {status}" if status >= 500 else None

@@ -24,7 +24,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "after_response works without it)"
     ) from exc
 
-from ._collector import Collector, get
+from ._collector import Collector
+from ._current import get
 
 __all__ = ["AfterResponse"]
 

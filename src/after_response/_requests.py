@@ -1,0 +1,219 @@
+"""What the middleware does for a request besides watching its response: holding it at the
+door under backpressure, storing its durable side effects before the response completes,
+handing its tasks over (or running them inline) once the app has returned, and websockets."""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextvars import Token
+from typing import Any, Final
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import _mode
+from ._collector import Collector
+from ._current import current_collector
+from ._executor import Executor
+from ._logs import logger
+from ._settings import Settings
+from ._store import StoreError
+
+#: Final messages other than ``http.response.body``, with the key that says "more follows".
+OTHER_FINAL: Final = {
+    "http.response.pathsend": "",
+    "http.response.zerocopysend": "more_body",
+    "http.response.trailers": "more_trailers",
+}
+
+STORE_FAILED_START: Final = {
+    "type": "http.response.start",
+    "status": 503,
+    "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"1")],
+}
+STORE_FAILED_BODY: Final = b"service unavailable: the request's side effects could not be stored\n"
+
+#: Exceptions frameworks raise when the client went away (matched by name: no imports).
+_CLIENT_GONE: Final = frozenset({"ClientDisconnect", "ClientDisconnected", "WebSocketDisconnect"})
+
+
+class Requests:
+    """The request-side work of one middleware that is not on every request's path."""
+
+    def __init__(self, executor: Executor, settings: Settings) -> None:
+        self._executor = executor
+        self._settings = settings
+        self._exempt_paths = frozenset(settings.exempt_paths)
+        self._warned_no_lifespan = False
+
+    async def admit(self, scope: Scope, send: Send) -> bool:
+        """Backpressure: hold a new request while the queue is full, at most
+        ``admission_timeout``; then answer it ``503`` with ``Retry-After`` (and ``False``)."""
+        executor = self._executor
+        settings = self._settings
+        if not executor.saturated or scope.get("path") in self._exempt_paths:
+            return True
+        if await executor.wait_for_room(settings.admission_timeout):
+            return True
+        executor.refused += 1
+        logger.warning(
+            "backpressure: %s %s answered 503 after waiting admission_timeout=%ss for room in "
+            "the side-effect queue (max_pending=%d)",
+            scope.get("method", "-"),
+            scope.get("path", "-"),
+            settings.admission_timeout,
+            settings.max_pending,
+            extra={"request_method": scope.get("method"), "request_path": scope.get("path")},
+        )
+        retry_after = str(max(1, math.ceil(settings.admission_timeout)))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 503,
+                "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"retry-after", retry_after.encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"busy: try again later\n"})
+        return False
+
+    async def finish(self, collector: Collector, failed: str | None) -> None:
+        """After the app returned: hand over (or run) what is still held, wait for room."""
+        executor = self._executor
+        try:
+            if collector.overflow:
+                await executor.submit_waiting(collector.overflow)
+            if collector.handed_over or not collector.holding:
+                return
+            if executor.background is not None and not _mode.inline:
+                collector.hand_over(executor, failed=failed)
+                if collector.overflow:
+                    await executor.submit_waiting(collector.overflow)
+                return
+            if not self._warned_no_lifespan and not _mode.inline:
+                self._warned_no_lifespan = True
+                logger.warning(
+                    "AfterResponseMiddleware got a request before lifespan startup (is the "
+                    "server running with lifespan off, as `uvicorn --lifespan off` does?). Side "
+                    "effects still run, after each response, but inside the request's own ASGI "
+                    "call, so the server's graceful shutdown waits for them; shutdown_timeout "
+                    "does not apply. Enable lifespan to give them a shared executor and a "
+                    "bounded drain."
+                )
+            await collector.run_inline(failed=failed)
+        finally:
+            collector.overflow = None
+            collector.close(failed)
+
+    def finish_cancelled(self, collector: Collector, failed: str | None) -> None:
+        """The request's call was cancelled: nothing here may await."""
+        executor = self._executor
+        if collector.overflow:
+            executor.shed(collector.overflow, "its request was cancelled while it waited")
+            collector.overflow = None
+        if collector.holding:
+            if executor.background is not None:
+                # The handler already decided these; the cancellation (often a client that
+                # went away) does not undo that.
+                collector.hand_over(executor, failed=failed)
+                if collector.overflow:
+                    executor.shed(collector.overflow, "its request was cancelled")
+                    collector.overflow = None
+            else:
+                collector.abandon("its request's ASGI call was cancelled before they could run")
+        collector.close(failed)
+
+    async def websocket(
+        self,
+        app: ASGIApp,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        collector: Collector,
+        token: Token[Any],
+    ) -> None:
+        """A websocket's tasks run once its call has returned (there is no final message)."""
+        client_gone = False
+
+        async def receive_watching() -> Message:
+            nonlocal client_gone
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                client_gone = True
+            return message
+
+        try:
+            await app(scope, receive_watching, send)
+        except Exception as exc:
+            current_collector.reset(token)
+            if client_gone or client_left(exc):
+                await self.finish(collector, None)
+            else:
+                await self.finish(collector, f"the app raised {type(exc).__qualname__}")
+            raise
+        except BaseException:
+            current_collector.reset(token)
+            self.finish_cancelled(collector, None)
+            raise
+        current_collector.reset(token)
+        await self.finish(collector, None)
+
+
+async def store_durable(executor: Executor, collector: Collector, status: int) -> bool:
+    """Store the request's unsaved durable tasks; ``False`` if the store failed (logged).
+
+    A response that fails (5xx) stores nothing but its ``run_on_error`` tasks: the others
+    are discarded with the request's other tasks.
+    """
+    tasks = collector.take_unsaved()
+    if status >= 500:
+        tasks = [task for task in tasks if task.record.run_on_error]
+    if not tasks:
+        return True
+    try:
+        deduplicated = await executor.save(tasks)
+    except StoreError as exc:
+        if not executor.telemetry.aggregator.admit(
+            logging.ERROR, ("durable store", "response became a 503")
+        ):
+            return False  # counted: one line per interval while the store is broken
+        method, path = collector.request
+        logger.error(
+            "after-response could not store %d durable side effect(s) of %s %s, so the "
+            "response is a 503 (never a complete response for a side effect that was not "
+            "stored): %s",
+            len(tasks),
+            method,
+            path,
+            exc,
+            extra={
+                "request_method": method,
+                "request_path": path,
+                "error_type": type(exc).__qualname__,
+            },
+        )
+        return False
+    if deduplicated:
+        collector.forget(deduplicated)
+    return True
+
+
+def client_left(raised: Exception) -> bool:
+    """Whether ``raised`` says the client went away (the handler's decisions stand)."""
+    return isinstance(raised, OSError) or type(raised).__name__ in _CLIENT_GONE
+
+
+def is_final(kind: str, message: Message, trailers: bool) -> bool:
+    """Whether ``message`` is the response's last."""
+    if kind == "http.response.body":
+        return not (trailers or message.get("more_body", False))
+    if kind == "http.response.start":
+        return False
+    return kind in OTHER_FINAL and not message.get(OTHER_FINAL[kind], False)
+
+
+def status_failure(status: int) -> str | None:
+    """Why a response with this status discards its tasks, or ``None``."""
+    return f"the response status was {status}" if status >= 500 else None
