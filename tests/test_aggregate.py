@@ -143,6 +143,24 @@ def test_the_rest_of_an_interval_is_one_summary_per_name_and_reason(
     assert summaries["send_email", "abandoned"].aggregated_count == 1  # type: ignore[attr-defined]
 
 
+def test_a_summary_of_failures_says_what_it_counts(logger: logging.Logger) -> None:
+    # Not every flood is of tasks: a broker that stays down fails each publish.
+    clock = Clock()
+    aggregator = LogAggregator(logger, 5.0, clock=clock)
+    key = ("publishing to celery", "kombu.exceptions.OperationalError")
+    admitted = [aggregator.admit(logging.WARNING, key, counted="failures of") for _ in range(6)]
+    assert admitted == [True] + [False] * 5
+    clock.now += 5.0
+    aggregator.flush()
+    [summary] = lines(logger).summaries()
+    assert summary.getMessage() == (
+        "... and 5 more failures of publishing to celery in the last 5.0s: "
+        "kombu.exceptions.OperationalError"
+    )
+    assert summary.subject == "publishing to celery"  # type: ignore[attr-defined]
+    assert not hasattr(summary, "task_name")
+
+
 def test_a_name_and_reason_seen_once_writes_no_summary(logger: logging.Logger) -> None:
     aggregator = LogAggregator(logger)
     shed(aggregator, "send_email", 1)

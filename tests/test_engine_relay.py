@@ -197,12 +197,15 @@ async def test_a_failed_publish_is_retried_and_the_outbox_of_a_dead_process_is_p
     assert all((span.attributes or {}).get("error.type") for span in failed)
 
 
-async def test_tasks_waiting_in_the_outbox_do_not_count_against_the_executor_s_queue(
-    tmp_path: Path,
+async def test_a_broker_outage_holds_at_most_max_pending_in_memory_and_loses_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # The broker is down and the outbox holds more than max_pending: the in-process queue is
-    # still empty, so backpressure admits every request and their plain tasks run.
-    broker = RedisStreamBroker(f"redis://127.0.0.1:{free_port()}/0", unacknowledged_lock_timeout=5)
+    # The broker is down and more durable tasks come than max_pending: the relay keeps
+    # max_pending of them in memory and releases the rest to the outbox (logged, counted).
+    # The in-process queue stays empty: backpressure admits every request, plain tasks run.
+    # Once the broker is up, every task is published once, the released ones claimed back.
+    port = free_port()
+    broker = RedisStreamBroker(f"redis://127.0.0.1:{port}/0", unacknowledged_lock_timeout=5)
     app = AfterResponseMiddleware(
         Starlette(routes=[Route("/purchase", purchase, methods=["POST"])]),
         store=SQLiteStore(tmp_path / "store.sqlite3"),
@@ -210,11 +213,19 @@ async def test_tasks_waiting_in_the_outbox_do_not_count_against_the_executor_s_q
         max_pending=2,
         overflow="backpressure",
         admission_timeout=0.5,
-        shutdown_timeout=0.5,
     )
     transport = httpx.ASGITransport(app)
     async with lifespan(app), httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         for _ in range(5):
             assert (await client.post("/purchase")).status_code == 200
         await until(lambda: app.stats().succeeded == 5, 10, "the plain tasks ran")
-        assert app.stats().pending == 5, "the durable ones wait in the outbox"
+        stats = app.stats()
+        assert (stats.pending, stats.released) == (2, 3)
+        rows = await outbox(tmp_path / "store.sqlite3")
+        assert sorted(owner is None for _, owner in rows) == [False, False, True, True, True]
+        with redis_server(port):
+            await until(lambda: app.stats().handed_off == 5, 30, "all five published")
+        assert app.stats().pending == 0
+    assert await outbox(tmp_path / "store.sqlite3") == []
+    assert "the engine's relay already holds max_pending=2 tasks" in caplog.text
+    assert "ada@example.com" not in caplog.text

@@ -32,17 +32,20 @@ from typing import Any, Final
 
 from ._options import check_timeout
 
-SUMMARY: Final = "... and %s more tasks of %s in the last %.1fs: %s"
-"""The summary line: left-out count (with thousands separators), task name, seconds, reason."""
+SUMMARY: Final = "... and %s more %s %s in the last %.1fs: %s"
+"""The summary line: left-out count (with thousands separators), what was counted ("tasks
+of"), the key's subject (a task name), seconds, reason."""
+TASKS: Final = "tasks of"
 
 
 class _Key:
     """What the interval knows of one key: its first line's time and the lines left out."""
 
-    __slots__ = ("count", "level", "since")
+    __slots__ = ("count", "counted", "level", "since")
 
-    def __init__(self, since: float) -> None:
+    def __init__(self, since: float, counted: str) -> None:
         self.since = since
+        self.counted = counted
         self.count = 0
         self.level = logging.NOTSET
 
@@ -98,10 +101,12 @@ class LogAggregator:
         if self.admit(level, key):
             self._logger.log(level, message, *args, extra=extra)
 
-    def admit(self, level: int, key: tuple[str, str]) -> bool:
+    def admit(self, level: int, key: tuple[str, str], *, counted: str = TASKS) -> bool:
         """Whether a line of ``key`` is to be written now (the first in the interval);
         otherwise it is counted for the summary. For callers that build the line only when
-        it is written: under a flood, most are not."""
+        it is written: under a flood, most are not. ``counted`` says what the summary counts,
+        before the key's subject (``"failures of"``: "... and 5 more failures of publishing to
+        celery")."""
         if not self._logger.isEnabledFor(level):
             return False
         now = self._clock()
@@ -114,7 +119,7 @@ class LogAggregator:
                 ends_at = self._ends_at = now + self._interval
             seen = self._keys.get(key)
             if seen is None:
-                self._keys[key] = _Key(now)
+                self._keys[key] = _Key(now, counted)
                 return True
             seen.count += 1
             if level > seen.level:
@@ -151,18 +156,19 @@ class LogAggregator:
 
     def _summarise(self, now: float) -> None:
         log = self._logger.log
-        for (task_name, reason), seen in self._keys.items():
+        for (subject, reason), seen in self._keys.items():
             if seen.count:
                 seconds = now - seen.since
                 log(
                     seen.level,
                     SUMMARY,
                     f"{seen.count:,}",
-                    task_name,
+                    seen.counted,
+                    subject,
                     seconds,
                     reason,
                     extra={
-                        "task_name": task_name,
+                        "task_name" if seen.counted == TASKS else "subject": subject,
                         "reason": reason,
                         "aggregated_count": seen.count,
                         "aggregated_seconds": seconds,

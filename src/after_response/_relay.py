@@ -6,7 +6,9 @@ relay publishes it through the engine, then marks it published in the store and 
 ``handed_off``. The store makes the hand-off lossless:
 
 - the broker is down: the tasks wait, in memory and in the outbox; publishing is retried
-  with a growing backoff, each failure logged (aggregated) and counted; requests go on;
+  with a growing backoff, each failure logged (aggregated) and counted; requests go on.
+  Memory is bounded: past ``max_pending`` waiting here, a task is released (logged and
+  counted) and waits in the outbox only, to be claimed once the relay has room again;
 - the process dies between response and publish: its outbox rows outlive it, and the relay
   of the next process on the same store (or a live one) claims and publishes them;
 - shutdown before they could be published: they are released, still in the outbox.
@@ -72,6 +74,7 @@ class Relay:
         ledger = executor.ledger
         now = time.perf_counter()
         took = False
+        no_room: list[Task] = []
         for task in tasks:
             if not task.record.durable:
                 rest.append(task)
@@ -84,6 +87,9 @@ class Relay:
                     taken=False,
                 )
                 continue
+            if self.held >= executor.max_pending:
+                no_room.append(task)
+                continue
             took = True
             task.ready_at = now
             ledger.left_request += 1
@@ -92,7 +98,20 @@ class Relay:
             self._queue.append(task)
         if took:
             self._wake.set()
+        if no_room:
+            executor.release(
+                no_room,
+                f"the engine's relay already holds max_pending={executor.max_pending} tasks "
+                f"that wait to be published to {self.engine.system} (is the broker down?); the "
+                "task waits in the outbox, and the relay claims it once it has room",
+                taken=False,
+            )
         return rest
+
+    @property
+    def held(self) -> int:
+        """Tasks in memory here: waiting to be published, or being published."""
+        return len(self._queue) + len(self._in_flight)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -109,9 +128,13 @@ class Relay:
                 # fewer than a batch wait here (a broker outage does not pull the whole
                 # outbox into memory).
                 if time.monotonic() >= next_claim:
-                    if len(self._queue) < PUBLISH_BATCH:
-                        await self._claim()
-                    next_claim = time.monotonic() + CLAIM_INTERVAL
+                    room = self._executor.max_pending - self.held
+                    claimed = 0
+                    if len(self._queue) < PUBLISH_BATCH and room > 0:
+                        claimed = await self._claim(min(PUBLISH_BATCH, room))
+                    # A full batch: more may wait (a backlog after an outage): again at once.
+                    interval = 0.0 if claimed == PUBLISH_BATCH else CLAIM_INTERVAL
+                    next_claim = time.monotonic() + interval
                 if self._queue:
                     count = min(PUBLISH_BATCH, len(self._queue))
                     if not await self._publish([self._queue.popleft() for _ in range(count)]):
@@ -215,7 +238,9 @@ class Relay:
         executor = self._executor
         executor.ledger.publish_failures += 1
         kind = qualified_type(exc)
-        if executor.telemetry.aggregator.admit(logging.WARNING, (what, kind)):
+        if executor.telemetry.aggregator.admit(
+            logging.WARNING, (what, kind), counted="failures of"
+        ):
             # The type only: an engine's error text may quote the message, and so its data.
             logger.warning(
                 "after-response: %s failed (%s); %d durable task(s) wait in the outbox, "
@@ -233,22 +258,24 @@ class Relay:
     async def _back_off(self) -> None:
         await anyio.sleep(self._delay() * random.uniform(0.8, 1.2))
 
-    async def _claim(self) -> None:
-        """Take the outbox tasks nobody live owns (a dead process's, or released)."""
+    async def _claim(self, limit: int) -> int:
+        """Take up to ``limit`` outbox tasks nobody live owns (a dead process's, or released);
+        how many were taken."""
         executor = self._executor
         journal = executor.journal
         assert journal is not None
         try:
-            tasks = await journal.claim(PUBLISH_BATCH, executor.ledger.add, states=(OUTBOX,))
+            tasks = await journal.claim(limit, executor.ledger.add, states=(OUTBOX,))
         except (StoreError, RuntimeError) as exc:
             logger.error("after-response durable store: claiming the outbox failed (%s)", exc)
-            return
+            return 0
         for task in tasks:
             executor.telemetry.added(task)
             if task.recovered:
                 executor.ledger.recovered += 1
                 executor.telemetry.recovered(task)
         self.take(tasks)
+        return len(tasks)
 
     # -- shutdown -----------------------------------------------------------------------------
 

@@ -176,7 +176,7 @@ async def store_durable(executor: Executor, collector: Collector, status: int) -
         deduplicated = await executor.save(tasks)
     except StoreError as exc:
         if not executor.telemetry.aggregator.admit(
-            logging.ERROR, ("durable store", "response became a 503")
+            logging.ERROR, ("the durable store", "response became a 503"), counted="failures of"
         ):
             return False  # counted: one line per interval while the store is broken
         method, path = collector.request
