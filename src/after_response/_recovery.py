@@ -82,9 +82,7 @@ class Durable(Endings):
 
     async def _spill(self, tasks: list[Task], reason: str) -> None:
         assert self.journal is not None
-        records = [
-            task.record._replace(trace_context=trace_carrier(task.context)) for task in tasks
-        ]
+        records = [task.record.replace(trace_context=trace_carrier(task.context)) for task in tasks]
         try:
             await self.journal.save(records, owned=False)
         except StoreError as exc:
