@@ -113,7 +113,8 @@ async def test_a_healthy_loop_wakes_the_thread_at_most_once_a_beat(
     await until(lambda: watchdog.beats >= 6, 5, "six heartbeats")
     assert reports.reports == []
     if sleeping_on == "kernel timer":
-        assert watchdog.wakeups == 0
+        # None while every beat is on time; one if a loaded machine made a beat a tick late.
+        assert watchdog.wakeups <= 1
     else:
         assert 0 < watchdog.wakeups <= watchdog.beats + 1
 
