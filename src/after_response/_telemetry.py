@@ -191,7 +191,7 @@ class Telemetry:
                 duration,
                 {
                     "after_response.task.name": task.record.name,
-                    "after_response.task.outcome": outcome.value,  # a plain str for exporters
+                    "after_response.task.outcome": outcome._value_,  # a plain str, no property call
                 },
             )
 
@@ -246,7 +246,7 @@ class Telemetry:
         """``task`` reached its terminal state."""
         instruments = self._instruments.value
         if instruments is not None:
-            finished, key = instruments.finished, (task.record.name, outcome.value)  # _count
+            finished, key = instruments.finished, (task.record.name, outcome._value_)  # _count
             finished[key] = finished.get(key, 0) + 1
 
     def unrun(self, task: Task, outcome: Outcome, level: int, what: str, *args: object) -> None:
