@@ -124,6 +124,25 @@ def test_the_kernel_timer_is_linux_only(monkeypatch: pytest.MonkeyPatch) -> None
     assert timer_fd() is None
 
 
+def test_without_a_usable_libc_there_is_no_kernel_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_libc(*args: object, **kwargs: object) -> None:
+        raise OSError("no C library here")
+
+    monkeypatch.setattr("after_response._timerfd.ctypes.CDLL", no_libc)
+    assert timer_fd() is None
+
+
+def test_arming_a_closed_kernel_timer_raises() -> None:
+    timer = timer_fd()
+    if timer is None:
+        pytest.skip("no kernel timer on this platform")
+    timer.arm(0.001)
+    timer.wait()  # it fires
+    timer.close()
+    with pytest.raises(OSError, match="timerfd_settime failed"):
+        timer.arm(0.1)
+
+
 @pytest.mark.anyio
 async def test_on_block_runs_on_the_loop_thread_once_the_loop_is_free() -> None:
     threads: list[int] = []
