@@ -7,6 +7,7 @@ lives beside it, in the live :class:`~after_response._task.Task`.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 from collections.abc import Callable
@@ -87,21 +88,9 @@ class TaskRecord:
 
     def replace(self, *, trace_context: dict[str, str] | None) -> TaskRecord:
         """A copy with another trace context (the one field a record gains on its way out)."""
-        return TaskRecord(
-            self.id,
-            self.name,
-            self.target,
-            self.args,
-            self.kwargs,
-            self.timeout,
-            self.retry,
-            self.run_on_error,
-            self.request,
-            trace_context,
-            self.durable,
-            self.key,
-            self.limits,
-        )
+        record = copy.copy(self)
+        object.__setattr__(record, "trace_context", trace_context)  # a new record, not a change
+        return record
 
     def __repr__(self) -> str:
         # Never the arguments: they carry emails, codes and tokens.

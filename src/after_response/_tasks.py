@@ -30,11 +30,11 @@ class NativeTasks:
     """
 
     def __init__(self) -> None:
-        self._loop = self.loop = asyncio.get_running_loop()
-        self._time = self._loop.time
+        self.loop = asyncio.get_running_loop()
+        self._time = self.loop.time
         #: The loop's thread, and how another thread calls onto the loop.
         self.loop_thread = threading.get_ident()
-        self.call_soon_threadsafe = self._loop.call_soon_threadsafe
+        self.call_soon_threadsafe = self.loop.call_soon_threadsafe
         #: Each running asyncio task, and the item it runs (its first argument).
         self._tasks: dict[asyncio.Task[Any], Any] = {}
         #: Tasks this owner cancelled (closing): their CancelledError is ours, not theirs.
@@ -78,11 +78,11 @@ class NativeTasks:
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = when
-        self._timer = self._loop.call_at(when, self._expire)
+        self._timer = self.loop.call_at(when, self._expire)
 
     def _expire(self) -> None:
         self._timer, self._timer_at = None, math.inf
-        now = self._loop.time()
+        now = self.loop.time()
         earliest = math.inf
         for task, deadline in list(self._deadlines.items()):
             if deadline <= now:
@@ -105,11 +105,11 @@ class NativeTasks:
         current one), and return it; ``item`` is what ``aclose()`` returns should the task
         outlive its cancellation."""
         if context is None:
-            task = self._loop.create_task(coroutine)
+            task = self.loop.create_task(coroutine)
         elif HAS_UNCANCEL:  # 3.11+: create_task takes the context, no run() around it
-            task = self._loop.create_task(coroutine, context=context)  # type: ignore[call-arg,unused-ignore]
+            task = self.loop.create_task(coroutine, context=context)  # type: ignore[call-arg,unused-ignore]
         else:
-            task = context.run(self._loop.create_task, coroutine)
+            task = context.run(self.loop.create_task, coroutine)
         self._tasks[task] = item
         task.add_done_callback(self._on_done, context=self._done_context)
         return task
@@ -138,6 +138,8 @@ class NativeTasks:
         With ``only``, just the tasks whose item it accepts (one request's, in a task set
         that requests without lifespan share); the owner stays open for the others.
         """
+        # Which tasks to wait for: those picked, or (closing) every task, later ones too.
+        picked: list[asyncio.Task[Any]] | None = None
         if only is None:
             if self._timer is not None:
                 self._timer.cancel()
@@ -145,14 +147,14 @@ class NativeTasks:
             self._expired.clear()
             tasks = list(self._tasks)
         else:
-            tasks = [task for task, item in self._tasks.items() if only(item)]
+            tasks = picked = [task for task, item in self._tasks.items() if only(item)]
         for task in tasks:
             self._cancelled.add(task)
             task.cancel()
         with anyio.move_on_after(grace):
-            while running := self._still_running(tasks if only is not None else None):
+            while running := self._still_running(picked):
                 await asyncio.wait(running)
-        left = self._still_running(tasks if only is not None else None)
+        left = self._still_running(picked)
         for task in left:
             _forget(task)
         return [self._tasks[task] for task in left]
