@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -42,13 +43,17 @@ async def purchase(request: Request) -> PlainTextResponse:
     return PlainTextResponse("ok")
 
 
-def middleware(tmp_path: Path) -> AfterResponseMiddleware:
-    broker = RedisStreamBroker(f"redis://127.0.0.1:{free_port()}/0", unacknowledged_lock_timeout=5)
+def middleware(tmp_path: Path, port: int | None = None, **options: Any) -> AfterResponseMiddleware:
+    """The purchase app with a store and a taskiq engine whose broker is on ``port`` (by
+    default a closed one: the broker is down)."""
+    broker = RedisStreamBroker(
+        f"redis://127.0.0.1:{port or free_port()}/0", unacknowledged_lock_timeout=5
+    )
     return AfterResponseMiddleware(
         Starlette(routes=[Route("/purchase", purchase, methods=["POST"])]),
         store=SQLiteStore(tmp_path / "store.sqlite3"),
         engine=TaskiqEngine(broker, publish_timeout=0.5),
-        shutdown_timeout=0.5,
+        **options,
     )
 
 
@@ -64,7 +69,7 @@ async def outbox(path: Path) -> list[tuple[str, str | None]]:
 async def test_shutdown_releases_what_the_broker_never_took_to_the_outbox(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app = middleware(tmp_path)
+    app = middleware(tmp_path, shutdown_timeout=0.5)
     transport = httpx.ASGITransport(app)
     async with lifespan(app), httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         for _ in range(3):
@@ -83,7 +88,7 @@ async def test_without_lifespan_durable_tasks_wait_in_the_outbox(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, "after_response")
-    app = middleware(tmp_path)
+    app = middleware(tmp_path, shutdown_timeout=0.5)
     transport = httpx.ASGITransport(app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         assert (await client.post("/purchase")).status_code == 200
@@ -116,11 +121,9 @@ async def test_the_relay_publishes_once_the_broker_comes_up_with_a_producer_span
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     reader = InMemoryMetricReader()
-    broker = RedisStreamBroker(f"redis://127.0.0.1:{port}/0", unacknowledged_lock_timeout=5)
-    app = AfterResponseMiddleware(
-        Starlette(routes=[Route("/purchase", purchase, methods=["POST"])]),
-        store=SQLiteStore(tmp_path / "store.sqlite3"),
-        engine=TaskiqEngine(broker, publish_timeout=0.5),
+    app = middleware(
+        tmp_path,
+        port,
         tracer_provider=provider,
         meter_provider=MeterProvider(metric_readers=[reader]),
     )
@@ -164,16 +167,10 @@ async def test_a_failed_publish_is_retried_and_the_outbox_of_a_dead_process_is_p
     )
     await store.close()
     port = free_port()
-    broker = RedisStreamBroker(f"redis://127.0.0.1:{port}/0", unacknowledged_lock_timeout=5)
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    app = AfterResponseMiddleware(
-        Starlette(routes=[Route("/purchase", purchase, methods=["POST"])]),
-        store=SQLiteStore(path),
-        engine=TaskiqEngine(broker, publish_timeout=0.5),
-        tracer_provider=provider,
-    )
+    app = middleware(tmp_path, port, tracer_provider=provider)
     transport = httpx.ASGITransport(app)
     async with lifespan(app), httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         with redis_server(port):
@@ -205,15 +202,7 @@ async def test_a_broker_outage_holds_at_most_max_pending_in_memory_and_loses_not
     # The in-process queue stays empty: backpressure admits every request, plain tasks run.
     # Once the broker is up, every task is published once, the released ones claimed back.
     port = free_port()
-    broker = RedisStreamBroker(f"redis://127.0.0.1:{port}/0", unacknowledged_lock_timeout=5)
-    app = AfterResponseMiddleware(
-        Starlette(routes=[Route("/purchase", purchase, methods=["POST"])]),
-        store=SQLiteStore(tmp_path / "store.sqlite3"),
-        engine=TaskiqEngine(broker, publish_timeout=0.5),
-        max_pending=2,
-        overflow="backpressure",
-        admission_timeout=0.5,
-    )
+    app = middleware(tmp_path, port, max_pending=2, overflow="backpressure", admission_timeout=0.5)
     transport = httpx.ASGITransport(app)
     async with lifespan(app), httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         for _ in range(5):
