@@ -208,8 +208,15 @@ async def test_shed_and_abandoned_tasks_are_counted_and_the_gauges_return_to_zer
     assert (stats.shed, stats.abandoned, stats.pending, stats.running) == (2, 2, 0, 0)
 
 
+@pytest.mark.parametrize(
+    "max_pending",
+    [
+        pytest.param(10_000, id="its slot given back"),
+        pytest.param(0, id="its slot kept: no room among the pending"),
+    ],
+)
 async def test_gauges_count_a_task_waiting_to_retry_as_pending_not_running(
-    reader: InMemoryMetricReader, meter_provider: MeterProvider
+    reader: InMemoryMetricReader, meter_provider: MeterProvider, max_pending: int
 ) -> None:
     failed_once = anyio.Event()
     calls = 0
@@ -230,11 +237,13 @@ async def test_gauges_count_a_task_waiting_to_retry_as_pending_not_running(
     middleware = AfterResponseMiddleware(
         Starlette(routes=[Route("/", endpoint)]),
         meter_provider=meter_provider,
+        max_pending=max_pending,
         shutdown_timeout=0.05,
     )
     async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
         await client.get("/")
         await failed_once.wait()  # the task now sleeps in its backoff
+        assert middleware.stats().running == (1 if max_pending == 0 else 0)  # the slot
         metrics = metrics_by_name(reader)
         assert sums(metrics["after_response.task.pending"]) == {("flaky",): 1}
         assert set(gauge_values(metrics["after_response.task.running"])) == {0}

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import weakref
+from typing import Any
 
 import pytest
 
+import after_response
 from after_response import AfterResponseMiddleware
 from after_response._tasks import HAS_UNCANCEL, NativeTasks
 
 from .apps import app_adding
-from .asgi import call, http_scope
+from .asgi import call, http_scope, lifespan
 
 pytestmark = pytest.mark.anyio
 
@@ -38,3 +42,41 @@ async def test_without_lifespan_requests_share_one_deadline_timer() -> None:
     # One shared timer where deadlines are the task owner's (3.11+: Task.uncancel); on 3.10
     # they are cancel scopes, and the owner keeps no timer at all. Never one per request.
     assert len(timers) == (1 if HAS_UNCANCEL else 0)
+
+
+async def test_a_side_effect_lets_go_of_its_arguments_as_soon_as_it_ends() -> None:
+    """A side effect's arguments (a rendered email, an upload) are freed when it ends: not
+    a loop turn later when its asyncio task's done callbacks run (under load, a turn holds
+    hundreds of finished tasks), nor when its deadline's timer fires (60 s by default).
+    Without lifespan the request's ASGI call holds its tasks until the last one ends."""
+
+    class Payload:
+        pass
+
+    payloads: list[weakref.ref[Payload]] = []
+    seen: list[bool] = []
+    checked = asyncio.Event()
+
+    def payload() -> Payload:
+        made = Payload()
+        payloads.append(weakref.ref(made))
+        return made
+
+    async def effect(payload: Payload) -> None:
+        def check() -> None:  # runs before the finished task's done callbacks
+            seen.append(payloads[0]() is None)
+            checked.set()
+
+        # In an empty context: a copy of this one would hold the running task itself.
+        asyncio.get_running_loop().call_soon(check, context=contextvars.Context())
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        after_response.current().add(effect, payload())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = AfterResponseMiddleware(app)
+    async with lifespan(middleware):
+        await call(middleware, http_scope())
+        await checked.wait()
+    assert seen == [True]

@@ -128,8 +128,6 @@ class Executor(Waiting):
             return
         self.ledger.running += 1
         task.slot = True
-        if self.telemetry.on:
-            self.telemetry.running(task, 1)
         owner = task.owner
         # The new asyncio task runs in a copy of the task's context: the request's contextvars
         # (and so its current span) as they were at add() time. A copy, because logs and dead
@@ -146,8 +144,6 @@ class Executor(Waiting):
         if task.slot:
             task.slot = False
             self.ledger.running -= 1
-            if self.telemetry.on:
-                self.telemetry.running(task, -1)
         if self._queue or self._gate_waiters or self.backlog:
             self._dispatch()
 
@@ -194,7 +190,12 @@ class Executor(Waiting):
                 if not await self._back_off(task, exc):
                     return  # queued again: whoever frees a slot runs its next attempt
         finally:
-            task.running = None  # no cycle: the asyncio task holds this coroutine
+            if task.running is not None:
+                # Let go of the task now: its asyncio task lives one more loop turn, until
+                # its done callback runs, and with it whatever it refers to.
+                task.owner.let_go(task.running)
+                task.running = None
+                set_running_task(None)
             self._release(task)  # if it still holds one, whatever ended it
 
     async def _back_off(self, task: Task, exc: BaseException | None) -> bool:
@@ -215,7 +216,7 @@ class Executor(Waiting):
         if gives_slot_back:
             self._release(task)
             ledger.retry_waiting += 1
-            self.telemetry.pending(task, 1)
+        self.telemetry.pending(task, 1)  # waiting to retry, with or without its slot
         try:
             await anyio.sleep(delay)
         except anyio.get_cancelled_exc_class():
@@ -225,7 +226,7 @@ class Executor(Waiting):
         finally:
             if gives_slot_back:
                 ledger.retry_waiting -= 1
-                self.telemetry.pending(task, -1)
+            self.telemetry.pending(task, -1)
         task.ready_at = time.perf_counter()
         if task.slot:
             return True
@@ -237,7 +238,6 @@ class Executor(Waiting):
         ):
             ledger.running += 1
             task.slot = True
-            self.telemetry.running(task, 1)
             return True
         self._queue.append(task)
         ledger.queued += 1

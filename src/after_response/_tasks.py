@@ -51,7 +51,7 @@ class NativeTasks:
         # long as the task and, with hundreds of tasks waiting for the loop, set off the
         # garbage collector far more often.
         self._on_done = self._done
-        self._done_context = contextvars.Context()
+        self._empty_context = contextvars.Context()
 
     def set_deadline(self, task: asyncio.Task[Any], timeout: float) -> None:
         """Cancel ``task`` (the attempt running in it) after ``timeout`` seconds, unless
@@ -78,7 +78,9 @@ class NativeTasks:
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = when
-        self._timer = self.loop.call_at(when, self._expire)
+        # In the empty context: a copy of the current one (the default) would keep the task
+        # that set this deadline, and its arguments, alive until the timer fires.
+        self._timer = self.loop.call_at(when, self._expire, context=self._empty_context)
 
     def _expire(self) -> None:
         self._timer, self._timer_at = None, math.inf
@@ -111,8 +113,13 @@ class NativeTasks:
         else:
             task = context.run(self.loop.create_task, coroutine)
         self._tasks[task] = item
-        task.add_done_callback(self._on_done, context=self._done_context)
+        task.add_done_callback(self._on_done, context=self._empty_context)
         return task
+
+    def let_go(self, task: asyncio.Task[Any]) -> None:
+        """``task`` has finished its work: drop its item now, not when its done callback
+        runs a loop turn later (the objects it holds would survive one more turn)."""
+        self._tasks[task] = None
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         del self._tasks[task]
@@ -157,7 +164,7 @@ class NativeTasks:
         left = self._still_running(picked)
         for task in left:
             _forget(task)
-        return [self._tasks[task] for task in left]
+        return [item for task in left if (item := self._tasks[task]) is not None]
 
     def _still_running(self, tasks: list[asyncio.Task[Any]] | None) -> list[asyncio.Task[Any]]:
         """Those of ``tasks`` not done yet (``None``: every task of this owner)."""

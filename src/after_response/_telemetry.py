@@ -154,20 +154,14 @@ class Telemetry:
         if instruments is not None:
             _count(instruments.pending, task.record.name, delta)
 
-    def running(self, task: Task, delta: int) -> None:
-        """``task`` took (+1) or gave back (-1) a running slot."""
+    def attempt_started(self, task: Task, queue_wait: float) -> AttemptSpan | None:
+        """An attempt starts: counted as running, its queue time recorded, its span opened
+        (in the task's context)."""
         instruments = self._instruments.value
         if instruments is not None:
             running, name = instruments.running, task.record.name  # _count, inline: per task
-            running[name] = running.get(name, 0) + delta
-
-    def attempt_started(self, task: Task, queue_wait: float) -> AttemptSpan | None:
-        """An attempt starts: its queue time recorded, its span opened (in the task's context)."""
-        instruments = self._instruments.value
-        if instruments is not None:
-            instruments.queue_duration.record(
-                queue_wait, {"after_response.task.name": task.record.name}
-            )
+            running[name] = running.get(name, 0) + 1
+            instruments.queue_duration.record(queue_wait, {"after_response.task.name": name})
         tracer = self._tracer.value
         return None if tracer is None else _tracing.start_attempt(tracer, task, queue_wait)
 
@@ -187,10 +181,13 @@ class Telemetry:
             _tracing.end_attempt(span, task, outcome, exc)
         instruments = self._instruments.value
         if instruments is not None:
+            running, name = instruments.running, task.record.name  # _count, inline: per task
+            # 1 if absent: this attempt started before the SDK was set up, and was not counted.
+            running[name] = running.get(name, 1) - 1
             instruments.duration.record(
                 duration,
                 {
-                    "after_response.task.name": task.record.name,
+                    "after_response.task.name": name,
                     "after_response.task.outcome": outcome._value_,  # a plain str, no property call
                 },
             )
