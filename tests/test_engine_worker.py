@@ -9,6 +9,8 @@ import threading
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -21,6 +23,7 @@ from after_response._task import Outcome
 from after_response._worker import WorkerRunner
 
 from . import worker_effects
+from .test_metrics import histogram_counts, metrics_by_name, sums
 
 pytestmark = pytest.mark.anyio
 
@@ -52,6 +55,33 @@ async def test_a_message_runs_its_side_effect_with_its_id(seen: list[Any]) -> No
     assert seen == [("greet hi ada", "id-greet", 1, False)]
     stats = runner.stats()
     assert (stats.received, stats.succeeded, stats.running) == (1, 1, 0)
+
+
+async def test_a_worker_reports_the_same_metrics_as_the_web_process(seen: list[Any]) -> None:
+    reader = InMemoryMetricReader()
+    runner = WorkerRunner("test", meter_provider=MeterProvider(metric_readers=[reader]))
+    running_during: list[dict[tuple[Any, ...], int]] = []
+    worker_effects.PROBES[:] = [
+        lambda: running_during.append(sums(metrics_by_name(reader)["after_response.task.running"]))
+    ]
+    try:
+        assert await runner.run(body("probe")) is Outcome.SUCCEEDED
+    finally:
+        worker_effects.PROBES.clear()
+    assert await runner.run(body("flaky", 5, attempts=2)) is Outcome.FAILED
+    assert running_during == [{("probe",): 1}]
+    metrics = metrics_by_name(reader)
+    assert sums(metrics["after_response.task.running"]) == {}  # back to zero
+    assert sums(metrics["after_response.task.finished"]) == {
+        ("probe", "succeeded"): 1,
+        ("flaky", "failed"): 1,
+    }
+    assert sums(metrics["after_response.task.retries"]) == {("flaky",): 1}
+    assert histogram_counts(metrics["after_response.task.duration"]) == {
+        ("probe", "succeeded"): 1,
+        ("flaky", "retry"): 1,
+        ("flaky", "failed"): 1,
+    }
 
 
 async def test_retries_follow_the_policy_within_one_delivery(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import after_response
 
@@ -32,3 +33,12 @@ def sleepy(seconds: float) -> None:
 
 def broken(secret: str) -> None:
     raise ValueError(f"cannot use {secret}")
+
+
+#: What ``probe`` calls while it runs (a test's look at the worker from inside a side effect).
+PROBES: list[Callable[[], None]] = []
+
+
+async def probe() -> None:
+    for look in PROBES:
+        look()
