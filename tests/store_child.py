@@ -5,6 +5,9 @@
   them done) until nothing is left; print the ids claimed as JSON.
 - ``full``: with a file-size limit (RLIMIT_FSIZE), save a small batch, then one too big for
   the limit; print what happened as JSON.
+- ``open-race PROCESSES TRIALS``: TRIALS times, fork PROCESSES processes that open (and close)
+  one new store file at the same moment, as a server's workers do when they start; print how
+  many opened and the errors of those that did not, as JSON. PATH is a directory.
 """
 
 from __future__ import annotations
@@ -75,9 +78,50 @@ async def full(path: str) -> None:
     os._exit(0)  # closing would write again, past the limit
 
 
+async def open_and_close(path: str, owner: str) -> None:
+    store = SQLiteStore(path)
+    await store.open(owner)
+    await store.close()
+
+
+def open_race(directory: str, processes: int, trials: int) -> None:
+    opened, errors = 0, []
+    for trial in range(trials):
+        path = os.path.join(directory, f"race-{trial}.sqlite3")
+        start, go = os.pipe()
+        results, report = os.pipe()
+        pids = []
+        for n in range(processes):
+            pid = os.fork()
+            if pid == 0:
+                os.close(go)
+                os.read(start, 1)  # end of file once the parent closes its end: all at once
+                try:
+                    asyncio.run(open_and_close(path, f"worker-{n}"))
+                    os.write(report, b"ok\n")
+                except StoreError as exc:
+                    os.write(report, f"{exc}\n".encode())
+                os._exit(0)
+            pids.append(pid)
+        os.close(start)
+        os.close(go)  # go
+        for pid in pids:
+            os.waitpid(pid, 0)
+        os.close(report)
+        with os.fdopen(results) as lines:
+            for line in lines:
+                if line.strip() == "ok":
+                    opened += 1
+                else:
+                    errors.append(line.strip())
+    print(json.dumps({"opened": opened, "errors": errors}), flush=True)
+
+
 if __name__ == "__main__":
     mode, path, *rest = sys.argv[1:]
     if mode == "claim":
         asyncio.run(claim(path, *rest))
+    elif mode == "open-race":
+        open_race(path, *map(int, rest))
     else:
         asyncio.run(crash(path) if mode == "crash" else full(path))

@@ -73,7 +73,7 @@ def connect(path: str, busy_timeout: float, synchronous: str) -> sqlite3.Connect
     except sqlite3.Error as exc:
         raise store_error(path, "opening", exc) from None
     try:
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = _journal_mode_wal(conn, busy_timeout)
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(
                 f"the journal mode stays {mode!r} instead of WAL; keep the file on a local disk"
@@ -83,6 +83,26 @@ def connect(path: str, busy_timeout: float, synchronous: str) -> sqlite3.Connect
         conn.close()
         raise store_error(path, "opening", exc) from None
     return conn
+
+
+def _journal_mode_wal(conn: sqlite3.Connection, busy_timeout: float) -> object:
+    """Switch ``conn``'s file to WAL; the journal mode it is in after.
+
+    When processes open a new file at the same moment (the workers of one server starting),
+    SQLite can answer the switch "database is locked" at once instead of waiting in the busy
+    handler: two connections that both read the file and both want to write it would wait
+    for each other for ever. Try again, with short pauses, until ``busy_timeout`` has passed.
+    """
+    deadline = time.monotonic() + busy_timeout
+    pause = 0.005
+    while True:
+        try:
+            return conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
 
 
 def _settle(items: Settled) -> None:
