@@ -7,7 +7,7 @@ lives beside it, in the live :class:`~after_response._task.Task`.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import itertools
 import os
 from collections.abc import Callable
@@ -24,6 +24,7 @@ class RequestInfo(NamedTuple):
     path: str
 
 
+@dataclasses.dataclass(slots=True, eq=False, repr=False)
 class TaskRecord:
     """One side-effect call, immutable (its attributes are ``Final``: mypy refuses a write).
 
@@ -33,64 +34,31 @@ class TaskRecord:
     W3C trace context at ``add()``, filled in for tasks that leave the process; in-process
     tasks carry the live context instead.
 
-    A class with slots rather than a named tuple: a task's path reads its fields a dozen
-    times, and Python specialises reads of slots, not of a named tuple's fields.
+    A dataclass with slots rather than a named tuple: a task's path reads its fields a dozen
+    times, and Python specialises reads of slots, not of a named tuple's fields. Not frozen:
+    a frozen dataclass sets each field through ``object.__setattr__`` when it is made.
     """
 
-    __slots__ = (
-        "args",
-        "durable",
-        "id",
-        "key",
-        "kwargs",
-        "limits",
-        "name",
-        "request",
-        "retry",
-        "run_on_error",
-        "target",
-        "timeout",
-        "trace_context",
-    )
-
-    def __init__(
-        self,
-        id: str,
-        name: str,
-        target: str | None,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        timeout: float | None,
-        retry: Retry,
-        run_on_error: bool,
-        request: RequestInfo,
-        trace_context: dict[str, str] | None = None,
-        durable: bool = False,
-        key: str | None = None,
-        limits: Limits | None = None,
-    ) -> None:
-        self.id: Final = id
-        self.name: Final = name
-        self.target: Final = target
-        self.args: Final = args
-        self.kwargs: Final = kwargs
-        self.timeout: Final = timeout
-        self.retry: Final = retry
-        self.run_on_error: Final = run_on_error
-        self.request: Final = request
-        self.trace_context: Final = trace_context
-        #: Stored before the response completes, replayed after a crash (needs a store).
-        self.durable: Final = durable
-        #: Idempotency key: a durable add whose key matches a stored task is not stored again.
-        self.key: Final = key
-        #: Per task name: how many run at once, how often one starts (``None``: no limit).
-        self.limits: Final = limits
+    id: Final[str]
+    name: Final[str]
+    target: Final[str | None]
+    args: Final[tuple[Any, ...]]
+    kwargs: Final[dict[str, Any]]
+    timeout: Final[float | None]
+    retry: Final[Retry]
+    run_on_error: Final[bool]
+    request: Final[RequestInfo]
+    trace_context: Final[dict[str, str] | None] = None
+    #: Stored before the response completes, replayed after a crash (needs a store).
+    durable: Final[bool] = False
+    #: Idempotency key: a durable add whose key matches a stored task is not stored again.
+    key: Final[str | None] = None
+    #: Per task name: how many run at once, how often one starts (``None``: no limit).
+    limits: Final[Limits | None] = None
 
     def replace(self, *, trace_context: dict[str, str] | None) -> TaskRecord:
         """A copy with another trace context (the one field a record gains on its way out)."""
-        record = copy.copy(self)
-        object.__setattr__(record, "trace_context", trace_context)  # a new record, not a change
-        return record
+        return dataclasses.replace(self, trace_context=trace_context)
 
     def __repr__(self) -> str:
         # Never the arguments: they carry emails, codes and tokens.
