@@ -26,11 +26,20 @@ OTHER_FINAL: Final = {
     "http.response.trailers": "more_trailers",
 }
 
-STORE_FAILED_START: Final = {
-    "type": "http.response.start",
-    "status": 503,
-    "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"1")],
-}
+
+def unavailable(retry_after: int) -> Message:
+    """The start of a ``503`` that asks the client to try again in ``retry_after`` seconds."""
+    return {
+        "type": "http.response.start",
+        "status": 503,
+        "headers": [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"retry-after", str(retry_after).encode()),
+        ],
+    }
+
+
+STORE_FAILED_START: Final = unavailable(1)
 STORE_FAILED_BODY: Final = b"service unavailable: the request's side effects could not be stored\n"
 
 #: Exceptions frameworks raise when the client went away (matched by name: no imports).
@@ -65,17 +74,7 @@ class Requests:
             settings.max_pending,
             extra={"request_method": scope.get("method"), "request_path": scope.get("path")},
         )
-        retry_after = str(max(1, math.ceil(settings.admission_timeout)))
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 503,
-                "headers": [
-                    (b"content-type", b"text/plain; charset=utf-8"),
-                    (b"retry-after", retry_after.encode()),
-                ],
-            }
-        )
+        await send(unavailable(max(1, math.ceil(settings.admission_timeout))))
         await send({"type": "http.response.body", "body": b"busy: try again later\n"})
         return False
 
