@@ -6,8 +6,8 @@ loop, wait for the GIL, and every ``select`` of the loop releases the GIL and wa
 lose the race again: a few percent of a fast server's throughput, for a thread that has
 nothing to do while the loop is healthy.
 
-Python 3.13 has ``os.timerfd_create``; before it, the calls go through ``ctypes`` (which
-releases the GIL around them). Elsewhere, or if anything is missing, there is no timer and
+The calls go through ``ctypes`` (which releases the GIL around them) on every Python, so
+3.10 to 3.12 have the timer too (3.13 added ``os.timerfd_create``). Elsewhere, or if anything is missing, there is no timer and
 the watchdog's thread wakes once a beat instead.
 """
 
