@@ -7,8 +7,8 @@ lose the race again: a few percent of a fast server's throughput, for a thread t
 nothing to do while the loop is healthy.
 
 The calls go through ``ctypes`` (which releases the GIL around them) on every Python, so
-3.10 to 3.12 have the timer too (3.13 added ``os.timerfd_create``). Elsewhere, or if anything is missing, there is no timer and
-the watchdog's thread wakes once a beat instead.
+3.10 to 3.12 have the timer too (3.13 added ``os.timerfd_create``). Elsewhere, or if
+anything is missing, there is no timer and the watchdog's thread wakes once a beat instead.
 """
 
 from __future__ import annotations
