@@ -65,8 +65,11 @@ broker.register_task(noop, task_name=NOOP_TASK)
 
 
 def write_stats(path: str) -> None:
-    """Write the runner's counts of this worker process to ``path`` (JSON)."""
-    Path(path).write_text(json.dumps(asdict(engine.runner.stats())), encoding="utf-8")
+    """Write the runner's counts of this worker process to ``path`` (JSON), whole: the test
+    reads it as soon as it exists, so it appears by a rename, never empty or half-written."""
+    written = Path(f"{path}.part")
+    written.write_text(json.dumps(asdict(engine.runner.stats())), encoding="utf-8")
+    os.replace(written, path)
 
 
 broker.register_task(write_stats, task_name=STATS_TASK)
