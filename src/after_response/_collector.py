@@ -175,7 +175,8 @@ class Collector:
             carrier = trace_carrier(context)
         request = self._request
         if request is None:
-            request = self._request = RequestInfo(self._method, self._path)
+            # tuple.__new__ straight, not the named tuple's own __new__ (a Python lambda).
+            request = self._request = tuple.__new__(RequestInfo, (self._method, self._path))
         if _mode.captured is not None:
             _mode.captured.append(
                 CapturedCall(name, fn, args, kwargs, timeout, retry, run_on_error, *request)
