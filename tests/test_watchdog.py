@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import threading
 import time
@@ -132,15 +133,20 @@ def test_without_a_usable_libc_there_is_no_kernel_timer(monkeypatch: pytest.Monk
     assert timer_fd() is None
 
 
-def test_arming_a_closed_kernel_timer_raises() -> None:
+def test_a_kernel_timer_the_kernel_refuses_to_arm_raises() -> None:
     timer = timer_fd()
     if timer is None:
         pytest.skip("no kernel timer on this platform")
-    timer.arm(0.001)
-    timer.wait()  # it fires
-    timer.close()
-    with pytest.raises(OSError, match="timerfd_settime failed"):
-        timer.arm(0.1)
+    try:
+        timer.arm(0.001)
+        timer.wait()  # it fires
+        # A negative time, which the kernel refuses (EINVAL); not a closed fd, whose number
+        # another thread could open again in between.
+        with pytest.raises(OSError, match="timerfd_settime failed") as refused:
+            timer.arm(-1.5)
+        assert refused.value.errno == errno.EINVAL
+    finally:
+        timer.close()
 
 
 @pytest.mark.anyio
