@@ -268,12 +268,14 @@ async def test_a_save_past_the_file_size_limit_fails_whole_and_clearly(tmp_path:
 async def test_an_open_locked_past_the_busy_timeout_raises_store_error(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite3"
     blocker = sqlite3.connect(path, isolation_level=None)
-    blocker.execute("BEGIN EXCLUSIVE")  # a new file, not yet in WAL mode: nobody may read it
-    store = SQLiteStore(path, busy_timeout=0.1)
-    with pytest.raises(StoreError, match=r"s\.sqlite3: opening: database is locked"):
-        await store.open("me")
-    blocker.execute("ROLLBACK")
-    blocker.close()
+    try:
+        blocker.execute("BEGIN EXCLUSIVE")  # a new file, not yet in WAL mode: nobody may read it
+        store = SQLiteStore(path, busy_timeout=0.1)
+        with pytest.raises(StoreError, match=r"s\.sqlite3: opening: database is locked"):
+            await store.open("me")
+        blocker.execute("ROLLBACK")
+    finally:
+        blocker.close()
     await store.open("me")  # the lock gone, it opens
     await store.close()
 
