@@ -274,3 +274,18 @@ def test_lines_from_many_threads_are_all_counted(logger: logging.Logger) -> None
 def test_a_bad_interval_is_refused(logger: logging.Logger, interval: object) -> None:
     with pytest.raises(ValueError, match="positive number of seconds"):
         LogAggregator(logger, interval)  # type: ignore[arg-type]
+
+
+def test_a_batch_of_lines_writes_its_first_and_counts_the_rest(logger: logging.Logger) -> None:
+    # Tasks shed together for one reason are one question: the first may be written, the
+    # others are counted, and a later batch of the same key in the interval is all counted.
+    clock = Clock()
+    aggregator = LogAggregator(logger, 5.0, clock=clock)
+    assert aggregator.admit(logging.ERROR, ("send_email", "shed"), count=50)
+    assert not aggregator.admit(logging.WARNING, ("send_email", "shed"), count=30)
+    assert aggregator.admit(logging.ERROR, ("sync_crm", "shed"), count=1)
+    clock.now += 5.0
+    aggregator.flush()
+    [summary] = lines(logger).summaries()
+    assert summary.getMessage() == "... and 79 more tasks of send_email in the last 5.0s: shed"
+    assert summary.levelno == logging.ERROR

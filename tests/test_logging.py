@@ -249,3 +249,45 @@ async def test_log_lines_link_to_the_request_trace_even_with_the_middleware_untr
 
     [record] = task_records(caplog)
     assert (field(record, "trace_id"), field(record, "span_id")) == hex_ids(server_span(exporter))
+
+
+async def test_tasks_shed_together_write_one_line_per_name_and_count_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A request's tasks that find no room are shed at once: the first of each name is
+    written in full (with its task id), the others of that name are counted in a summary."""
+    release = anyio.Event()
+
+    async def blocked() -> None:
+        await release.wait()
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        collector = request.state.after_response
+        collector.options(name="invoice").add(blocked)  # runs
+        collector.options(name="invoice").add(blocked)  # queued: max_pending=1
+        for name in ("email", "email", "crm", "email", "crm"):  # one waits, 4 shed together
+            collector.options(name=name).add(blocked)
+        return PlainTextResponse("ok")
+
+    middleware = AfterResponseMiddleware(
+        Starlette(routes=[Route(PATH, endpoint)]),
+        max_concurrency=1,
+        max_pending=1,
+    )
+    caplog.set_level(logging.DEBUG, logger="after_response")
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get(PATH)
+        with anyio.fail_after(5):
+            while middleware.stats().shed < 4:  # noqa: ASYNC110 - counts no event announces
+                await anyio.sleep(0.005)
+        release.set()
+    shed = [r for r in task_records(caplog) if what(r) == "shed"]
+    full = {field(r, "task_name"): r for r in shed if not hasattr(r, "aggregated_count")}
+    summaries = {field(r, "task_name"): r for r in shed if hasattr(r, "aggregated_count")}
+    assert sorted(full) == ["crm", "email"]
+    assert all(field(r, "task_id") for r in full.values())
+    assert {name: field(r, "aggregated_count") for name, r in summaries.items()} == {
+        "crm": 1,
+        "email": 1,
+    }
+    assert middleware.stats().shed == 4  # the one that waited ran once there was room

@@ -101,12 +101,15 @@ class LogAggregator:
         if self.admit(level, key):
             self._logger.log(level, message, *args, extra=extra)
 
-    def admit(self, level: int, key: tuple[str, str], *, counted: str = TASKS) -> bool:
+    def admit(
+        self, level: int, key: tuple[str, str], *, counted: str = TASKS, count: int = 1
+    ) -> bool:
         """Whether a line of ``key`` is to be written now (the first in the interval);
         otherwise it is counted for the summary. For callers that build the line only when
         it is written: under a flood, most are not. ``counted`` says what the summary counts,
         before the key's subject (``"failures of"``: "... and 5 more failures of publishing to
-        celery")."""
+        celery"). ``count`` lines of ``key`` at once (a batch of tasks shed for one reason):
+        the first may be written, the others are counted."""
         if not self._logger.isEnabledFor(level):
             return False
         now = self._clock()
@@ -119,14 +122,18 @@ class LogAggregator:
                 ends_at = self._ends_at = now + self._interval
             seen = self._keys.get(key)
             if seen is None:
-                self._keys[key] = _Key(now, counted)
-                return True
-            seen.count += 1
+                seen = self._keys[key] = _Key(now, counted)
+                if count == 1:
+                    return True
+                written, count = True, count - 1
+            else:
+                written = False
+            seen.count += count
             if level > seen.level:
                 seen.level = level
             if self._timer_for != ends_at:
                 self._set_timer(ends_at, now)
-            return False
+            return written
 
     def flush(self) -> None:
         """Write the summaries of the open interval now, and close it."""

@@ -55,6 +55,12 @@ class DeadLetters:
         #: Flushes waiting: (how many must be delivered, how to wake the waiter).
         self._flushes: list[tuple[int, Callable[[], object]]] = []
 
+    @property
+    def wanted(self) -> bool:
+        """Whether there is a hook: without one, no dead letter need be built (a flood sheds
+        tens of thousands a second)."""
+        return self._hook is not None
+
     def submit(self, task: Task, dead_letter: DeadLetter) -> None:
         """Queue ``dead_letter`` for the hook (called on the event loop)."""
         if self._hook is None:

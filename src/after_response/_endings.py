@@ -56,7 +56,7 @@ class Endings:
                 journal.succeeded(task)
             elif exc is not None and outcome is not Outcome.RELEASED:
                 journal.dead(task, exc)
-        if exc is not None:
+        if exc is not None and self.dead_letters.wanted:
             self.dead_letters.submit(
                 task, DeadLetter(task.record.name, task.record.id, exc, attempts, outcome.value)
             )
@@ -67,12 +67,12 @@ class Endings:
         tasks = list(tasks)
         assert self.journal is not None
         self.journal.release(tasks)
+        self.telemetry.ended_lines(
+            tasks, Outcome.RELEASED, logging.WARNING, "released to the store: %s", reason
+        )
         for task in tasks:
             if not taken:
                 self.ledger.left_request += 1
-            self.telemetry.ended_line(
-                task, Outcome.RELEASED, logging.WARNING, "released to the store: %s", reason
-            )
             self.end(task, Outcome.RELEASED, attempts=task.attempt - 1)
 
     def shed(self, tasks: Iterable[Task], reason: str) -> None:
@@ -86,10 +86,13 @@ class Endings:
                 taken=False,
             )
             tasks = [task for task in tasks if not task.record.durable]
+        self.telemetry.unrun(tasks, Outcome.SHED, logging.ERROR, "shed: %s", reason)
+        # The error is the dead letter's: without a hook, none is built (a flood sheds
+        # thousands of tasks at once).
+        wanted = self.dead_letters.wanted
         for task in tasks:
             self.ledger.left_request += 1
-            self.telemetry.unrun(task, Outcome.SHED, logging.ERROR, "shed: %s", reason)
-            error = TaskShedError(f"{task.record.name} was shed: {reason}")
+            error = TaskShedError(f"{task.record.name} was shed: {reason}") if wanted else None
             self.end(task, Outcome.SHED, error, attempts=0)
 
     def discard(self, tasks: list[Task], reason: str) -> None:
@@ -98,7 +101,7 @@ class Endings:
         for number, task in enumerate(tasks, 1):
             self.ledger.left_request += 1
             self.telemetry.unrun(
-                task,
+                [task],
                 Outcome.DISCARDED,
                 logging.WARNING,
                 "discarded (%d of %d of this request) because %s (pass run_on_error=True to "
@@ -122,10 +125,10 @@ class Endings:
         if released:
             self.release(released, reason, taken=taken)
             tasks = [task for task in tasks if not self._releasing(task)]
+        self.telemetry.unrun(tasks, Outcome.ABANDONED, logging.ERROR, "abandoned: %s", reason)
         for task in tasks:
             if not taken:
                 self.ledger.left_request += 1
-            self.telemetry.unrun(task, Outcome.ABANDONED, logging.ERROR, "abandoned: %s", reason)
             error = TaskAbandonedError(f"{task.record.name} was abandoned: {reason}")
             self.end(task, Outcome.ABANDONED, error, attempts=task.attempt - 1)
 

@@ -89,11 +89,11 @@ class Durable(Endings):
             Endings.shed(self, tasks, f"{reason}, and spilling it to the store failed ({exc})")
             return
         self.ledger.stored += len(tasks)
+        self.telemetry.ended_lines(
+            tasks, Outcome.RELEASED, logging.WARNING, "spilled to the store: %s", reason
+        )
         for task in tasks:
             self.ledger.left_request += 1
-            self.telemetry.ended_line(
-                task, Outcome.RELEASED, logging.WARNING, "spilled to the store: %s", reason
-            )
             self.end(task, Outcome.RELEASED, attempts=0)
 
     def save_then_submit(self, task: Task, dispatcher: Dispatcher) -> None:

@@ -192,17 +192,24 @@ class Telemetry:
                 },
             )
 
-    def ended_line(
-        self, task: Task, outcome: Outcome, level: int, what: str, *args: object
+    def ended_lines(
+        self, tasks: list[Task], outcome: Outcome, level: int, what: str, *args: object
     ) -> None:
-        """The line of a task that ended abandoned, shed, discarded or released, through the
+        """The lines of tasks that ended abandoned, shed, discarded or released, through the
         aggregator: the first per task name and outcome in an interval in full, the rest
-        counted into one summary line."""
-        if logger.isEnabledFor(level):
-            message, arguments, extra = task_line(task, what, args)
-            self.aggregator.emit(
-                level, (task.record.name, outcome.value), message, arguments, extra
-            )
+        counted into one summary line. One question to the aggregator per task name, and a
+        line built only when it is written: a flood sheds thousands of tasks at once."""
+        if len(tasks) == 1:
+            named = {tasks[0].record.name: tasks}
+        else:
+            named = {}
+            for task in tasks:
+                named.setdefault(task.record.name, []).append(task)
+        key = outcome._value_
+        for name, of_name in named.items():
+            if self.aggregator.admit(level, (name, key), count=len(of_name)):
+                message, arguments, extra = task_line(of_name[0], what, args)
+                logger.log(level, message, *arguments, extra=extra)
 
     def loop_blocked(self, task: Task | None, blocked_for: float, threshold: float) -> None:
         """A side effect (``task``) held the event loop for ``blocked_for`` seconds."""
@@ -246,13 +253,17 @@ class Telemetry:
             finished, key = instruments.finished, (task.record.name, outcome._value_)  # _count
             finished[key] = finished.get(key, 0) + 1
 
-    def unrun(self, task: Task, outcome: Outcome, level: int, what: str, *args: object) -> None:
-        """``task`` ended without running (discarded, shed, abandoned, released): a span,
-        and a line, aggregated with the others of its name and outcome (no log storms)."""
-        self.ended_line(task, outcome, level, what, *args)
+    def unrun(
+        self, tasks: list[Task], outcome: Outcome, level: int, what: str, *args: object
+    ) -> None:
+        """``tasks`` ended without running (discarded, shed, abandoned, released): a span
+        each, and their lines, aggregated with the others of their name and outcome (no log
+        storms)."""
+        self.ended_lines(tasks, outcome, level, what, *args)
         tracer = self._tracer.get()
         if tracer is not None:
-            _tracing.record_unrun(tracer, task, outcome)
+            for task in tasks:
+                _tracing.record_unrun(tracer, task, outcome)
 
 
 def _count(tally: dict[K, int], key: K, delta: int) -> None:
