@@ -342,11 +342,14 @@ def print_profile(report: dict[str, Any], seconds: float) -> None:
         ],
     )
     iterations = report["loop_iterations"]
-    print(
-        f"Loop iterations (asyncio's _run_once) while profiled: {iterations:,}, "
-        f"{1000 * seconds / iterations if iterations else float('nan'):.1f} ms each on average "
-        "(cProfile slows the loop: compare between variants, not with the tables above)\n"
-    )
+    if iterations:
+        print(
+            f"Loop iterations (asyncio's _run_once) while profiled: {iterations:,}, "
+            f"{1000 * seconds / iterations:.1f} ms each on average (cProfile slows the loop: "
+            "compare between variants, not with the tables above)\n"
+        )
+    else:
+        print("Loop iterations: not counted (uvloop runs them in C, out of cProfile's sight)\n")
     for group in ("after_response", "logging"):
         _support.print_table(
             f"{group}: top functions by cumulative time (cProfile)",
