@@ -1,7 +1,8 @@
 """Load through real servers and wrk, on 127.0.0.1: three server stacks, one after the other.
 
     python benchmarks/load.py [--duration 10] [--connections 32] [--rounds 3]
-        [--stacks uvicorn-h11 uvicorn-uvloop granian] [--smoke]
+        [--stacks uvicorn-h11 uvicorn-uvloop granian] [--max-concurrency N] [--max-pending N]
+        [--smoke]
 
 A login endpoint with four 50 ms side effects (see ``load_app.py``), served in turn with no
 side effects, with them awaited, with Starlette ``BackgroundTasks``, with asgi-background
@@ -68,6 +69,8 @@ def start_server(
         stack,
         "--max-concurrency",
         str(args.max_concurrency),
+        "--max-pending",
+        str(args.max_pending),
     ]
     if stack == "granian":
         # Granian binds the address itself: borrow a free port.
@@ -257,7 +260,7 @@ def print_stack(
         print(
             f"after-response when the load stopped (first round): {at_end['running']:,} running "
             f"(max_concurrency={args.max_concurrency:,}), {at_end['pending']:,} pending "
-            "(max_pending=10,000, load_app.py's default).\n"
+            f"(max_pending={args.max_pending:,}).\n"
         )
     idle, none = results.get("after-response-idle"), results.get("none")
     if idle and none:
@@ -293,6 +296,9 @@ def main() -> int:
         default=1000,
         help="after-response's max_concurrency: sized for the offered load (4 x 50 ms side "
         "effects at a few thousand logins/s need several hundred at once)",
+    )
+    parser.add_argument(
+        "--max-pending", type=int, default=10_000, help="after-response's max_pending"
     )
     parser.add_argument("--drain-timeout", type=float, default=60)
     parser.add_argument("--variants", nargs="+", choices=sorted(LABELS))
@@ -357,6 +363,7 @@ def main() -> int:
                     "wrk_threads": args.threads,
                     "rounds": args.rounds,
                     "max_concurrency": args.max_concurrency,
+                    "max_pending": args.max_pending,
                     "effects_per_login": 4,
                     "effect_ms": 50,
                     "smoke": args.smoke,

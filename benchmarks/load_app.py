@@ -2,7 +2,7 @@
 server stacks.
 
     python benchmarks/load_app.py VARIANT --stack STACK (--fd FD | --port PORT)
-        [--max-concurrency N]
+        [--max-concurrency N] [--max-pending N]
 
 Stacks: ``uvicorn-h11`` (uvicorn's pure-Python h11 parser on the asyncio loop),
 ``uvicorn-uvloop`` (``uvicorn[standard]``: httptools on uvloop) and ``granian`` (its Rust
@@ -47,7 +47,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from after_response import AfterResponseMiddleware
+from after_response import AfterResponseMiddleware, DeadLetter
 
 VARIANTS = (
     "none",
@@ -88,12 +88,15 @@ class Ledger:
         self.delays: list[float] = []
         self._settled = asyncio.Event()
         self._settled.set()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def outstanding(self) -> int:
         return self.requested - self.completed - self.lost
 
     def requesting(self, record: Record) -> None:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
         self.requested += 1
         record.remaining += 1
         self._settled.clear()
@@ -107,8 +110,13 @@ class Ledger:
                 self.delays.append(record.last_done - record.sent)
         self._check_settled()
 
-    def effect_lost(self, name: str, exc: BaseException, attempts: int) -> None:
-        """``on_dead_letter``: a side effect that will never complete (shed, abandoned...)."""
+    def effect_lost(self, letter: DeadLetter) -> None:
+        """``on_dead_letter``, in the hook's own thread: a side effect that will never
+        complete (shed, abandoned...), counted on the loop."""
+        assert self._loop is not None, "a side effect was lost before any was requested"
+        self._loop.call_soon_threadsafe(self._lost)
+
+    def _lost(self) -> None:
         self.lost += 1
         self._check_settled()
 
@@ -244,7 +252,7 @@ def build_app(variant: str, max_concurrency: int, max_pending: int) -> ASGIApp:
             app,
             max_concurrency=max_concurrency,
             max_pending=max_pending,
-            on_dead_letter=lambda *lost: LEDGER.effect_lost(*lost),
+            on_dead_letter=lambda letter: LEDGER.effect_lost(letter),
         )
     return Recorder(app)
 

@@ -110,6 +110,27 @@ def test_load_benchmark_writes_results_and_plot_draws_them(tmp_path: Path) -> No
     assert image.read_bytes().startswith(b"\x89PNG")
 
 
+def test_load_benchmark_counts_shed_side_effects_as_lost_through_the_dead_letter_hook(
+    tmp_path: Path,
+) -> None:
+    # Bounds far below the offered load: most side effects are shed, each reaches the app's
+    # on_dead_letter hook (in its own thread), and the ledger settles on them at once.
+    needs_wrk()
+    results = tmp_path / "results.json"
+    output = run_benchmark(
+        "load.py",
+        *("--stacks", "uvicorn-h11", "--variants", "after-response"),
+        *("--max-concurrency", "1", "--max-pending", "1", "--drain-timeout", "30"),
+        *("--json", str(results)),
+    )
+    assert "pending (max_pending=1)" in output
+    [ours] = json.loads(results.read_text())["stacks"]["uvicorn-h11"]
+    assert ours["settled"], ours
+    assert ours["lost"] > 0
+    assert ours["completed"] + ours["lost"] == ours["requested"]
+    assert ours["lost"] == ours["stats"]["shed"]
+
+
 def test_durable_benchmark_accounts_for_every_side_effect_and_recovers_after_kill() -> None:
     needs_wrk()
     output = run_benchmark("durable.py")
