@@ -9,7 +9,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from after_response import AfterResponseMiddleware, DeadLetter, Retry, TaskTimeoutError, side_effect
@@ -254,21 +254,90 @@ async def test_a_task_waiting_to_retry_gives_its_slot_to_other_tasks() -> None:
     assert order == ["flaky 1", "other", "flaky 2"]
 
 
-async def test_dead_letter_hook_that_raises_is_logged_not_propagated(
+async def test_a_dead_letter_hook_that_raises_is_logged_once_per_burst_and_not_propagated(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    # A hook that always fails, under a burst of dead letters: its first traceback in full,
+    # the others counted (no log storm), and nothing reaches the tasks or the server.
     async def broken() -> None:
         raise ValueError("x")
 
     def hook(letter: DeadLetter) -> None:
         raise RuntimeError("hook broke")
 
-    middleware = AfterResponseMiddleware(app_adding(broken), on_dead_letter=hook)
+    middleware = AfterResponseMiddleware(app_adding(*[broken] * 20), on_dead_letter=hook)
     caplog.set_level(logging.ERROR, logger="after_response")
     async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
         await client.get("/")
         assert await middleware.drain(timeout=5)
-    assert any("on_dead_letter hook raised" in r.getMessage() for r in caplog.records)
+    # Shutdown waited for the hook's thread, then wrote the summary.
+    hook_lines = [r for r in caplog.records if "on_dead_letter hook raised" in r.getMessage()]
+    [full] = [r for r in hook_lines if not hasattr(r, "aggregated_count")]
+    [summary] = [r for r in hook_lines if hasattr(r, "aggregated_count")]
+    assert full.exc_text is not None
+    assert "RuntimeError: hook broke" in full.exc_text
+    assert summary.aggregated_count == 19  # type: ignore[attr-defined]
+    assert summary.getMessage().endswith(": the on_dead_letter hook raised RuntimeError"), (
+        summary.getMessage()
+    )
+
+
+async def test_a_downstream_that_is_down_writes_one_traceback_per_name_and_a_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Every send fails (the SMTP server is down): the first failure of each name and error
+    # type is written in full, with its traceback; the others are counted in one summary,
+    # and so are the retries' lines. Each task is still counted and dead-lettered.
+    async def send_email() -> None:
+        raise ConnectionError("smtp down")
+
+    async def timed_out() -> None:
+        await anyio.sleep_forever()
+
+    dead: list[str] = []
+    retry_once = Retry(attempts=2, backoff=0.001, jitter=0)
+
+    async def endpoint(request: Request) -> Response:
+        collector = request.state.after_response
+        for _ in range(10):
+            collector.options(retry=retry_once).add(send_email)
+            collector.options(name="crm", timeout=0.01).add(timed_out)
+        return PlainTextResponse("ok")
+
+    middleware = AfterResponseMiddleware(
+        Starlette(routes=[Route("/", endpoint)]),
+        on_dead_letter=lambda letter: dead.append(letter.task_name),
+    )
+    caplog.set_level(logging.WARNING, logger="after_response")
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get("/")
+        assert await middleware.drain(timeout=5)
+    stats = middleware.stats()
+    assert (stats.failed, stats.timed_out, stats.retried) == (10, 10, 10)
+    assert len(dead) == 20
+
+    def full(words: str) -> list[logging.LogRecord]:
+        return [
+            r
+            for r in caplog.records
+            if words in r.getMessage() and not hasattr(r, "aggregated_count")
+        ]
+
+    def counted(reason: str) -> list[int]:
+        return [
+            r.aggregated_count  # type: ignore[attr-defined]
+            for r in caplog.records
+            if hasattr(r, "aggregated_count") and r.getMessage().endswith(f"s: {reason}")
+        ]
+
+    [failed] = full("failed after 2 attempt(s)")
+    assert failed.exc_text is not None
+    assert "ConnectionError: smtp down" in failed.exc_text
+    assert counted("failed (ConnectionError)") == [9]
+    assert len(full("attempt 1/2 failed (ConnectionError); retrying")) == 1
+    assert counted("failed (ConnectionError); retrying") == [9]
+    assert len(full("timed out after 0.01s (attempt 1/1)")) == 1
+    assert counted("timed out after 0.01s") == [9]
 
 
 async def test_deadlines_apply_per_task_whatever_order_they_start_in() -> None:

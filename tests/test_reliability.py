@@ -215,6 +215,7 @@ async def test_an_exception_whose_str_raises_is_logged_counted_dead_lettered_and
         Starlette(routes=[Route("/", endpoint)]),
         on_dead_letter=letters.append,
         tracer_provider=tracer_provider,
+        log_interval=1e-9,  # each failure's line in full: this test reads both
     )
     caplog.set_level(logging.INFO, logger=LOGGER)
     async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
@@ -599,7 +600,9 @@ async def test_a_task_raising_cancelled_error_itself_is_logged_as_failed_saying_
         return PlainTextResponse("ok")
 
     middleware = AfterResponseMiddleware(
-        Starlette(routes=[Route("/", endpoint)]), on_dead_letter=letters.append
+        Starlette(routes=[Route("/", endpoint)]),
+        on_dead_letter=letters.append,
+        log_interval=1e-9,  # each failure's line in full: this test reads both
     )
     caplog.set_level(logging.INFO, logger=LOGGER)
     async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:

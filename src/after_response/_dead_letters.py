@@ -16,7 +16,8 @@ import anyio
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
-from ._logs import log_task
+from ._aggregate import LogAggregator
+from ._logs import log_task, qualified_type
 from ._task import DeadLetter, Task
 from ._tasks import loop_handle
 
@@ -43,10 +44,18 @@ def check_hook(hook: object) -> None:
 
 
 class DeadLetters:
-    """Delivers dead letters to the hook, in order, in one daemon thread."""
+    """Delivers dead letters to the hook, in order, in one daemon thread.
 
-    def __init__(self, hook: DeadLetterHook | None) -> None:
+    With an ``aggregator``, the lines of a hook that raises go through it (keyed by task
+    name and error type): a hook that fails on every task of a flood of shed tasks writes
+    its first traceback in full and counts the rest, instead of one traceback per task.
+    """
+
+    def __init__(
+        self, hook: DeadLetterHook | None, aggregator: LogAggregator | None = None
+    ) -> None:
         self._hook = hook
+        self._aggregator = aggregator
         self._queue: queue.SimpleQueue[tuple[Task, DeadLetter, Span]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -83,13 +92,18 @@ class DeadLetters:
             try:
                 self._hook(dead_letter)
             except Exception as hook_error:
-                log_task(
-                    logging.ERROR,
-                    task,
-                    "dead letter: the on_dead_letter hook raised",
-                    exc=hook_error,
-                    span=span,
-                )
+                aggregator = self._aggregator
+                reason = f"the on_dead_letter hook raised {qualified_type(hook_error)}"
+                if aggregator is None or aggregator.admit(
+                    logging.ERROR, (task.record.name, reason)
+                ):
+                    log_task(
+                        logging.ERROR,
+                        task,
+                        "dead letter: the on_dead_letter hook raised",
+                        exc=hook_error,
+                        span=span,
+                    )
             with self._lock:
                 self._delivered += 1
                 woken = [wake for target, wake in self._flushes if target <= self._delivered]

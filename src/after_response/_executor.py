@@ -52,14 +52,17 @@ class Executor(Waiting):
         self.backpressure = settings.overflow == "backpressure"
         self.spill = settings.overflow == "spill"
         journal = None if settings.store is None else Journal(settings.store)
-        super().__init__(Ledger(), telemetry, DeadLetters(settings.on_dead_letter), journal)
+        dead_letters = DeadLetters(settings.on_dead_letter, telemetry.aggregator)
+        super().__init__(Ledger(), telemetry, dead_letters, journal)
         #: With an engine: durable tasks wait in the store's outbox and are published, not run.
         self.relay: Relay | None = None
         if settings.engine is not None:
             assert journal is not None  # Settings checked it
             journal.durable_state = OUTBOX
             self.relay = Relay(settings.engine, self)
-        self.runner = Runner(telemetry, WorkerThreads(settings.max_threads))
+        self.runner = Runner(
+            telemetry, WorkerThreads(settings.max_threads), lines=telemetry.aggregator
+        )
         #: New requests held by backpressure, and how many were answered 503.
         self._gate_waiters: deque[anyio.Event] = deque()
         self.held = 0

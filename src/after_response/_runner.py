@@ -16,8 +16,9 @@ from typing import Any
 
 import anyio
 
+from ._aggregate import LogAggregator
 from ._errors import TaskTimeoutError
-from ._logs import log_task
+from ._logs import log_task, qualified_type
 from ._task import Outcome, Task
 from ._tasks import HAS_UNCANCEL, NativeTasks
 from ._telemetry import Telemetry
@@ -25,11 +26,20 @@ from ._threads import WorkerThreads
 
 
 class Runner:
-    """Runs attempts, with the telemetry around each and the worker threads for sync tasks."""
+    """Runs attempts, with the telemetry around each and the worker threads for sync tasks.
 
-    def __init__(self, telemetry: Telemetry, threads: WorkerThreads) -> None:
+    With ``lines``, the lines of attempts that failed or timed out go through that
+    aggregator, keyed by task name and what happened (``failed (ConnectionError)``): when a
+    downstream is down and every send fails, the first line of each in an interval is
+    written in full, with its traceback, and the rest are counted in one summary.
+    """
+
+    def __init__(
+        self, telemetry: Telemetry, threads: WorkerThreads, lines: LogAggregator | None = None
+    ) -> None:
         self.telemetry = telemetry
         self.threads = threads
+        self.lines = lines
 
     async def attempt(self, task: Task, *, may_retry: bool) -> tuple[Outcome, BaseException | None]:
         """Run one attempt; ``RETRY`` when it failed and another attempt is due."""
@@ -93,31 +103,36 @@ class Runner:
                 telemetry.attempt_ended(
                     task, span, Outcome.RETRY, exc, time.perf_counter() - started
                 )
-            log_task(
-                logging.WARNING,
-                task,
-                "attempt %d/%d %s (%s); retrying",
-                task.attempt,
-                task.record.retry.attempts,
-                "timed out" if outcome is Outcome.TIMED_OUT else "failed",
-                type(exc).__qualname__,
-                span=None if span is None else span.span,
-            )
+            what = "timed out" if outcome is Outcome.TIMED_OUT else "failed"
+            if self._written(logging.WARNING, task, f"{what} ({qualified_type(exc)}); retrying"):
+                log_task(
+                    logging.WARNING,
+                    task,
+                    "attempt %d/%d %s (%s); retrying",
+                    task.attempt,
+                    task.record.retry.attempts,
+                    what,
+                    type(exc).__qualname__,
+                    span=None if span is None else span.span,
+                )
             return Outcome.RETRY, exc
         if watched:
             telemetry.attempt_ended(task, span, outcome, exc, time.perf_counter() - started)
         if outcome is Outcome.FAILED:
             assert exc is not None
-            log_task(
-                logging.ERROR,
-                task,
-                "failed after %d attempt(s)%s",
-                task.attempt,
-                _raised_itself(exc),
-                exc=exc,
-                span=None if span is None else span.span,
-            )
-        elif outcome is Outcome.TIMED_OUT:
+            if self._written(logging.ERROR, task, f"failed ({qualified_type(exc)})"):
+                log_task(
+                    logging.ERROR,
+                    task,
+                    "failed after %d attempt(s)%s",
+                    task.attempt,
+                    _raised_itself(exc),
+                    exc=exc,
+                    span=None if span is None else span.span,
+                )
+        elif outcome is Outcome.TIMED_OUT and self._written(
+            logging.ERROR, task, f"timed out after {task.record.timeout}s"
+        ):
             log_task(
                 logging.ERROR,
                 task,
@@ -129,6 +144,11 @@ class Runner:
                 span=None if span is None else span.span,
             )
         return outcome, exc
+
+    def _written(self, level: int, task: Task, reason: str) -> bool:
+        """Whether this line about ``task`` is to be written (else it is counted)."""
+        lines = self.lines
+        return lines is None or lines.admit(level, (task.record.name, reason))
 
     async def _in_thread(self, task: Task) -> None:
         result: Any = await self.threads.run(task.fn, task.record.args, task.record.kwargs)
