@@ -301,7 +301,7 @@ async def test_a_downstream_that_is_down_writes_one_traceback_per_name_and_a_cou
         collector = request.state.after_response
         for _ in range(10):
             collector.options(retry=retry_once).add(send_email)
-            collector.options(name="crm", timeout=0.01).add(timed_out)
+            collector.options(name="crm", timeout=0.01, retry=retry_once).add(timed_out)
         return PlainTextResponse("ok")
 
     middleware = AfterResponseMiddleware(
@@ -313,7 +313,7 @@ async def test_a_downstream_that_is_down_writes_one_traceback_per_name_and_a_cou
         await client.get("/")
         assert await middleware.drain(timeout=5)
     stats = middleware.stats()
-    assert (stats.failed, stats.timed_out, stats.retried) == (10, 10, 10)
+    assert (stats.failed, stats.timed_out, stats.retried) == (10, 10, 20)
     assert len(dead) == 20
 
     def full(words: str) -> list[logging.LogRecord]:
@@ -336,7 +336,9 @@ async def test_a_downstream_that_is_down_writes_one_traceback_per_name_and_a_cou
     assert counted("failed (ConnectionError)") == [9]
     assert len(full("attempt 1/2 failed (ConnectionError); retrying")) == 1
     assert counted("failed (ConnectionError); retrying") == [9]
-    assert len(full("timed out after 0.01s (attempt 1/1)")) == 1
+    assert len(full("attempt 1/2 timed out (TaskTimeoutError); retrying")) == 1
+    assert counted("timed out; retrying") == [9]
+    assert len(full("timed out after 0.01s (attempt 2/2)")) == 1
     assert counted("timed out after 0.01s") == [9]
 
 

@@ -103,8 +103,10 @@ class Runner:
                 telemetry.attempt_ended(
                     task, span, Outcome.RETRY, exc, time.perf_counter() - started
                 )
-            what = "timed out" if outcome is Outcome.TIMED_OUT else "failed"
-            if self._written(logging.WARNING, task, f"{what} ({qualified_type(exc)}); retrying"):
+            timed_out = outcome is Outcome.TIMED_OUT
+            what = "timed out" if timed_out else "failed"
+            reason = "timed out" if timed_out else f"failed ({qualified_type(exc)})"
+            if self._written(logging.WARNING, task, f"{reason}; retrying"):
                 log_task(
                     logging.WARNING,
                     task,
