@@ -510,3 +510,37 @@ async def test_without_lifespan_a_cancelled_request_call_abandons_its_running_ta
     assert (stats.abandoned, stats.running, finished) == (1, 0, [])
     assert "slow_effect of GET / abandoned: its request's ASGI call was cancelled" in caplog.text
     assert await middleware.drain(timeout=1)
+
+
+async def test_current_task_works_in_async_sync_and_child_code_and_not_after_the_task(
+    anyio_backend: str,
+) -> None:
+    # On trio the tasks run in an anyio task group, on asyncio in the executor's own task set:
+    # both give each side effect its own id, in its thread and in tasks it starts, and none
+    # outside it.
+    seen: list[tuple[str, str]] = []
+
+    async def child(label: str) -> None:
+        seen.append((label, after_response.current_task().id))
+
+    async def charge() -> None:
+        seen.append(("charge", after_response.current_task().id))
+        async with anyio.create_task_group() as group:
+            group.start_soon(child, "charge's child")
+
+    def receipt() -> None:  # a worker thread
+        seen.append(("receipt", after_response.current_task().id))
+
+    async def handler(collector: Collector) -> None:
+        collector.add(charge)
+        collector.add(receipt)
+
+    middleware = AfterResponseMiddleware(app_running(handler))
+    async with lifespan(middleware):
+        await call(middleware, http_scope())
+        assert await middleware.drain(timeout=5)
+        with pytest.raises(after_response.NoCurrentTaskError):
+            after_response.current_task()
+    ids = dict(seen)
+    assert sorted(ids) == ["charge", "charge's child", "receipt"]
+    assert ids["charge"] == ids["charge's child"] != ids["receipt"]
