@@ -17,7 +17,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from ._aggregate import LogAggregator
-from ._logs import log_task, qualified_type
+from ._logs import log_task_aggregated, qualified_type
 from ._task import DeadLetter, Task
 from ._tasks import loop_handle
 
@@ -92,18 +92,15 @@ class DeadLetters:
             try:
                 self._hook(dead_letter)
             except Exception as hook_error:
-                aggregator = self._aggregator
-                reason = f"the on_dead_letter hook raised {qualified_type(hook_error)}"
-                if aggregator is None or aggregator.admit(
-                    logging.ERROR, (task.record.name, reason)
-                ):
-                    log_task(
-                        logging.ERROR,
-                        task,
-                        "dead letter: the on_dead_letter hook raised",
-                        exc=hook_error,
-                        span=span,
-                    )
+                log_task_aggregated(
+                    self._aggregator,
+                    f"the on_dead_letter hook raised {qualified_type(hook_error)}",
+                    logging.ERROR,
+                    task,
+                    "dead letter: the on_dead_letter hook raised",
+                    exc=hook_error,
+                    span=span,
+                )
             with self._lock:
                 self._delivered += 1
                 woken = [wake for target, wake in self._flushes if target <= self._delivered]

@@ -15,6 +15,7 @@ from typing import Any, Final
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
+from ._aggregate import LogAggregator
 from ._redact import exception_text
 from ._task import Task
 
@@ -51,6 +52,25 @@ def log_task(
     _, stacktrace = exception_text(exc, task.fn, task.record.args, task.record.kwargs)
     log_record.exc_text = stacktrace.rstrip("\n")
     logger.handle(log_record)
+
+
+def log_task_aggregated(
+    aggregator: LogAggregator | None,
+    reason: str,
+    level: int,
+    task: Task,
+    what: str,
+    *args: object,
+    exc: BaseException | None = None,
+    span: Span | None = None,
+    count: int = 1,
+) -> None:
+    """:func:`log_task`, through ``aggregator`` (none: written as it is): keyed by the task's
+    name and ``reason``, the first line of a key in an interval is written, the others are
+    counted in its summary line. ``count`` lines at once (tasks that ended together), of which
+    the first may be written; the line is built only when it is."""
+    if aggregator is None or aggregator.admit(level, (task.record.name, reason), count=count):
+        log_task(level, task, what, *args, exc=exc, span=span)
 
 
 def task_line(

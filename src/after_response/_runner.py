@@ -18,7 +18,7 @@ import anyio
 
 from ._aggregate import LogAggregator
 from ._errors import TaskTimeoutError
-from ._logs import log_task, qualified_type
+from ._logs import log_task_aggregated, qualified_type
 from ._task import Outcome, Task
 from ._tasks import HAS_UNCANCEL, NativeTasks
 from ._telemetry import Telemetry
@@ -104,38 +104,38 @@ class Runner:
                     task, span, Outcome.RETRY, exc, time.perf_counter() - started
                 )
             timed_out = outcome is Outcome.TIMED_OUT
-            what = "timed out" if timed_out else "failed"
-            reason = "timed out" if timed_out else f"failed ({qualified_type(exc)})"
-            if self._written(logging.WARNING, task, f"{reason}; retrying"):
-                log_task(
-                    logging.WARNING,
-                    task,
-                    "attempt %d/%d %s (%s); retrying",
-                    task.attempt,
-                    task.record.retry.attempts,
-                    what,
-                    type(exc).__qualname__,
-                    span=None if span is None else span.span,
-                )
+            log_task_aggregated(
+                self.lines,
+                "timed out; retrying" if timed_out else f"failed ({qualified_type(exc)}); retrying",
+                logging.WARNING,
+                task,
+                "attempt %d/%d %s (%s); retrying",
+                task.attempt,
+                task.record.retry.attempts,
+                "timed out" if timed_out else "failed",
+                type(exc).__qualname__,
+                span=None if span is None else span.span,
+            )
             return Outcome.RETRY, exc
         if watched:
             telemetry.attempt_ended(task, span, outcome, exc, time.perf_counter() - started)
         if outcome is Outcome.FAILED:
             assert exc is not None
-            if self._written(logging.ERROR, task, f"failed ({qualified_type(exc)})"):
-                log_task(
-                    logging.ERROR,
-                    task,
-                    "failed after %d attempt(s)%s",
-                    task.attempt,
-                    _raised_itself(exc),
-                    exc=exc,
-                    span=None if span is None else span.span,
-                )
-        elif outcome is Outcome.TIMED_OUT and self._written(
-            logging.ERROR, task, f"timed out after {task.record.timeout}s"
-        ):
-            log_task(
+            log_task_aggregated(
+                self.lines,
+                f"failed ({qualified_type(exc)})",
+                logging.ERROR,
+                task,
+                "failed after %d attempt(s)%s",
+                task.attempt,
+                _raised_itself(exc),
+                exc=exc,
+                span=None if span is None else span.span,
+            )
+        elif outcome is Outcome.TIMED_OUT:
+            log_task_aggregated(
+                self.lines,
+                f"timed out after {task.record.timeout}s",
                 logging.ERROR,
                 task,
                 "timed out after %ss (attempt %d/%d)%s",
@@ -146,11 +146,6 @@ class Runner:
                 span=None if span is None else span.span,
             )
         return outcome, exc
-
-    def _written(self, level: int, task: Task, reason: str) -> bool:
-        """Whether this line about ``task`` is to be written (else it is counted)."""
-        lines = self.lines
-        return lines is None or lines.admit(level, (task.record.name, reason))
 
     async def _in_thread(self, task: Task) -> None:
         result: Any = await self.threads.run(task.fn, task.record.args, task.record.kwargs)

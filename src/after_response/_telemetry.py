@@ -16,7 +16,7 @@ from opentelemetry import metrics, trace
 
 from . import _tracing, _version
 from ._aggregate import LogAggregator
-from ._logs import log_task, logger, task_line
+from ._logs import log_task, log_task_aggregated, logger
 from ._metrics import Instruments, is_noop_meter_provider
 from ._task import Outcome, Task
 from ._tracing import AttemptSpan
@@ -199,17 +199,13 @@ class Telemetry:
         aggregator: the first per task name and outcome in an interval in full, the rest
         counted into one summary line. One question to the aggregator per task name, and a
         line built only when it is written: a flood sheds thousands of tasks at once."""
-        if len(tasks) == 1:
-            named = {tasks[0].record.name: tasks}
-        else:
-            named = {}
-            for task in tasks:
-                named.setdefault(task.record.name, []).append(task)
-        key = outcome._value_
-        for name, of_name in named.items():
-            if self.aggregator.admit(level, (name, key), count=len(of_name)):
-                message, arguments, extra = task_line(of_name[0], what, args)
-                logger.log(level, message, *arguments, extra=extra)
+        named: dict[str, list[Task]] = {}
+        for task in tasks:
+            named.setdefault(task.record.name, []).append(task)
+        for of_name in named.values():
+            log_task_aggregated(
+                self.aggregator, outcome._value_, level, of_name[0], what, *args, count=len(of_name)
+            )
 
     def loop_blocked(self, task: Task | None, blocked_for: float, threshold: float) -> None:
         """A side effect (``task``) held the event loop for ``blocked_for`` seconds."""
