@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from after_response import AfterResponseMiddleware, DeadLetter, Retry
 
+from .durable_process import until
 from .servers import serve_uvicorn
 
 pytestmark = pytest.mark.anyio
@@ -277,9 +278,7 @@ async def test_tasks_shed_together_write_one_line_per_name_and_count_the_others(
     caplog.set_level(logging.DEBUG, logger="after_response")
     async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
         await client.get(PATH)
-        with anyio.fail_after(5):
-            while middleware.stats().shed < 4:  # noqa: ASYNC110 - counts no event announces
-                await anyio.sleep(0.005)
+        await until(lambda: middleware.stats().shed >= 4, 5, "four side effects shed")
         release.set()
     shed = [r for r in task_records(caplog) if what(r) == "shed"]
     full = {field(r, "task_name"): r for r in shed if not hasattr(r, "aggregated_count")}
