@@ -136,6 +136,7 @@ class Worker:
 
     process: subprocess.Popen[bytes]
     log: Path
+    stop_timeout: float = STOP_TIMEOUT
 
     @property
     def pid(self) -> int:
@@ -144,6 +145,11 @@ class Worker:
     def output(self) -> str:
         """Everything the worker printed so far (stdout and stderr)."""
         return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """Stop the worker as the fixture does (SIGTERM, then SIGKILL after its stop
+        timeout); its output stays readable until the fixture ends."""
+        _stop(self.process, group=True, timeout=self.stop_timeout)
 
     def kill(self) -> None:
         """``kill -9`` the worker and every process it started; returns once it is reaped."""
@@ -178,7 +184,7 @@ def _worker(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        worker = Worker(process, log)
+        worker = Worker(process, log, stop_timeout)
         try:
             wait_until(
                 lambda: process.poll() is not None or ready_line in worker.output(),
@@ -323,3 +329,12 @@ def wait_for_effect(
         waiting_for=lambda: f"{count} x {event!r} {entry!r} in {read_effects(ledger)}",
     )
     return of_entry()
+
+
+def assert_one_failure_line_and_a_count(output: str, name: str, burst: int) -> None:
+    """A worker's ``output`` after a ``burst`` of ``flaky_effect`` failures of side effect
+    ``name``: one line in full with its traceback, the others counted in one summary."""
+    assert output.count("failed after 1 attempt(s)") == 1, output
+    assert output.count("RuntimeError: flaky_effect failed on purpose") == 1  # one traceback
+    assert f"... and {burst - 1} more tasks of {name} in the last " in output
+    assert ": failed (RuntimeError)" in output

@@ -36,12 +36,13 @@ from after_response._engine import RUNNER_TASK, Engine, Message, encode
 from after_response._store import StoredTask
 from after_response.celery import CeleryEngine
 from tests.brokers import (
+    assert_one_failure_line_and_a_count,
     celery_worker,
     redis_server,
     wait_for_effect,
     wait_until,
 )
-from tests.engine_apps import spans
+from tests.engine_apps import LOG_INTERVAL_ENV, spans
 
 APP = "tests.engine_apps.celery_engine_app"
 EFFECTS = "tests.engine_apps.effects"
@@ -185,6 +186,24 @@ async def test_a_side_effect_past_its_timeout_times_out_and_is_dead_lettered(
     assert span["attributes"]["after_response.task.outcome"] == "timed_out"
     assert span["attributes"]["after_response.task.id"] == slow.id
     assert "3.0" not in output  # the argument is never logged
+
+
+@pytest.mark.anyio
+async def test_a_burst_of_failures_in_a_worker_is_one_traceback_and_a_count(
+    redis_url: str, ledger: Path
+) -> None:
+    """A downstream is down: every side effect of a burst fails in the worker's pool process.
+    One line in full with its traceback, the others counted; the worker's interval is an
+    hour here, so the count is the one its pool process writes as it stops."""
+    once = {"timeout": 5, "retry": {"attempts": 1}}
+    burst = [message("down", "flaky_effect", 99, options=once) for _ in range(10)]
+    with worker(redis_url, ledger, **{LOG_INTERVAL_ENV: "3600"}) as running:
+        async with started(redis_url) as engine:
+            await engine.publish(burst)
+        wait_for_effect(ledger, "dead-failed", "down", count=10)
+        running.stop()
+        output = running.output()
+    assert_one_failure_line_and_a_count(output, "down", len(burst))
 
 
 @pytest.mark.anyio
@@ -624,6 +643,8 @@ def test_an_engine_needs_a_celery_app() -> None:
         ({"publish_timeout": float("nan")}, ValueError, "publish_timeout"),
         ({"publish_timeout": "10"}, ValueError, "publish_timeout"),
         ({"on_dead_letter": "print"}, TypeError, "on_dead_letter"),
+        ({"log_interval": 0}, ValueError, "log_interval must be a positive number"),
+        ({"log_interval": None}, ValueError, "log_interval must be a positive number"),
     ],
 )
 def test_bad_options_are_refused_at_construction(

@@ -5,6 +5,7 @@ Celery and taskiq workers; here each rule is checked directly)."""
 from __future__ import annotations
 
 import contextvars
+import logging
 import threading
 from typing import Any
 
@@ -112,6 +113,64 @@ async def test_the_last_failure_is_a_dead_letter_without_the_arguments(
     assert runner.stats().failed == 1
     assert "failed after 1 attempt(s)" in caplog.text
     assert "s3cr3t-token" not in caplog.text
+
+
+async def test_a_burst_of_failures_is_one_traceback_and_a_summary_written_at_shutdown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A downstream is down and every side effect fails in the worker: one line in full
+    (traceback included) per task name and error, the rest counted; the count is written
+    when the worker stops, before its interval ends."""
+    runner = WorkerRunner("test", log_interval=3600)
+    for _ in range(12):
+        assert await runner.run(body("broken", "s3cr3t-token")) is Outcome.FAILED
+    failures = [r for r in caplog.records if "failed after 1 attempt(s)" in r.getMessage()]
+    assert len(failures) == 1
+    assert "ValueError" in (failures[0].exc_text or "")  # with its traceback
+    assert "more tasks of broken" not in caplog.text
+    runner.shutdown()
+    [summary] = [r for r in caplog.records if "more tasks of broken" in r.getMessage()]
+    assert summary.getMessage().startswith("... and 11 more tasks of broken in the last ")
+    assert summary.getMessage().endswith(": failed (ValueError)")
+    assert (summary.levelno, summary.aggregated_count) == (logging.ERROR, 11)  # type: ignore[attr-defined]
+    assert runner.stats().failed == 12
+    assert "s3cr3t-token" not in caplog.text
+
+
+async def test_dead_letters_a_stuck_hook_has_not_started_on_are_given_up_at_shutdown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    in_hook = threading.Event()
+    release = threading.Event()
+
+    def stuck_hook(letter: DeadLetter) -> None:
+        in_hook.set()
+        release.wait(30)
+
+    runner = WorkerRunner("test", on_dead_letter=stuck_hook)
+    try:
+        for _ in range(3):
+            assert await runner.run(body("broken", "s3cr3t-token")) is Outcome.FAILED
+        assert in_hook.wait(5)
+        runner.shutdown(timeout=0.1)
+    finally:
+        release.set()
+    assert runner.stats().dead_letters_lost == 2
+    [line] = [r for r in caplog.records if "never reached on_dead_letter" in r.getMessage()]
+    assert line.getMessage().startswith(
+        "after-response: 2 dead letter(s) never reached on_dead_letter: the hook was still "
+        "busy when the test worker stopped (broken: 2)."
+    )
+    assert line.dead_letters_lost == {"broken": 2}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("interval", "message"),
+    [(0, "log_interval must be a positive number"), (None, "not None")],
+)
+def test_a_bad_log_interval_is_refused(interval: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        WorkerRunner("test", log_interval=interval)
 
 
 async def test_a_timeout_ends_the_attempt() -> None:

@@ -336,6 +336,51 @@ async def test_a_slow_dead_letter_hook_does_not_stall_requests() -> None:
     assert seen == ["test_a_slow_dead_letter_hook_does_not_stall_requests.<locals>.fails"] * 5
 
 
+async def test_dead_letters_a_stuck_hook_never_started_on_are_logged_and_counted_at_shutdown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The server stops while the hook is stuck on its first dead letter: the others would
+    die with its daemon thread. Shutdown gives the hook what is left of shutdown_timeout,
+    then gives those up, by name and count, never silently."""
+    in_hook: list[str] = []
+    release = threading.Event()
+
+    def stuck_hook(letter: DeadLetter) -> None:
+        in_hook.append(letter.task_name)
+        release.wait(30)
+
+    async def send_receipt() -> None:
+        raise ConnectionError("down")
+
+    async def sync_crm() -> None:
+        raise ConnectionError("down")
+
+    async def endpoint(request: Request) -> Response:
+        for effect in (send_receipt, sync_crm, send_receipt, sync_crm, send_receipt):
+            request.state.after_response.add(effect)
+        return PlainTextResponse("ok")
+
+    middleware = AfterResponseMiddleware(
+        Starlette(routes=[Route("/", endpoint)]), on_dead_letter=stuck_hook, shutdown_timeout=0.5
+    )
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    try:
+        async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+            assert (await client.get("/")).text == "ok"
+            await until(lambda: middleware.stats().failed == 5 and len(in_hook) == 1)
+    finally:
+        release.set()
+    assert middleware.stats().dead_letters_lost == 4
+    [line] = [r for r in caplog.records if "never reached on_dead_letter" in r.getMessage()]
+    assert line.levelno == logging.ERROR
+    prefix = "test_dead_letters_a_stuck_hook_never_started_on_are_logged_and_counted_at_shutdown"
+    expected = {f"{prefix}.<locals>.send_receipt": 3, f"{prefix}.<locals>.sync_crm": 2}
+    expected[in_hook[0]] -= 1
+    assert line.dead_letters_lost == expected  # type: ignore[attr-defined]
+    assert line.getMessage().startswith("after-response: 4 dead letter(s) never reached")
+    assert ", ".join(f"{name}: {n}" for name, n in sorted(expected.items())) in line.getMessage()
+
+
 # -- 7. add() messages ------------------------------------------------------------------------
 
 

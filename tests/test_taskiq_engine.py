@@ -42,13 +42,14 @@ from after_response._store import StoredTask
 from after_response.taskiq import TaskiqEngine
 from tests.brokers import (
     Worker,
+    assert_one_failure_line_and_a_count,
     read_effects,
     redis_server,
     taskiq_worker,
     wait_for_effect,
     wait_until,
 )
-from tests.engine_apps import spans
+from tests.engine_apps import LOG_INTERVAL_ENV, spans
 
 BROKER = "tests.engine_apps.taskiq_engine_app:broker"
 # Names from tests/engine_apps/taskiq_engine_app.py (which reads its environment on import).
@@ -226,6 +227,24 @@ def test_a_side_effect_past_its_timeout_is_timed_out_and_counted(shared: SharedW
     [dead] = wait_for_effect(shared.ledger, "dead-timed_out", "slow_effect")
     assert (dead.task_id, dead.attempt) == (slow.id, 1)
     wait_until(lambda: pending(shared.redis_url) == 0, timeout=5, waiting_for=lambda: "the ack")
+
+
+def test_a_burst_of_failures_in_a_worker_is_one_traceback_and_a_count(tmp_path: Path) -> None:
+    """A downstream is down: every side effect of a burst fails in the worker. One line in
+    full with its traceback, the others counted; the worker's interval is an hour here, so
+    the count is the one it writes as it stops."""
+    ledger = tmp_path / "ledger"
+    once = {"timeout": 5, "retry": {"attempts": 1}}
+    burst = [message("flaky_effect", "down", 99, options=once) for _ in range(10)]
+    with (
+        redis_server() as url,
+        taskiq_worker(BROKER, url, ledger=ledger, environment={LOG_INTERVAL_ENV: "3600"}) as w,
+    ):
+        publish(url, *burst)
+        wait_for_effect(ledger, "dead-failed", "flaky_effect", count=10)
+        w.stop()
+        output = w.output()
+    assert_one_failure_line_and_a_count(output, "flaky_effect", len(burst))
 
 
 def test_a_side_effect_the_worker_cannot_import_is_logged_and_acknowledged(
@@ -587,6 +606,14 @@ def test_bad_constructor_arguments_are_refused(
 def test_a_bad_publish_timeout_is_refused(timeout: Any) -> None:
     with pytest.raises(ValueError, match="publish_timeout must be a positive number"):
         TaskiqEngine(RedisStreamBroker("redis://127.0.0.1:1/0"), publish_timeout=timeout)
+
+
+@pytest.mark.parametrize("interval", [0, -1, float("nan"), "5", None])
+def test_a_bad_log_interval_is_refused_and_leaves_the_broker_as_it_was(interval: Any) -> None:
+    broker = RedisStreamBroker("redis://127.0.0.1:1/0")
+    with pytest.raises(ValueError, match="log_interval must be a positive number"):
+        TaskiqEngine(broker, log_interval=interval)
+    TaskiqEngine(broker)  # the refused one registered nothing
 
 
 def test_an_async_dead_letter_hook_is_refused() -> None:

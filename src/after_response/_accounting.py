@@ -29,6 +29,8 @@ class Stats:
     engine: ``handed_off`` counts the durable tasks published to it (they run in its
     workers; ``pending`` includes those waiting in the outbox to be published), and
     ``publish_failures`` the failed attempts to start the engine or publish to it.
+    ``dead_letters_lost`` counts the dead letters ``on_dead_letter`` never got because it
+    was still busy when shutdown ended (their tasks are counted as they ended).
     """
 
     added: int
@@ -48,6 +50,7 @@ class Stats:
     recovered: int = 0
     handed_off: int = 0
     publish_failures: int = 0
+    dead_letters_lost: int = 0
 
     @property
     def finished(self) -> int:
@@ -98,6 +101,7 @@ class Ledger:
         #: Durable tasks waiting for the engine relay to publish them.
         self.outbox = 0
         self.publish_failures = 0
+        self.dead_letters_lost = 0
 
     def add(self) -> int:
         """Count a task a request added; its sequence number."""
@@ -171,4 +175,5 @@ class Ledger:
             recovered=self.recovered,
             handed_off=counts[Outcome.HANDED_OFF],
             publish_failures=self.publish_failures,
+            dead_letters_lost=self.dead_letters_lost,
         )

@@ -17,7 +17,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from ._aggregate import LogAggregator
-from ._logs import log_task_aggregated, qualified_type
+from ._logs import log_task_aggregated, logger, qualified_type
 from ._task import DeadLetter, Task
 from ._tasks import loop_handle
 
@@ -122,3 +122,42 @@ class DeadLetters:
             await delivered.wait()
             return True
         return False
+
+    def wait(self, timeout: float) -> bool:
+        """:meth:`flush` for a thread that runs no event loop (an engine worker's shutdown)."""
+        with self._lock:
+            target = self._submitted
+            if self._delivered >= target:
+                return True
+            delivered = threading.Event()
+            self._flushes.append((target, delivered.set))
+        return delivered.wait(timeout)
+
+    def give_up(self, when: str, more_time: str = "") -> int:
+        """Take back the dead letters the hook has not started on, and log them by task
+        name: ``when`` the process stops, they would die with the hook's daemon thread. The
+        one the hook is in is left to it. ``more_time`` ends the advice (", or give it time
+        with ..."). How many were given up."""
+        lost: dict[str, int] = {}
+        with self._lock:
+            while True:
+                try:
+                    task, _, _ = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                lost[task.record.name] = lost.get(task.record.name, 0) + 1
+            given_up = sum(lost.values())
+            self._submitted -= given_up
+        if given_up:
+            logger.error(
+                "after-response: %d dead letter(s) never reached on_dead_letter: the hook was "
+                "still busy %s (%s). Their tasks are counted, logged and traced as they ended; "
+                "only the hook's call is lost. Make the hook faster (hand its work to a queue "
+                "of your own)%s.",
+                given_up,
+                when,
+                ", ".join(f"{name}: {count}" for name, count in sorted(lost.items())),
+                more_time,
+                extra={"dead_letters_lost": lost},
+            )
+        return given_up

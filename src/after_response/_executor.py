@@ -322,10 +322,13 @@ class Executor(Waiting):
         """Drain for at most ``timeout`` seconds, then abandon (log, count, cancel) the rest.
 
         A hard bound: tasks get :data:`CANCEL_GRACE` seconds to end once cancelled; any
-        that carry on past it are left behind, abandoned.
+        that carry on past it are left behind, abandoned. The dead-letter hook then gets
+        what is left of ``timeout`` (at least the grace); the dead letters it has not started
+        on by then are given up (logged by task name, counted).
         """
         if self._stopped is None or self._serving_done is None:
             return
+        deadline = None if timeout is None else anyio.current_time() + timeout
         if not await self._drain_everything(timeout):
             outstanding = self.ledger.outstanding
             logger.error(
@@ -354,7 +357,12 @@ class Executor(Waiting):
         # expired drain deadline above can arrive late, at the next await).
         with anyio.CancelScope(shield=True):
             await self._serving_done.wait()
-            await self.dead_letters.flush(CANCEL_GRACE)
+            # The hook gets what is left of shutdown_timeout, and at least the grace.
+            left = None if deadline is None else max(CANCEL_GRACE, deadline - anyio.current_time())
+            if not await self.dead_letters.flush(left):
+                self.ledger.dead_letters_lost += self.dead_letters.give_up(
+                    "when shutdown ended", ", or give it time with a longer shutdown_timeout"
+                )
             self.telemetry.aggregator.flush()
             if self.journal is not None:
                 await self.journal.close()

@@ -76,9 +76,7 @@ class Settings:
             raise TypeError(f"run_on_error must be True or False, got {self.run_on_error!r}")
         check_hook(self.on_dead_letter)
         check_timeout("loop_block_threshold", self.loop_block_threshold)
-        check_timeout("log_interval", self.log_interval)
-        if self.log_interval is None:
-            raise ValueError("log_interval must be a positive number of seconds, not None")
+        check_log_interval(self.log_interval)
         if not isinstance(self.state_key, str) or not self.state_key:
             raise TypeError(f"state_key must be a non-empty string, got {self.state_key!r}")
 
@@ -103,3 +101,10 @@ def _check_count(what: str, value: object, *, minimum: int) -> None:
         raise TypeError(f"{what} must be an int, got {value!r}")
     if value < minimum:
         raise ValueError(f"{what} must be at least {minimum}, got {value}")
+
+
+def check_log_interval(value: object) -> None:
+    """Raise a clear error unless ``value`` is a positive number of seconds."""
+    if value is None:
+        raise ValueError("log_interval must be a positive number of seconds, not None")
+    check_timeout("log_interval", value)

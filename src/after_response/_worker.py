@@ -30,6 +30,7 @@ from ._durable import context_from_carrier, from_stored, trace_carrier
 from ._engine import BadMessageError, decode
 from ._logs import logger
 from ._runner import Runner
+from ._settings import check_log_interval
 from ._task import DeadLetter, Outcome, Task, set_running_task
 from ._telemetry import Telemetry
 from ._threads import WorkerThreads
@@ -41,6 +42,8 @@ class WorkerStats:
 
     ``received == succeeded + failed + timed_out + running`` holds (a delivery that is
     not an after-response message, or whose function cannot be imported, counts as failed).
+    ``dead_letters_lost``: dead letters ``on_dead_letter`` never got, because it was still
+    busy when the worker stopped.
     """
 
     received: int
@@ -50,6 +53,7 @@ class WorkerStats:
     timed_out: int
     retried: int
     redelivered: int
+    dead_letters_lost: int = 0
 
 
 class WorkerRunner:
@@ -61,6 +65,12 @@ class WorkerRunner:
             task whose last attempt failed or timed out in this worker.
         max_threads: worker threads for plain (``def``) side effects.
         tracer_provider, meter_provider: explicit providers (default: the global ones).
+        log_interval: seconds over which the lines of attempts that failed, timed out or
+            will be retried, and of a raising hook, are aggregated per task name and what
+            happened (the first in full, the rest counted in one summary line).
+
+    Call :meth:`shutdown` when the worker process stops: it writes the summaries still
+    pending and waits (a little) for the hook.
     """
 
     def __init__(
@@ -71,15 +81,21 @@ class WorkerRunner:
         max_threads: int = 40,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
+        log_interval: float = 5.0,
     ) -> None:
         check_hook(on_dead_letter)
+        check_log_interval(log_interval)
         self.system = system
-        self.telemetry = Telemetry(tracer_provider, meter_provider)
-        self.runner = Runner(self.telemetry, WorkerThreads(max_threads))
-        self.dead_letters = DeadLetters(on_dead_letter)
+        self.telemetry = Telemetry(tracer_provider, meter_provider, log_interval=log_interval)
+        lines = self.telemetry.aggregator
+        self.runner = Runner(self.telemetry, WorkerThreads(max_threads), lines=lines)
+        self.dead_letters = DeadLetters(on_dead_letter, lines)
         self._seq = itertools.count(1)
         self._counts = dict.fromkeys(
-            ("received", "running", "succeeded", "failed", "timed_out", "retried", "redelivered"),
+            (
+                *("received", "running", "succeeded", "failed", "timed_out", "retried"),
+                *("redelivered", "dead_letters_lost"),
+            ),
             0,
         )
         self._lock = threading.Lock()
@@ -165,6 +181,16 @@ class WorkerRunner:
                 DeadLetter(task.record.name, task.record.id, exc, task.attempt, outcome.value),
             )
         return outcome
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """The worker process stops: give the dead-letter hook at most ``timeout`` seconds
+        to see the dead letters submitted so far, give up (log by name, count) those it has
+        not started on, and write the aggregated lines' pending summaries. From a thread
+        that runs no event loop (or off the loop: it blocks while the hook works)."""
+        if not self.dead_letters.wait(timeout):
+            lost = self.dead_letters.give_up(f"when the {self.system} worker stopped")
+            self._count("dead_letters_lost", lost)
+        self.telemetry.aggregator.flush()
 
     def run_blocking(self, body: object, *, redelivered: bool = False) -> Outcome:
         """:meth:`run` from a sync worker: on this process's runner loop thread, under the

@@ -81,6 +81,11 @@ class CeleryEngine:
             default queue.
         on_dead_letter: called in the worker, in a thread of its own, with a
             ``DeadLetter`` for every side effect whose last attempt failed or timed out.
+            A worker process that stops gives it 5 s for the dead letters it still has.
+        log_interval: seconds over which the worker aggregates its lines about side effects
+            that failed, timed out or will be retried (per task name and what happened: the
+            first in full, with its traceback, the rest counted in one summary line), as
+            ``AfterResponseMiddleware(log_interval=...)`` does.
         publish_timeout: seconds one :meth:`start` or :meth:`publish` call may take before
             it raises ``TimeoutError``; also the broker connection's connect and socket
             timeouts.
@@ -91,8 +96,8 @@ class CeleryEngine:
 
     Raises:
         TypeError: ``celery_app`` is not a Celery app, or an option has the wrong type.
-        ValueError: ``publish_timeout`` is not a positive number, or the app already has an
-            engine (construct one per app, and share it).
+        ValueError: ``publish_timeout`` or ``log_interval`` is not a positive number, or the
+            app already has an engine (construct one per app, and share it).
     """
 
     system: str = "celery"
@@ -104,6 +109,7 @@ class CeleryEngine:
         queue: str | None = None,
         on_dead_letter: DeadLetterHook | None = None,
         publish_timeout: float = 10.0,
+        log_interval: float = 5.0,
     ) -> None:
         if not isinstance(celery_app, Celery):
             raise TypeError(
@@ -123,7 +129,9 @@ class CeleryEngine:
                 "CeleryEngine(publish_timeout=...) must be a positive number of seconds, got "
                 f"{publish_timeout!r}"
             )
-        self.runner = WorkerRunner(self.system, on_dead_letter=on_dead_letter)
+        self.runner = WorkerRunner(
+            self.system, on_dead_letter=on_dead_letter, log_interval=log_interval
+        )
         self.app = celery_app
         self.queue = queue
         self.publish_timeout = float(publish_timeout)
@@ -160,6 +168,13 @@ class CeleryEngine:
             runner.run_blocking(body, redelivered=bool(delivery_info.get("redelivered")))
 
         signals.worker_init.connect(self._check_in_worker, weak=False)
+        # A prefork pool's processes stop with worker_process_shutdown, and a solo or threads
+        # pool's worker with worker_shutdown: either way, the runner that ran there.
+        signals.worker_process_shutdown.connect(self._stop_in_worker, weak=False)
+        signals.worker_shutdown.connect(self._stop_in_worker, weak=False)
+
+    def _stop_in_worker(self, **_: object) -> None:
+        self.runner.shutdown()
 
     def _check_in_worker(self, sender: object = None, **_: object) -> None:
         """At a worker's start-up: log what in its configuration undoes the runner's

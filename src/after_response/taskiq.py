@@ -76,14 +76,19 @@ class TaskiqEngine:
         broker: the taskiq broker the workers listen to: a ``taskiq_redis.RedisStreamBroker``
             (or another broker that acknowledges after execution and redelivers).
         on_dead_letter: called in the worker, in a thread of its own, with a ``DeadLetter``
-            for every side effect whose last attempt failed or timed out there.
+            for every side effect whose last attempt failed or timed out there. A worker
+            that stops gives it 5 s for the dead letters it still has.
+        log_interval: seconds over which the worker aggregates its lines about side effects
+            that failed, timed out or will be retried (per task name and what happened: the
+            first in full, with its traceback, the rest counted in one summary line), as
+            ``AfterResponseMiddleware(log_interval=...)`` does.
         publish_timeout: seconds that :meth:`start`, and each :meth:`publish` call, may take
             before they raise ``TimeoutError`` (a broker that does not answer).
 
     Raises:
         TypeError: ``broker`` is not a taskiq broker, or one without acknowledgements.
-        ValueError: a bad ``publish_timeout``, or the broker already has a runner task (one
-            engine per broker).
+        ValueError: a bad ``publish_timeout`` or ``log_interval``, or the broker already has
+            a runner task (one engine per broker).
 
     Attributes:
         broker: the broker.
@@ -99,6 +104,7 @@ class TaskiqEngine:
         *,
         on_dead_letter: DeadLetterHook | None = None,
         publish_timeout: float = 10.0,
+        log_interval: float = 5.0,
     ) -> None:
         if not isinstance(broker, AsyncBroker):
             raise TypeError(
@@ -127,7 +133,9 @@ class TaskiqEngine:
                 "one TaskiqEngine per broker, once, next to the broker, and share it"
             )
         self.broker = broker
-        self.runner = WorkerRunner(self.system, on_dead_letter=on_dead_letter)
+        self.runner = WorkerRunner(
+            self.system, on_dead_letter=on_dead_letter, log_interval=log_interval
+        )
         self._publish_timeout = float(publish_timeout)
         self._broker_running = False  # the client side of the broker (not a worker's)
         self._started_broker = False  # start() started it, so stop() shuts it down
@@ -141,7 +149,7 @@ class TaskiqEngine:
         broker.add_event_handler(TaskiqEvents.CLIENT_SHUTDOWN, self._on_client_shutdown)
         if isinstance(broker, RedisStreamBroker):
             broker.add_event_handler(TaskiqEvents.WORKER_STARTUP, self._on_worker_startup)
-            broker.add_event_handler(TaskiqEvents.WORKER_SHUTDOWN, self._on_worker_shutdown)
+        broker.add_event_handler(TaskiqEvents.WORKER_SHUTDOWN, self._on_worker_shutdown)
 
     def _on_client_startup(self, state: TaskiqState) -> None:
         self._broker_running = True
@@ -159,6 +167,8 @@ class TaskiqEngine:
             waker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await waker
+        # Off the loop: it waits for the dead-letter hook's thread.
+        await asyncio.to_thread(self.runner.shutdown)
 
     async def start(self) -> None:
         """Check the broker's settings, start its client side unless the app already did

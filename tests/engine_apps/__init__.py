@@ -17,6 +17,8 @@ LEDGER_ENV = "AFTER_RESPONSE_TEST_LEDGER"
 # (Celery's visibility_timeout, taskiq-redis's idle_timeout): short here, so that a test sees
 # a killed worker's task redelivered in seconds rather than in the default hour or ten minutes.
 REDELIVERY_SECONDS_ENV = "AFTER_RESPONSE_TEST_REDELIVERY_SECONDS"
+# The engines' log_interval in the workers (default 5).
+LOG_INTERVAL_ENV = "AFTER_RESPONSE_TEST_LOG_INTERVAL"
 
 CELERY_RECORD_TASK = "engine_apps.celery.record"
 TASKIQ_RECORD_TASK = "engine_apps.taskiq.record"
@@ -34,6 +36,11 @@ def required_environment(name: str) -> str:
             "environment; start them with tests.brokers.celery_worker() or taskiq_worker()"
         )
     return value
+
+
+def log_interval() -> float:
+    """The engine's ``log_interval`` in the worker (default 5 s)."""
+    return float(os.environ.get(LOG_INTERVAL_ENV, "5"))
 
 
 def redelivery_seconds() -> float:

@@ -26,6 +26,7 @@ from tests.engine_apps import (
     BROKER_URL_ENV,
     LEDGER_ENV,
     celery_test_settings,
+    log_interval,
     required_environment,
 )
 from tests.engine_apps.spans import install_from_environment
@@ -51,7 +52,7 @@ def record_dead_letter(dead: DeadLetter) -> None:
         file.write(line)
 
 
-engine = CeleryEngine(app, on_dead_letter=record_dead_letter)
+engine = CeleryEngine(app, on_dead_letter=record_dead_letter, log_interval=log_interval())
 
 if os.environ.get(INSTRUMENT_ENV) == "1":
     from opentelemetry.instrumentation.celery import CeleryInstrumentor

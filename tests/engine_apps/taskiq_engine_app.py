@@ -21,6 +21,7 @@ from after_response.taskiq import TaskiqEngine
 from tests.engine_apps import (
     BROKER_URL_ENV,
     LEDGER_ENV,
+    log_interval,
     redelivery_seconds,
     required_environment,
 )
@@ -54,7 +55,7 @@ def dead_letter(letter: DeadLetter) -> None:
         file.write(f"{line}{letter.attempts}\n")
 
 
-engine = TaskiqEngine(broker, on_dead_letter=dead_letter)
+engine = TaskiqEngine(broker, on_dead_letter=dead_letter, log_interval=log_interval())
 
 
 async def noop() -> None:
