@@ -3,8 +3,9 @@
 Configured through environment variables (a server's CLI passes nothing else through):
 
 - ``EXIT_APP_MODE``: what ``GET /start`` adds: ``ignore-cancel`` (async tasks that catch
-  ``CancelledError`` and keep running) or ``blocking`` (sync tasks that ``time.sleep(60)``
-  in worker threads);
+  ``CancelledError`` and keep running), ``blocking`` (sync tasks that ``time.sleep(60)``
+  in worker threads) or ``stuck-hook`` (async tasks that fail at once, with an
+  ``on_dead_letter`` hook that never returns from the first dead letter);
 - ``EXIT_APP_TASKS``: how many tasks ``GET /start`` adds;
 - ``EXIT_APP_SHUTDOWN_TIMEOUT``: the middleware's ``shutdown_timeout``.
 
@@ -21,6 +22,7 @@ import dataclasses
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -29,11 +31,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from after_response import AfterResponseMiddleware
+from after_response import AfterResponseMiddleware, DeadLetter
 
 SHUTDOWN_MARKER = "exit-app: the app's own shutdown ran"
 IGNORE_CANCEL_NAME = "ignores_cancellation"
 BLOCKING_NAME = "blocks_its_thread"
+FAILING_NAME = "fails_at_once"
 
 MODE = os.environ.get("EXIT_APP_MODE", "ignore-cancel")
 TASKS = int(os.environ.get("EXIT_APP_TASKS", "1"))
@@ -58,9 +61,24 @@ def blocks_its_thread() -> None:
     time.sleep(60)
 
 
+async def fails_at_once() -> None:
+    raise ConnectionError("the downstream is down")
+
+
+def stuck_hook(letter: DeadLetter) -> None:
+    """Never returns (within any test): the dead letters after the first stay queued."""
+    threading.Event().wait(60)
+
+
+EFFECTS = {
+    "ignore-cancel": (ignores_cancellation, IGNORE_CANCEL_NAME),
+    "blocking": (blocks_its_thread, BLOCKING_NAME),
+    "stuck-hook": (fails_at_once, FAILING_NAME),
+}
+
+
 async def start(request: Request) -> PlainTextResponse:
-    effect = ignores_cancellation if MODE == "ignore-cancel" else blocks_its_thread
-    name = IGNORE_CANCEL_NAME if MODE == "ignore-cancel" else BLOCKING_NAME
+    effect, name = EFFECTS[MODE]
     for _ in range(TASKS):
         request.state.after_response.options(name=name, timeout=None).add(effect)
     return PlainTextResponse("started")
@@ -87,4 +105,5 @@ app = AfterResponseMiddleware(
     ),
     shutdown_timeout=SHUTDOWN_TIMEOUT,
     max_threads=max(TASKS, 1),
+    on_dead_letter=stuck_hook if MODE == "stuck-hook" else None,
 )

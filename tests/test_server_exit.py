@@ -23,7 +23,7 @@ import pytest
 
 from after_response._executor import CANCEL_GRACE
 
-from .exit_app import BLOCKING_NAME, IGNORE_CANCEL_NAME, SHUTDOWN_MARKER
+from .exit_app import BLOCKING_NAME, FAILING_NAME, IGNORE_CANCEL_NAME, SHUTDOWN_MARKER
 from .servers import bound_socket
 
 pytestmark = pytest.mark.server
@@ -166,3 +166,26 @@ def test_blocked_sync_tasks_are_abandoned_and_the_server_exits(server: str, tmp_
         assert SHUTDOWN_MARKER in served.stdout()
         abandoned = lines_naming(served.stderr(), BLOCKING_NAME, "abandoned", "shutdown_timeout")
         assert len(abandoned) == TASKS, served.stderr()
+
+
+@pytest.mark.parametrize("server", sorted(COMMANDS))
+def test_dead_letters_a_stuck_hook_never_got_are_logged_by_name_and_the_server_exits(
+    server: str, tmp_path: Path
+) -> None:
+    """The hook never returns from the first dead letter: the others are given up when
+    shutdown ends, by name and count, never silently, and the server exits in its bound."""
+    with serve(server, "stuck-hook", tmp_path) as served:
+        assert served.get("/start").text == "started"
+        wait_for(
+            lambda: json.loads(served.get("/stats").text)["failed"] == TASKS,
+            10,
+            "the tasks to fail",
+            served,
+        )
+        terminate_and_wait(served)
+        given_up = lines_naming(
+            served.stderr(),
+            f"{TASKS - 1} dead letter(s) never reached on_dead_letter",
+            f"still busy when shutdown ended ({FAILING_NAME}: {TASKS - 1})",
+        )
+        assert len(given_up) == 1, served.stderr()
