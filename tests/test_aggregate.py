@@ -234,6 +234,40 @@ async def test_the_loop_writes_the_summary_when_the_interval_ends(
 
 
 @pytest.mark.anyio
+async def test_lines_counted_in_a_thread_without_a_loop_are_summarised_on_the_loop_given(
+    logger: logging.Logger,
+) -> None:
+    aggregator = LogAggregator(logger, 0.05)
+    aggregator.loop = asyncio.get_running_loop()
+    handler = lines(logger)
+    summarised = asyncio.Event()
+    handler.notify = lambda: handler.summaries() and summarised.set()  # on the loop's thread
+
+    def from_a_thread() -> None:
+        for number in range(10):
+            shed(aggregator, "send_email", number)
+
+    await anyio.to_thread.run_sync(from_a_thread)
+    with anyio.fail_after(5):
+        await summarised.wait()
+    [summary] = handler.summaries()
+    assert summary.aggregated_count == 9  # type: ignore[attr-defined]
+
+
+def test_a_closed_loop_leaves_the_summary_to_the_next_line(logger: logging.Logger) -> None:
+    clock = Clock()
+    aggregator = LogAggregator(logger, 5.0, clock=clock)
+    loop = asyncio.new_event_loop()
+    loop.close()
+    aggregator.loop = loop
+    shed(aggregator, "send_email", 1)
+    shed(aggregator, "send_email", 2)
+    clock.now += 5.0
+    shed(aggregator, "send_email", 3)
+    assert [r.aggregated_count for r in lines(logger).summaries()] == [1]  # type: ignore[attr-defined]
+
+
+@pytest.mark.anyio
 async def test_a_flush_before_the_interval_ends_leaves_the_timer_nothing_to_write(
     logger: logging.Logger,
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import anyio
 import httpx
@@ -15,6 +16,7 @@ from starlette.routing import Route
 from after_response import AfterResponseMiddleware, DeadLetter, Retry, TaskTimeoutError, side_effect
 
 from .apps import app_adding
+from .durable_process import until
 from .servers import serve_uvicorn
 
 pytestmark = pytest.mark.anyio
@@ -280,6 +282,42 @@ async def test_a_dead_letter_hook_that_raises_is_logged_once_per_burst_and_not_p
     assert summary.getMessage().endswith(": the on_dead_letter hook raised RuntimeError"), (
         summary.getMessage()
     )
+
+
+async def test_a_hooks_failures_counted_in_its_own_thread_are_summarised_while_the_server_runs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The hook falls behind: its failures come in an interval of their own, after the tasks'
+    # own lines were summarised. Counted in the hook's thread, which runs no event loop, they
+    # are summarised by a timer on the server's loop, not only at the next line or shutdown.
+    async def broken() -> None:
+        raise ValueError("x")
+
+    behind = threading.Event()
+
+    def hook(letter: DeadLetter) -> None:
+        behind.wait(10)
+        raise RuntimeError("hook broke")
+
+    def summaries(of: str) -> list[logging.LogRecord]:
+        return [
+            r for r in caplog.records if hasattr(r, "aggregated_count") and of in r.getMessage()
+        ]
+
+    middleware = AfterResponseMiddleware(
+        app_adding(broken, broken, broken), on_dead_letter=hook, log_interval=0.2
+    )
+    caplog.set_level(logging.ERROR, logger="after_response")
+    try:
+        async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+            await client.get("/")
+            await until(lambda: summaries("failed (ValueError)"), 5, "the tasks' summary")
+            behind.set()
+            await until(lambda: summaries("hook raised"), 5, "the hook's summary, before shutdown")
+    finally:
+        behind.set()
+    [summary] = summaries("hook raised")
+    assert summary.aggregated_count == 2  # type: ignore[attr-defined]
 
 
 async def test_a_downstream_that_is_down_writes_one_traceback_per_name_and_a_count(

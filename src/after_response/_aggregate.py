@@ -16,9 +16,10 @@ summary. Counts, metrics, spans and dead-letter calls are not aggregated: the ca
 them per task before it calls :meth:`LogAggregator.emit`.
 
 The summary is written by a timer on the running asyncio loop (one ``call_later`` per interval,
-set only when a line was left out); where the emitting thread runs no asyncio loop (a worker
-thread, trio), by the first line emitted after the interval. :meth:`LogAggregator.flush`
-writes what is pending at once (at shutdown).
+set only when a line was left out); where the emitting thread runs no asyncio loop (the
+dead-letter hook's thread), on :attr:`LogAggregator.loop` if one was given; else (trio) by the
+first line emitted after the interval. :meth:`LogAggregator.flush` writes what is pending at
+once (at shutdown).
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ class LogAggregator:
         self._keys: dict[tuple[str, str], _Key] = {}
         self._ends_at: float | None = None  # the end of the open interval, if one is open
         self._timer_for: float | None = None  # the interval end a loop timer is set for
+        #: The asyncio loop that times the summaries of lines counted in threads that run no
+        #: loop of their own (the dead-letter hook's): its owner's, while it serves.
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def emit(
         self,
@@ -144,10 +148,19 @@ class LogAggregator:
     def _set_timer(self, ends_at: float, now: float) -> None:
         # The non-raising form: from a worker thread, raising and catching costs a microsecond.
         loop = asyncio._get_running_loop()
+        delay = max(ends_at - now, 0.0)
+        if loop is not None:
+            self._timer_for = ends_at
+            loop.call_later(delay, self._on_timer)
+            return
+        loop = self.loop
         if loop is None:
-            return  # no loop in this thread: the first line after the interval summarises
+            return  # no loop to ask: the first line after the interval summarises
+        try:
+            loop.call_soon_threadsafe(loop.call_later, delay, self._on_timer)
+        except RuntimeError:  # closed since: as without one
+            return
         self._timer_for = ends_at
-        loop.call_later(max(ends_at - now, 0.0), self._on_timer)
 
     def _on_timer(self) -> None:
         with self._lock:

@@ -8,6 +8,7 @@ they back off. The books are kept by the :class:`~after_response._accounting.Led
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import deque
@@ -290,6 +291,8 @@ class Executor(Waiting):
             if self.journal is not None:
                 await self.journal.open()
             if running_asyncio():
+                # Lines counted in the dead-letter hook's thread are summarised on this loop.
+                self.telemetry.aggregator.loop = asyncio.get_running_loop()
                 tasks = NativeTasks()
                 self.background = self._lifespan_owner = tasks
                 self._watchdog.start()

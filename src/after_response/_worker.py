@@ -150,6 +150,8 @@ class WorkerRunner:
             self._count("failed")
             return Outcome.FAILED
         self.telemetry.look()
+        # Lines counted in the dead-letter hook's thread are summarised on this loop.
+        self.telemetry.aggregator.loop = asyncio.get_running_loop()
         task = Task(record, fn, CallableInfo(fn).is_async, context, next(self._seq))
         task.attempt = row.attempt + 1
         task.recovered = row.recovered or redelivered
