@@ -284,8 +284,9 @@ async def test_a_dead_letter_hook_that_raises_is_logged_once_per_burst_and_not_p
     )
 
 
+@pytest.mark.parametrize("lifespan", ["on", "off"])
 async def test_a_hooks_failures_counted_in_its_own_thread_are_summarised_while_the_server_runs(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, lifespan: str
 ) -> None:
     # The hook falls behind: its failures come in an interval of their own, after the tasks'
     # own lines were summarised. Counted in the hook's thread, which runs no event loop, they
@@ -309,7 +310,10 @@ async def test_a_hooks_failures_counted_in_its_own_thread_are_summarised_while_t
     )
     caplog.set_level(logging.ERROR, logger="after_response")
     try:
-        async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        async with (
+            serve_uvicorn(middleware, lifespan=lifespan) as url,
+            httpx.AsyncClient(base_url=url) as client,
+        ):
             await client.get("/")
             await until(lambda: summaries("failed (ValueError)"), 5, "the tasks' summary")
             behind.set()

@@ -120,4 +120,6 @@ def _shared_owner(executor: Executor) -> NativeTasks | None:
     owner = executor.inline_owner
     if owner is None or owner.loop is not loop:
         owner = executor.inline_owner = NativeTasks()
+        # Lines counted in the dead-letter hook's thread are summarised on this loop.
+        executor.telemetry.aggregator.loop = loop
     return owner
