@@ -200,6 +200,30 @@ async def test_what_cannot_run_is_logged_by_name_and_counted(
     assert "ada" not in caplog.text
 
 
+async def test_a_flood_of_messages_that_cannot_run_is_one_line_each_and_a_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A deploy that forgot a module, or a queue shared with another app: every message fails
+    # the same way. One line in full per name and reason, the rest counted, all counted.
+    runner = WorkerRunner("test", log_interval=3600)
+    missing = body("greet", "ada")
+    missing["target"] = "tests.worker_effects:gone"
+    for _ in range(5):
+        assert await runner.run(missing) is Outcome.FAILED
+        assert await runner.run({"not": "ours"}) is Outcome.FAILED
+    assert caplog.text.count("cannot be imported here") == 1
+    assert caplog.text.count("not an after-response message body") == 1
+    runner.shutdown()
+    summaries = sorted(r.getMessage() for r in caplog.records if hasattr(r, "aggregated_count"))
+    assert [summary.split(" in the last ")[0] for summary in summaries] == [
+        "... and 4 more bad messages to the test worker",
+        "... and 4 more tasks of greet",
+    ]
+    assert summaries[1].endswith(": cannot be imported here (tests.worker_effects:gone)")
+    assert runner.stats().failed == 10
+    assert "ada" not in caplog.text
+
+
 def test_a_sync_worker_runs_messages_on_the_runner_s_loop_thread(seen: list[Any]) -> None:
     runner = WorkerRunner("test")
     assert runner.run_blocking(body("greet", "ada")) is Outcome.SUCCEEDED

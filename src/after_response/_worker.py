@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import itertools
+import logging
 import os
 import threading
 import time
@@ -124,10 +125,15 @@ class WorkerRunner:
         self._count("received")
         if redelivered:
             self._count("redelivered")
+        lines = self.telemetry.aggregator
         try:
             row = decode(body)
         except BadMessageError as exc:
-            logger.error("after-response %s worker: %s; not run", self.system, exc)
+            # Aggregated, like every failure line: a misrouted queue sends thousands.
+            if lines.admit(
+                logging.ERROR, (f"the {self.system} worker", str(exc)), counted="bad messages to"
+            ):
+                logger.error("after-response %s worker: %s; not run", self.system, exc)
             self._count("failed")
             return Outcome.FAILED
         record, fn = from_stored(row)
@@ -138,15 +144,16 @@ class WorkerRunner:
         else:
             context = context_from_carrier(dict(row.trace_context))
         if fn is None:
-            logger.error(
-                "after-response task %s (%s) cannot run in this %s worker: %s cannot be "
-                "imported here (deploy the same code to the workers as to the web processes)",
-                row.name,
-                row.id,
-                self.system,
-                row.target,
-                extra={"task_name": row.name, "task_id": row.id},
-            )
+            if lines.admit(logging.ERROR, (row.name, f"cannot be imported here ({row.target})")):
+                logger.error(
+                    "after-response task %s (%s) cannot run in this %s worker: %s cannot be "
+                    "imported here (deploy the same code to the workers as to the web processes)",
+                    row.name,
+                    row.id,
+                    self.system,
+                    row.target,
+                    extra={"task_name": row.name, "task_id": row.id},
+                )
             self._count("failed")
             return Outcome.FAILED
         self.telemetry.look()
