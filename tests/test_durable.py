@@ -6,6 +6,7 @@ tests/test_durable_crash.py)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -216,24 +217,35 @@ async def test_a_durable_follow_up_added_by_a_side_effect_is_stored_then_run(
     assert (stats.stored, stats.succeeded) == (1, 2)
 
 
-async def test_a_stored_task_whose_function_is_gone_becomes_a_dead_letter(
-    tmp_path: Path,
+async def test_stored_tasks_whose_function_is_gone_become_dead_letters_logged_once_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from after_response._store import StoredTask
 
     path = tmp_path / "after_response.sqlite3"
     store = await stored(path)
-    await store.save([StoredTask(id="gone-1", name="old_task", target="no_such_module:old_task")])
+    gone = [
+        StoredTask(id=f"gone-{n}", name="old_task", target="no_such_module:old_task")
+        for n in range(5)
+    ]
+    await store.save(gone)
     await store.close()
     middleware = AfterResponseMiddleware(Starlette(), store=SQLiteStore(path))
+    caplog.set_level(logging.ERROR, logger="after_response")
     async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url):
         reader = await stored(path)
         with anyio.fail_after(5):  # the first look at the store happens at startup
-            while not reader.dead_letters():  # noqa: ASYNC110 - a bounded poll of the store
+            while len(reader.dead_letters()) < 5:  # noqa: ASYNC110 - a bounded poll of the store
                 await anyio.sleep(0.02)
-        [dead] = reader.dead_letters()
+        dead = reader.dead_letters()
         await reader.close()
-    assert (dead.id, dead.error_type) == ("gone-1", "ImportError")
+    assert {(d.id, d.error_type) for d in dead} == {(t.id, "ImportError") for t in gone}
+    # A removed function's tasks come back in batches: one line, the rest counted.
+    lines = [r.getMessage() for r in caplog.records if "old_task" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("after-response stored task old_task (gone-")
+    assert lines[1].startswith("... and 4 more tasks of old_task in the last ")
+    assert lines[1].endswith(": cannot be imported any more (no_such_module:old_task)")
 
 
 async def test_a_durable_side_effect_added_while_the_response_streams_is_stored_before_its_end(

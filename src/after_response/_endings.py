@@ -10,7 +10,7 @@ from ._accounting import Ledger
 from ._dead_letters import DeadLetters
 from ._errors import TaskAbandonedError, TaskShedError
 from ._journal import Journal
-from ._logs import log_task
+from ._logs import log_task_aggregated
 from ._task import DeadLetter, Outcome, Task
 from ._telemetry import Telemetry
 
@@ -139,6 +139,14 @@ class Endings:
         if self._releasing(task):
             self.release([task], reason)
             return
-        log_task(logging.ERROR, task, "abandoned: %s", reason)
+        # Aggregated: a shutdown that cancels a thousand running tasks writes a line per name.
+        log_task_aggregated(
+            self.telemetry.aggregator,
+            f"abandoned: {reason}",
+            logging.ERROR,
+            task,
+            "abandoned: %s",
+            reason,
+        )
         error = TaskAbandonedError(f"{task.record.name} was abandoned: {reason}")
         self.end(task, Outcome.ABANDONED, error, attempts=task.attempt)

@@ -52,7 +52,7 @@ class Executor(Waiting):
         #: Backpressure: a request's tasks wait for room as long as it takes, never shed.
         self.backpressure = settings.overflow == "backpressure"
         self.spill = settings.overflow == "spill"
-        journal = None if settings.store is None else Journal(settings.store)
+        journal = None if settings.store is None else Journal(settings.store, telemetry.aggregator)
         dead_letters = DeadLetters(settings.on_dead_letter, telemetry.aggregator)
         super().__init__(Ledger(), telemetry, dead_letters, journal)
         #: With an engine: durable tasks wait in the store's outbox and are published, not run.

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Final
 
+from ._aggregate import LogAggregator
 from ._callable import CallableInfo
 from ._durable import context_from_carrier, from_stored, to_stored
 from ._logs import logger, qualified_type
@@ -34,8 +35,10 @@ def new_owner_id() -> str:
 class Journal:
     """Durable bookkeeping for one executor, over one store."""
 
-    def __init__(self, store: object) -> None:
+    def __init__(self, store: object, lines: LogAggregator) -> None:
         self.store = store  # an SQLiteStore, or anything with its methods
+        #: Where lines about stored tasks that cannot run are aggregated (per name).
+        self.lines = lines
         self.owner = new_owner_id()
         self.opened = False
         #: The state durable tasks are saved in: ``outbox`` when an engine runs them.
@@ -100,14 +103,17 @@ class Journal:
         for row in rows:
             record, fn = from_stored(row)
             if fn is None:
-                logger.error(
-                    "after-response stored task %s (%s) cannot run: %s cannot be imported any "
-                    "more; it is a dead letter now",
-                    row.name,
-                    row.id,
-                    row.target,
-                    extra={"task_name": row.name, "task_id": row.id},
-                )
+                # A function removed in a deploy: its stored tasks come back in batches.
+                reason = f"cannot be imported any more ({row.target})"
+                if self.lines.admit(logging.ERROR, (row.name, reason)):
+                    logger.error(
+                        "after-response stored task %s (%s) cannot run: %s cannot be imported "
+                        "any more; it is a dead letter now",
+                        row.name,
+                        row.id,
+                        row.target,
+                        extra={"task_name": row.name, "task_id": row.id},
+                    )
                 self._write("mark_dead", row.id, row.attempt, "ImportError", row.target)
                 continue
             info = CallableInfo(fn)
