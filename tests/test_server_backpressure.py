@@ -4,6 +4,8 @@ admission_timeout a request is answered 503 with Retry-After; exempt paths never
 
 from __future__ import annotations
 
+import logging
+
 import anyio
 import httpx
 import pytest
@@ -78,7 +80,9 @@ async def test_a_keep_alive_flood_is_slowed_down_and_nothing_is_shed(server: str
     assert peak_pending <= 8 + CLIENTS * TASKS_PER_REQUEST
 
 
-async def test_a_request_held_past_admission_timeout_gets_503_and_exempt_paths_pass() -> None:
+async def test_a_request_held_past_admission_timeout_gets_503_and_exempt_paths_pass(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     release = anyio.Event()
 
     async def blocked() -> None:
@@ -95,10 +99,11 @@ async def test_a_request_held_past_admission_timeout_gets_503_and_exempt_paths_p
     )
     async with SERVERS["uvicorn"](middleware) as url, httpx.AsyncClient(base_url=url) as client:
         assert (await client.get("/work")).status_code == 200  # 1 runs, 3 queued: full
-        busy = await client.get("/work")
-        assert busy.status_code == 503
-        assert busy.headers["retry-after"] == "1"
-        assert handled == ["/work"]  # the held request's handler never ran
+        caplog.set_level(logging.WARNING, logger="after_response")
+        busy = [await client.get("/work") for _ in range(3)]
+        assert [response.status_code for response in busy] == [503] * 3
+        assert busy[0].headers["retry-after"] == "1"
+        assert handled == ["/work"]  # the held requests' handlers never ran
         health = await client.get("/health")
         assert health.status_code == 200
         release.set()
@@ -106,7 +111,12 @@ async def test_a_request_held_past_admission_timeout_gets_503_and_exempt_paths_p
         assert (await client.get("/work")).status_code == 200  # room again
         assert await middleware.drain(timeout=5)
     assert middleware.stats().shed == 0
-    assert middleware._executor.refused == 1
+    assert middleware._executor.refused == 3
+    # One line in full, the others counted: under a flood every request is refused alike.
+    refusals = [r.getMessage() for r in caplog.records if "503" in r.getMessage()]
+    assert len(refusals) == 2, refusals
+    assert refusals[0].startswith("backpressure: GET /work answered 503 after waiting")
+    assert refusals[1].startswith("... and 2 more 503 responses from backpressure in the last ")
 
 
 def test_bad_overflow_settings_fail_at_construction() -> None:

@@ -65,15 +65,21 @@ class Requests:
         if await executor.wait_for_room(settings.admission_timeout):
             return True
         executor.refused += 1
-        logger.warning(
-            "backpressure: %s %s answered 503 after waiting admission_timeout=%ss for room in "
-            "the side-effect queue (max_pending=%d)",
-            scope.get("method", "-"),
-            scope.get("path", "-"),
-            settings.admission_timeout,
-            settings.max_pending,
-            extra={"request_method": scope.get("method"), "request_path": scope.get("path")},
-        )
+        # Aggregated: this happens to every request of a flood while the queue stays full.
+        if executor.telemetry.aggregator.admit(
+            logging.WARNING,
+            ("backpressure", "no room in the side-effect queue within admission_timeout"),
+            counted="503 responses from",
+        ):
+            logger.warning(
+                "backpressure: %s %s answered 503 after waiting admission_timeout=%ss for room "
+                "in the side-effect queue (max_pending=%d)",
+                scope.get("method", "-"),
+                scope.get("path", "-"),
+                settings.admission_timeout,
+                settings.max_pending,
+                extra={"request_method": scope.get("method"), "request_path": scope.get("path")},
+            )
         await send(unavailable(max(1, math.ceil(settings.admission_timeout))))
         await send({"type": "http.response.body", "body": b"busy: try again later\n"})
         return False
