@@ -5,6 +5,7 @@ tests/test_durable_crash.py)."""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 from pathlib import Path
@@ -348,3 +349,37 @@ async def test_a_durable_side_effect_that_finds_no_room_waits_in_the_store_inste
         stats = middleware.stats()
     assert sorted(entry["code"] for entry in ledger_lines(ledger)) == ["0", "1", "2"]
     assert (stats.shed, stats.released) == (0, 3)
+
+
+async def test_marks_a_closed_store_refuses_are_logged_once_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Tasks that end after the store closed (left behind at shutdown, then done): each
+    # mark fails alike, so one line in full and the others counted.
+    from after_response._aggregate import LogAggregator
+    from after_response._durable import from_stored
+    from after_response._journal import Journal
+    from after_response._logs import logger
+    from after_response._store import StoredTask
+    from after_response._task import Task
+
+    store = await stored(tmp_path / "after_response.sqlite3")
+    await store.close()
+    aggregator = LogAggregator(logger, 3600)
+    journal = Journal(store, aggregator)
+    caplog.set_level(logging.ERROR, logger="after_response")
+    for n in range(5):
+        row = StoredTask(
+            id=f"r-{n}", name="record", target="tests.durable_tasks:record", args=["a@example.com"]
+        )
+        record, fn = from_stored(row)
+        journal.succeeded(Task(record, fn, True, contextvars.copy_context(), n))
+    aggregator.flush()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == (
+        "after-response durable store: mark_succeeded failed (RuntimeError); the task may run "
+        "again after a restart (delivery is at-least-once)"
+    )
+    assert lines[1].startswith("... and 4 more failures of the durable store in the last ")
+    assert len(lines) == 2
+    assert "example.com" not in caplog.text

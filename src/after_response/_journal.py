@@ -130,13 +130,14 @@ class Journal:
         try:
             getattr(self.store, method)(*args)
         except (StoreError, RuntimeError) as exc:  # the store closed or broke: say so
-            logger.log(
-                logging.ERROR,
-                "after-response durable store: %s failed (%s); the task may run again after "
-                "a restart (delivery is at-least-once)",
-                method,
-                type(exc).__qualname__,
-            )
+            # Once per interval: a broken store fails every task's marks alike.
+            what = f"{method} failed ({type(exc).__qualname__})"
+            if self.lines.admit(logging.ERROR, ("the durable store", what), counted="failures of"):
+                logger.error(
+                    "after-response durable store: %s; the task may run again after a restart "
+                    "(delivery is at-least-once)",
+                    what,
+                )
 
 
 def _error(task: Task, exc: BaseException) -> tuple[str, str]:
