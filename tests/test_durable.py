@@ -23,6 +23,7 @@ import after_response
 from after_response import AfterResponseMiddleware, Retry, SQLiteStore
 
 from . import durable_tasks
+from .durable_process import until
 from .servers import serve_uvicorn
 
 pytestmark = pytest.mark.anyio
@@ -383,3 +384,25 @@ async def test_marks_a_closed_store_refuses_are_logged_once_and_counted(
     assert lines[1].startswith("... and 4 more failures of the durable store in the last ")
     assert len(lines) == 2
     assert "example.com" not in caplog.text
+
+
+async def test_a_store_that_fails_every_look_writes_one_line_and_a_count_per_interval(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The store breaks under a running server (closed here; a full or failing disk alike):
+    # the look for tasks to recover fails every second, written once per log_interval.
+    store = SQLiteStore(tmp_path / "after_response.sqlite3")
+    middleware = AfterResponseMiddleware(Starlette(), store=store, log_interval=2.5)
+    caplog.set_level(logging.ERROR, logger="after_response")
+
+    def claims() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "claiming failed" in r.getMessage()]
+
+    async with serve_uvicorn(middleware):
+        await store.close()
+        await until(lambda: len(claims()) >= 2, 10, "a failed look, then the interval's summary")
+    first, summary = claims()[:2]
+    assert first.startswith("after-response durable store: claiming failed (")
+    assert summary.startswith("... and ")
+    assert " more failures of the durable store in the last " in summary
+    assert summary.endswith("s: claiming failed (RuntimeError)")

@@ -12,7 +12,7 @@ import anyio
 from ._dispatch import Dispatcher
 from ._durable import storable, trace_carrier
 from ._endings import Endings
-from ._logs import log_task, logger
+from ._logs import log_task, log_task_aggregated, logger, qualified_type
 from ._store import StoreError
 from ._task import Outcome, Task
 
@@ -109,7 +109,14 @@ class Durable(Endings):
             if task in await self.save([task]):
                 return
         except StoreError as exc:
-            log_task(logging.ERROR, task, "could not be stored (%s); not run", exc)
+            log_task_aggregated(
+                self.telemetry.aggregator,
+                f"could not be stored ({qualified_type(exc)})",
+                logging.ERROR,
+                task,
+                "could not be stored (%s); not run",
+                exc,
+            )
             self.ledger.left_request += 1
             self.end(task, Outcome.FAILED, exc, attempts=0)
             return
@@ -132,7 +139,13 @@ class Durable(Endings):
                 try:
                     tasks = await self.journal.claim(room, self.ledger.add)
                 except (StoreError, RuntimeError) as exc:
-                    logger.error("after-response durable store: claiming failed (%s)", exc)
+                    # Once per interval: a broken store fails every look alike.
+                    if self.telemetry.aggregator.admit(
+                        logging.ERROR,
+                        ("the durable store", f"claiming failed ({qualified_type(exc)})"),
+                        counted="failures of",
+                    ):
+                        logger.error("after-response durable store: claiming failed (%s)", exc)
                     tasks = []
                 for task in tasks:
                     self.telemetry.added(task)

@@ -267,7 +267,13 @@ class Relay:
         try:
             tasks = await journal.claim(limit, executor.ledger.add, states=(OUTBOX,))
         except (StoreError, RuntimeError) as exc:
-            logger.error("after-response durable store: claiming the outbox failed (%s)", exc)
+            # Once per interval: a broken store fails every look alike.
+            if executor.telemetry.aggregator.admit(
+                logging.ERROR,
+                ("the durable store", f"claiming the outbox failed ({qualified_type(exc)})"),
+                counted="failures of",
+            ):
+                logger.error("after-response durable store: claiming the outbox failed (%s)", exc)
             return 0
         for task in tasks:
             executor.telemetry.added(task)
