@@ -92,17 +92,20 @@ class LogAggregator:
         level: int,
         key: tuple[str, str],
         message: str,
-        args: tuple[object, ...],
-        extra: dict[str, Any],
+        args: tuple[object, ...] = (),
+        extra: dict[str, Any] | None = None,
+        *,
+        counted: str = TASKS,
     ) -> None:
         """Write ``message % args`` with ``extra`` if it is the first of ``key`` in the
         interval, else count it for the interval's summary.
 
-        ``key`` is ``(task name, reason)``; the reason is a short, fixed text ("shed",
-        "abandoned: shutdown_timeout elapsed") that ends the summary line. Nothing is
-        counted at a level the logger does not write.
+        ``key`` is ``(task name, reason)``, or ``(subject, reason)`` with what the summary
+        ``counted`` ("failures of": "... and 5 more failures of the durable store"); the
+        reason is a short, fixed text ("shed", "abandoned: shutdown_timeout elapsed") that
+        ends the summary line. Nothing is counted at a level the logger does not write.
         """
-        if self.admit(level, key):
+        if self.admit(level, key, counted=counted):
             self._logger.log(level, message, *args, extra=extra)
 
     def admit(

@@ -17,7 +17,7 @@ from typing import Final
 from ._aggregate import LogAggregator
 from ._callable import CallableInfo
 from ._durable import context_from_carrier, from_stored, to_stored
-from ._logs import logger, qualified_type
+from ._logs import qualified_type
 from ._record import TaskRecord
 from ._redact import exception_text
 from ._store import QUEUED, RUNNABLE, StoredTask, StoreError
@@ -104,16 +104,14 @@ class Journal:
             record, fn = from_stored(row)
             if fn is None:
                 # A function removed in a deploy: its stored tasks come back in batches.
-                reason = f"cannot be imported any more ({row.target})"
-                if self.lines.admit(logging.ERROR, (row.name, reason)):
-                    logger.error(
-                        "after-response stored task %s (%s) cannot run: %s cannot be imported "
-                        "any more; it is a dead letter now",
-                        row.name,
-                        row.id,
-                        row.target,
-                        extra={"task_name": row.name, "task_id": row.id},
-                    )
+                self.lines.emit(
+                    logging.ERROR,
+                    (row.name, f"cannot be imported any more ({row.target})"),
+                    "after-response stored task %s (%s) cannot run: %s cannot be imported any "
+                    "more; it is a dead letter now",
+                    (row.name, row.id, row.target),
+                    {"task_name": row.name, "task_id": row.id},
+                )
                 self._write("mark_dead", row.id, row.attempt, "ImportError", row.target)
                 continue
             info = CallableInfo(fn)
@@ -132,12 +130,14 @@ class Journal:
         except (StoreError, RuntimeError) as exc:  # the store closed or broke: say so
             # Once per interval: a broken store fails every task's marks alike.
             what = f"{method} failed ({type(exc).__qualname__})"
-            if self.lines.admit(logging.ERROR, ("the durable store", what), counted="failures of"):
-                logger.error(
-                    "after-response durable store: %s; the task may run again after a restart "
-                    "(delivery is at-least-once)",
-                    what,
-                )
+            self.lines.emit(
+                logging.ERROR,
+                ("the durable store", what),
+                "after-response durable store: %s; the task may run again after a restart "
+                "(delivery is at-least-once)",
+                (what,),
+                counted="failures of",
+            )
 
 
 def _error(task: Task, exc: BaseException) -> tuple[str, str]:

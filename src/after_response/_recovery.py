@@ -12,7 +12,7 @@ import anyio
 from ._dispatch import Dispatcher
 from ._durable import storable, trace_carrier
 from ._endings import Endings
-from ._logs import log_task, log_task_aggregated, logger, qualified_type
+from ._logs import log_task, log_task_aggregated, qualified_type
 from ._store import StoreError
 from ._task import Outcome, Task
 
@@ -140,12 +140,13 @@ class Durable(Endings):
                     tasks = await self.journal.claim(room, self.ledger.add)
                 except (StoreError, RuntimeError) as exc:
                     # Once per interval: a broken store fails every look alike.
-                    if self.telemetry.aggregator.admit(
+                    self.telemetry.aggregator.emit(
                         logging.ERROR,
                         ("the durable store", f"claiming failed ({qualified_type(exc)})"),
+                        "after-response durable store: claiming failed (%s)",
+                        (exc,),
                         counted="failures of",
-                    ):
-                        logger.error("after-response durable store: claiming failed (%s)", exc)
+                    )
                     tasks = []
                 for task in tasks:
                     self.telemetry.added(task)

@@ -238,19 +238,16 @@ class Relay:
         executor = self._executor
         executor.ledger.publish_failures += 1
         kind = qualified_type(exc)
-        if executor.telemetry.aggregator.admit(
-            logging.WARNING, (what, kind), counted="failures of"
-        ):
-            # The type only: an engine's error text may quote the message, and so its data.
-            logger.warning(
-                "after-response: %s failed (%s); %d durable task(s) wait in the outbox, "
-                "retrying in %.1fs (the app goes on serving)",
-                what,
-                kind,
-                count,
-                self._delay(),
-                extra={"error_type": kind, "engine": self.engine.system},
-            )
+        # The type only: an engine's error text may quote the message, and so its data.
+        executor.telemetry.aggregator.emit(
+            logging.WARNING,
+            (what, kind),
+            "after-response: %s failed (%s); %d durable task(s) wait in the outbox, "
+            "retrying in %.1fs (the app goes on serving)",
+            (what, kind, count, self._delay()),
+            {"error_type": kind, "engine": self.engine.system},
+            counted="failures of",
+        )
 
     def _delay(self) -> float:
         return min(MAX_BACKOFF, FIRST_BACKOFF * 2.0 ** max(0, self._streak - 1))
@@ -268,12 +265,13 @@ class Relay:
             tasks = await journal.claim(limit, executor.ledger.add, states=(OUTBOX,))
         except (StoreError, RuntimeError) as exc:
             # Once per interval: a broken store fails every look alike.
-            if executor.telemetry.aggregator.admit(
+            executor.telemetry.aggregator.emit(
                 logging.ERROR,
                 ("the durable store", f"claiming the outbox failed ({qualified_type(exc)})"),
+                "after-response durable store: claiming the outbox failed (%s)",
+                (exc,),
                 counted="failures of",
-            ):
-                logger.error("after-response durable store: claiming the outbox failed (%s)", exc)
+            )
             return 0
         for task in tasks:
             executor.telemetry.added(task)

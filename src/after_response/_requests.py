@@ -66,20 +66,16 @@ class Requests:
             return True
         executor.refused += 1
         # Aggregated: this happens to every request of a flood while the queue stays full.
-        if executor.telemetry.aggregator.admit(
+        method, path = scope.get("method", "-"), scope.get("path", "-")
+        executor.telemetry.aggregator.emit(
             logging.WARNING,
             ("backpressure", "no room in the side-effect queue within admission_timeout"),
+            "backpressure: %s %s answered 503 after waiting admission_timeout=%ss for room in "
+            "the side-effect queue (max_pending=%d)",
+            (method, path, settings.admission_timeout, settings.max_pending),
+            {"request_method": scope.get("method"), "request_path": scope.get("path")},
             counted="503 responses from",
-        ):
-            logger.warning(
-                "backpressure: %s %s answered 503 after waiting admission_timeout=%ss for room "
-                "in the side-effect queue (max_pending=%d)",
-                scope.get("method", "-"),
-                scope.get("path", "-"),
-                settings.admission_timeout,
-                settings.max_pending,
-                extra={"request_method": scope.get("method"), "request_path": scope.get("path")},
-            )
+        )
         await send(unavailable(max(1, math.ceil(settings.admission_timeout))))
         await send({"type": "http.response.body", "body": b"busy: try again later\n"})
         return False
@@ -180,24 +176,17 @@ async def store_durable(executor: Executor, collector: Collector, status: int) -
     try:
         deduplicated = await executor.save(tasks)
     except StoreError as exc:
-        if not executor.telemetry.aggregator.admit(
-            logging.ERROR, ("the durable store", "response became a 503"), counted="failures of"
-        ):
-            return False  # counted: one line per interval while the store is broken
         method, path = collector.request
-        logger.error(
+        # One line per interval while the store is broken, the others counted.
+        executor.telemetry.aggregator.emit(
+            logging.ERROR,
+            ("the durable store", "response became a 503"),
             "after-response could not store %d durable side effect(s) of %s %s, so the "
             "response is a 503 (never a complete response for a side effect that was not "
             "stored): %s",
-            len(tasks),
-            method,
-            path,
-            exc,
-            extra={
-                "request_method": method,
-                "request_path": path,
-                "error_type": type(exc).__qualname__,
-            },
+            (len(tasks), method, path, exc),
+            {"request_method": method, "request_path": path, "error_type": type(exc).__qualname__},
+            counted="failures of",
         )
         return False
     if deduplicated:

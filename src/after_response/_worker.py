@@ -29,7 +29,6 @@ from ._callable import CallableInfo
 from ._dead_letters import DeadLetterHook, DeadLetters, check_hook
 from ._durable import context_from_carrier, from_stored, trace_carrier
 from ._engine import BadMessageError, decode
-from ._logs import logger
 from ._runner import Runner
 from ._settings import check_log_interval
 from ._task import DeadLetter, Outcome, Task, set_running_task
@@ -130,10 +129,13 @@ class WorkerRunner:
             row = decode(body)
         except BadMessageError as exc:
             # Aggregated, like every failure line: a misrouted queue sends thousands.
-            if lines.admit(
-                logging.ERROR, (f"the {self.system} worker", str(exc)), counted="bad messages to"
-            ):
-                logger.error("after-response %s worker: %s; not run", self.system, exc)
+            lines.emit(
+                logging.ERROR,
+                (f"the {self.system} worker", str(exc)),
+                "after-response %s worker: %s; not run",
+                (self.system, exc),
+                counted="bad messages to",
+            )
             self._count("failed")
             return Outcome.FAILED
         record, fn = from_stored(row)
@@ -144,16 +146,14 @@ class WorkerRunner:
         else:
             context = context_from_carrier(dict(row.trace_context))
         if fn is None:
-            if lines.admit(logging.ERROR, (row.name, f"cannot be imported here ({row.target})")):
-                logger.error(
-                    "after-response task %s (%s) cannot run in this %s worker: %s cannot be "
-                    "imported here (deploy the same code to the workers as to the web processes)",
-                    row.name,
-                    row.id,
-                    self.system,
-                    row.target,
-                    extra={"task_name": row.name, "task_id": row.id},
-                )
+            lines.emit(
+                logging.ERROR,
+                (row.name, f"cannot be imported here ({row.target})"),
+                "after-response task %s (%s) cannot run in this %s worker: %s cannot be "
+                "imported here (deploy the same code to the workers as to the web processes)",
+                (row.name, row.id, self.system, row.target),
+                {"task_name": row.name, "task_id": row.id},
+            )
             self._count("failed")
             return Outcome.FAILED
         self.telemetry.look()
