@@ -189,15 +189,20 @@ async def test_a_side_effect_past_its_timeout_times_out_and_is_dead_lettered(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("pool", ["prefork", "solo", "threads"])
 async def test_a_burst_of_failures_in_a_worker_is_one_traceback_and_a_count(
-    redis_url: str, ledger: Path
+    redis_url: str, ledger: Path, pool: str
 ) -> None:
-    """A downstream is down: every side effect of a burst fails in the worker's pool process.
-    One line in full with its traceback, the others counted; the worker's interval is an
-    hour here, so the count is the one its pool process writes as it stops."""
+    """A downstream is down: every side effect of a burst fails in the worker. One line in
+    full with its traceback, the others counted; the worker's interval is an hour here, so
+    the count is the one the runner writes as it stops (a prefork pool's process on
+    worker_process_shutdown, a solo or threads worker on worker_shutdown)."""
     once = {"timeout": 5, "retry": {"attempts": 1}}
     burst = [message("down", "flaky_effect", 99, options=once) for _ in range(10)]
-    with worker(redis_url, ledger, **{LOG_INTERVAL_ENV: "3600"}) as running:
+    environment = {LOG_INTERVAL_ENV: "3600"}
+    with celery_worker(
+        APP, redis_url, ledger=ledger, pool=pool, environment=environment
+    ) as running:
         async with started(redis_url) as engine:
             await engine.publish(burst)
         wait_for_effect(ledger, "dead-failed", "down", count=10)
