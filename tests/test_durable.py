@@ -312,6 +312,58 @@ async def test_a_store_locked_past_its_busy_timeout_turns_the_response_into_a_50
     assert "buyer-1@example.com" not in line.getMessage()
 
 
+async def test_late_durable_adds_the_store_refuses_fail_counted_and_are_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Durable side effects added after the response (by a task the handler started) are
+    # stored first; with the store locked past its busy timeout they cannot be, so they
+    # fail: counted, logged by name (one line, the rest counted), never run unstored.
+    import asyncio
+    import sqlite3
+
+    ledger = tmp_path / "ledger.jsonl"
+    path = tmp_path / "after_response.sqlite3"
+    go, added = anyio.Event(), anyio.Event()
+    later_tasks: list[asyncio.Task[None]] = []
+
+    async def endpoint(request: Request) -> JSONResponse:
+        async def later() -> None:
+            await go.wait()
+            for n in range(3):
+                after_response.current().options(durable=True).add(
+                    durable_tasks.record, str(ledger), f"late-{n}@example.com", code=str(n)
+                )
+            added.set()
+
+        later_tasks.append(asyncio.get_running_loop().create_task(later()))
+        return JSONResponse({})
+
+    middleware = AfterResponseMiddleware(
+        Starlette(routes=[Route("/", endpoint)]), store=SQLiteStore(path, busy_timeout=0.05)
+    )
+    caplog.set_level(logging.ERROR, logger="after_response")
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        assert (await client.get("/")).status_code == 200
+        blocker = sqlite3.connect(path)  # another process's long write, say
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            go.set()
+            await added.wait()
+            await until(lambda: middleware.stats().failed == 3, 10, "the three to fail")
+        finally:
+            blocker.rollback()
+            blocker.close()
+        assert await middleware.drain(timeout=5)
+    stats = middleware.stats()
+    assert (stats.added, stats.failed, stats.stored, stats.succeeded) == (3, 3, 0, 0)
+    assert ledger_lines(ledger) == []  # never run unstored
+    lines = [r.getMessage() for r in caplog.records if "could not be stored" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert "record" in lines[0]
+    assert lines[1].startswith("... and 2 more tasks of ")
+    assert "example.com" not in caplog.text
+
+
 async def test_a_durable_side_effect_that_finds_no_room_waits_in_the_store_instead_of_shedding(
     tmp_path: Path,
 ) -> None:
