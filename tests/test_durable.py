@@ -189,6 +189,52 @@ async def test_spill_writes_what_finds_no_room_to_the_store_and_runs_it_later(
     assert stats.added == 20 + 18  # a claimed task is added again, as a recovered one would be
 
 
+async def test_what_cannot_be_spilled_to_a_locked_store_is_shed_logged_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import sqlite3
+
+    ledger = tmp_path / "ledger.jsonl"
+    path = tmp_path / "after_response.sqlite3"
+    release = anyio.Event()
+
+    async def blocked() -> None:
+        await release.wait()
+
+    async def endpoint(request: Request) -> JSONResponse:
+        request.state.after_response.add(blocked)
+        for order in range(10):
+            request.state.after_response.add(durable_tasks.record_sync, str(ledger), order)
+        return JSONResponse({})
+
+    middleware = AfterResponseMiddleware(
+        Starlette(routes=[Route("/", endpoint)]),
+        store=SQLiteStore(path, busy_timeout=0.05),
+        max_concurrency=1,
+        max_pending=1,
+        overflow="spill",
+    )
+    caplog.set_level(logging.ERROR, logger="after_response")
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        blocker = sqlite3.connect(path)  # another process's long write, say
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            await client.get("/")  # 1 runs, 1 waits, 9 find no room and cannot be spilled
+            await until(lambda: middleware.stats().shed == 9, 10, "the spill to fail")
+        finally:
+            blocker.rollback()
+            blocker.close()
+        release.set()
+        assert await middleware.drain(timeout=5)
+    stats = middleware.stats()
+    assert (stats.shed, stats.released, stats.succeeded) == (9, 0, 2)
+    assert [entry["order"] for entry in ledger_lines(ledger)] == [0]
+    shed = [r.getMessage() for r in caplog.records if "record_sync" in r.getMessage()]
+    assert len(shed) == 2, shed  # one line in full, the others counted
+    assert "and spilling it to the store failed" in shed[0]
+    assert shed[1].startswith("... and 8 more tasks of ")
+
+
 async def test_a_durable_follow_up_added_by_a_side_effect_is_stored_then_run(
     tmp_path: Path,
 ) -> None:
