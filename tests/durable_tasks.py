@@ -36,3 +36,12 @@ async def always_fails(ledger: str, address: str) -> None:
 async def hangs(ledger: str) -> None:
     _append(ledger, {"task": "hangs"})
     await asyncio.sleep(3600)
+
+
+#: Gates the in-process tests open: ``gated`` waits for ``GATES[name]`` to be set.
+GATES: dict[str, asyncio.Event] = {}
+
+
+async def gated(ledger: str, name: str) -> None:
+    await GATES[name].wait()
+    _append(ledger, {"task": "gated", "gate": name})

@@ -189,6 +189,24 @@ def test_without_a_loop_the_next_line_after_the_interval_writes_the_summary(
     assert first.task_id == 11  # type: ignore[attr-defined]
 
 
+def test_a_thread_that_wakes_regularly_writes_the_summary_once_the_interval_has_ended(
+    logger: logging.Logger,
+) -> None:
+    clock = Clock()
+    aggregator = LogAggregator(logger, 5.0, clock=clock)
+    for number in range(4):
+        shed(aggregator, "send_email", number)
+    clock.now += 4.9
+    aggregator.flush_due()
+    assert lines(logger).summaries() == []  # not yet: the interval goes on
+    clock.now += 0.1
+    aggregator.flush_due()
+    [summary] = lines(logger).summaries()
+    assert summary.aggregated_count == 3  # type: ignore[attr-defined]
+    aggregator.flush_due()  # nothing left: nothing written twice
+    assert len(lines(logger).records) == 2
+
+
 def test_the_summary_keeps_the_highest_level_and_disabled_levels_are_not_counted(
     logger: logging.Logger,
 ) -> None:

@@ -235,6 +235,55 @@ async def test_what_cannot_be_spilled_to_a_locked_store_is_shed_logged_and_count
     assert shed[1].startswith("... and 8 more tasks of ")
 
 
+async def test_marks_a_locked_store_cannot_commit_are_logged_once_counted_and_summarised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Side effects end while another connection holds the store locked: their marks fail
+    # (the tasks stay stored, to run again after a restart: at-least-once). One line per kind
+    # of write, the others counted, and the count is written when the store closes.
+    import asyncio
+    import sqlite3
+
+    ledger = tmp_path / "ledger.jsonl"
+    path = tmp_path / "after_response.sqlite3"
+    durable_tasks.GATES["marks"] = gate = asyncio.Event()
+
+    async def endpoint(request: Request) -> JSONResponse:
+        for _ in range(3):
+            request.state.after_response.options(durable=True).add(
+                durable_tasks.gated, str(ledger), "marks"
+            )
+        return JSONResponse({})
+
+    store = SQLiteStore(path, busy_timeout=0.05)
+    middleware = AfterResponseMiddleware(Starlette(routes=[Route("/", endpoint)]), store=store)
+    caplog.set_level(logging.ERROR, logger="after_response")
+    try:
+        async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+            assert (await client.get("/")).status_code == 200  # stored: the store was free
+            await until(lambda: middleware.stats().running == 3, 10, "the three to run")
+            blocker = sqlite3.connect(path)  # another process's long write, say
+            blocker.execute("BEGIN EXCLUSIVE")
+            try:
+                gate.set()
+                await until(lambda: store.failed_writes >= 3, 10, "the marks to fail")
+            finally:
+                blocker.rollback()
+                blocker.close()
+    finally:
+        del durable_tasks.GATES["marks"]
+    assert middleware.stats().succeeded == 3
+    marks = [r.getMessage() for r in caplog.records if "mark_succeeded" in r.getMessage()]
+    assert len(marks) == 2, marks
+    assert marks[0].startswith("could not commit a batched write: ")
+    assert marks[1].startswith("... and 2 more failed writes to the durable store in the last ")
+    reader = await stored(path)
+    try:
+        assert len(reader.list()) == 3  # still stored: they run again after a restart
+    finally:
+        await reader.close()
+
+
 async def test_a_durable_follow_up_added_by_a_side_effect_is_stored_then_run(
     tmp_path: Path,
 ) -> None:

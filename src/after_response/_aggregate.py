@@ -148,6 +148,16 @@ class LogAggregator:
             if self._ends_at is not None:
                 self._summarise(self._clock())
 
+    def flush_due(self) -> None:
+        """Write the summaries of an interval that has ended: for a thread that runs no
+        loop but wakes regularly (the store's writer), instead of a timer."""
+        with self._lock:
+            ends_at = self._ends_at
+            if ends_at is not None:
+                now = self._clock()
+                if now >= ends_at:
+                    self._summarise(now)
+
     def _set_timer(self, ends_at: float, now: float) -> None:
         # The non-raising form: from a worker thread, raising and catching costs a microsecond.
         loop = asyncio._get_running_loop()

@@ -205,7 +205,11 @@ class Writer:
             if batch:
                 self._commit(conn, batch)
                 if batch[-1].stop:
+                    self._failures.flush()
                     return
+            # Its thread runs no loop to time the summary of failed writes: it wakes at least
+            # once per heartbeat interval, and writes it then.
+            self._failures.flush_due()
 
     def _commit(self, conn: sqlite3.Connection, batch: list[Op]) -> None:
         now = time.time()
@@ -226,10 +230,10 @@ class Writer:
                     # write per interval, then a count.
                     self._failures.emit(
                         logging.ERROR,
-                        ("durable store", op.label.split(" ", 1)[0]),
+                        ("the durable store", op.label.split(" ", 1)[0]),
                         "could not commit a batched write: %s",
                         (value,),
-                        {},
+                        counted="failed writes to",
                     )
             if op.future is not None and op.loop is not None:
                 by_loop.setdefault(op.loop, []).append((op.future, ok, value))
