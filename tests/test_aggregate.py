@@ -170,41 +170,33 @@ def test_a_name_and_reason_seen_once_writes_no_summary(logger: logging.Logger) -
     assert lines(logger).summaries() == []
 
 
-def test_without_a_loop_the_next_line_after_the_interval_writes_the_summary(
-    logger: logging.Logger,
+@pytest.mark.parametrize("wakes", ["the next line", "flush_due"])
+def test_without_a_loop_the_summary_is_written_once_the_interval_has_ended(
+    logger: logging.Logger, wakes: str
 ) -> None:
+    """Where no loop times it: by the next line after the interval, or by ``flush_due()``
+    from a thread that wakes regularly (the store's writer)."""
     clock = Clock()
     aggregator = LogAggregator(logger, 5.0, clock=clock)
+
+    def wake(number: int) -> None:
+        if wakes == "flush_due":
+            aggregator.flush_due()
+        else:
+            shed(aggregator, "send_email", number)
+
     for number in range(10):
         shed(aggregator, "send_email", number)
     clock.now += 4.9
-    shed(aggregator, "send_email", 10)
-    assert lines(logger).summaries() == []
+    wake(10)
+    assert lines(logger).summaries() == []  # the interval goes on
     clock.now += 0.1
-    shed(aggregator, "send_email", 11)
-    # The summary of the ended interval, then the new interval's first line in full.
-    summary, first = lines(logger).records[1:]
-    assert summary.aggregated_count == 10  # type: ignore[attr-defined]
+    wake(11)
+    summary, *after = lines(logger).records[1:]
+    assert summary.aggregated_count == (10 if wakes == "the next line" else 9)  # type: ignore[attr-defined]
     assert summary.getMessage().endswith("in the last 5.0s: shed")
-    assert first.task_id == 11  # type: ignore[attr-defined]
-
-
-def test_a_thread_that_wakes_regularly_writes_the_summary_once_the_interval_has_ended(
-    logger: logging.Logger,
-) -> None:
-    clock = Clock()
-    aggregator = LogAggregator(logger, 5.0, clock=clock)
-    for number in range(4):
-        shed(aggregator, "send_email", number)
-    clock.now += 4.9
-    aggregator.flush_due()
-    assert lines(logger).summaries() == []  # not yet: the interval goes on
-    clock.now += 0.1
-    aggregator.flush_due()
-    [summary] = lines(logger).summaries()
-    assert summary.aggregated_count == 3  # type: ignore[attr-defined]
-    aggregator.flush_due()  # nothing left: nothing written twice
-    assert len(lines(logger).records) == 2
+    # Then the new interval's first line in full; flush_due writes nothing more.
+    assert [record.task_id for record in after] == ([11] if wakes == "the next line" else [])  # type: ignore[attr-defined]
 
 
 def test_the_summary_keeps_the_highest_level_and_disabled_levels_are_not_counted(
