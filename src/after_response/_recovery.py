@@ -4,7 +4,7 @@ claiming the stored tasks that no live process owns (a dead process's, released,
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Final
 
 import anyio
@@ -13,7 +13,7 @@ from ._dispatch import Dispatcher
 from ._durable import storable, trace_carrier
 from ._endings import Endings
 from ._logs import log_task, log_task_aggregated, qualified_type
-from ._store import StoreError
+from ._store import RUNNABLE, StoreError
 from ._task import Outcome, Task
 
 if TYPE_CHECKING:
@@ -124,6 +124,31 @@ class Durable(Endings):
         if overflow:
             self.shed(overflow, "it was added after its response, and the queue was full")
 
+    async def claim_stored(
+        self, limit: int, *, states: Sequence[str] = RUNNABLE, what: str = "claiming"
+    ) -> list[Task]:
+        """Take up to ``limit`` stored tasks in ``states`` that no live process owns, counted
+        as added (and as recovered, a dead process's); none when the store fails, which is
+        logged as ``what`` failed, once per interval (a broken store fails every look)."""
+        assert self.journal is not None
+        try:
+            tasks = await self.journal.claim(limit, self.ledger.add, states=states)
+        except (StoreError, RuntimeError) as exc:
+            self.telemetry.aggregator.emit(
+                logging.ERROR,
+                ("the durable store", f"{what} failed ({qualified_type(exc)})"),
+                "after-response durable store: %s failed (%s)",
+                (what, exc),
+                counted="failures of",
+            )
+            return []
+        for task in tasks:
+            self.telemetry.added(task)
+            if task.recovered:
+                self.ledger.recovered += 1
+                self.telemetry.recovered(task)
+        return tasks
+
     async def _recover(self) -> None:
         """Claim stored tasks nobody live owns (a dead process's, released, spilled), as
         room allows; at start-up, then every ``RECOVERY_INTERVAL`` seconds."""
@@ -136,23 +161,7 @@ class Durable(Endings):
                 - (self.ledger.waiting + self._waiting)
             )
             if room > 0 and not self._closing:
-                try:
-                    tasks = await self.journal.claim(room, self.ledger.add)
-                except (StoreError, RuntimeError) as exc:
-                    # Once per interval: a broken store fails every look alike.
-                    self.telemetry.aggregator.emit(
-                        logging.ERROR,
-                        ("the durable store", f"claiming failed ({qualified_type(exc)})"),
-                        "after-response durable store: claiming failed (%s)",
-                        (exc,),
-                        counted="failures of",
-                    )
-                    tasks = []
-                for task in tasks:
-                    self.telemetry.added(task)
-                    if task.recovered:
-                        self.ledger.recovered += 1
-                        self.telemetry.recovered(task)
+                tasks = await self.claim_stored(room)
                 overflow = self.submit(tasks)
                 if overflow:
                     self.release(overflow, "no room after all", taken=False)

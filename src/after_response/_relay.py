@@ -33,7 +33,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from ._durable import to_stored
 from ._engine import RUNNER_TASK, Engine, Message, encode
 from ._logs import log_task, logger, qualified_type
-from ._store import OUTBOX, StoreError
+from ._store import OUTBOX
 from ._task import Outcome, Task
 from ._tracing import span_attributes
 
@@ -258,26 +258,9 @@ class Relay:
     async def _claim(self, limit: int) -> int:
         """Take up to ``limit`` outbox tasks nobody live owns (a dead process's, or released);
         how many were taken."""
-        executor = self._executor
-        journal = executor.journal
-        assert journal is not None
-        try:
-            tasks = await journal.claim(limit, executor.ledger.add, states=(OUTBOX,))
-        except (StoreError, RuntimeError) as exc:
-            # Once per interval: a broken store fails every look alike.
-            executor.telemetry.aggregator.emit(
-                logging.ERROR,
-                ("the durable store", f"claiming the outbox failed ({qualified_type(exc)})"),
-                "after-response durable store: claiming the outbox failed (%s)",
-                (exc,),
-                counted="failures of",
-            )
-            return 0
-        for task in tasks:
-            executor.telemetry.added(task)
-            if task.recovered:
-                executor.ledger.recovered += 1
-                executor.telemetry.recovered(task)
+        tasks = await self._executor.claim_stored(
+            limit, states=(OUTBOX,), what="claiming the outbox"
+        )
         self.take(tasks)
         return len(tasks)
 
