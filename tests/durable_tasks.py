@@ -45,3 +45,15 @@ GATES: dict[str, asyncio.Event] = {}
 async def gated(ledger: str, name: str) -> None:
     await GATES[name].wait()
     _append(ledger, {"task": "gated", "gate": name})
+
+
+async def one_at_a_time(ledger: str, n: int) -> None:
+    """Writes its start and its end: runs that overlap show as two starts in a row."""
+    _append(ledger, {"task": "one_at_a_time", "n": n, "at": "start"})
+    await asyncio.sleep(0.02)  # long enough for another run to start, if one may
+    _append(ledger, {"task": "one_at_a_time", "n": n, "at": "end"})
+
+
+async def wrong_error(ledger: str) -> None:
+    _append(ledger, {"task": "wrong_error"})
+    raise ValueError("not worth another attempt")

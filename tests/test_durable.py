@@ -5,6 +5,7 @@ tests/test_durable_crash.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -98,6 +99,9 @@ def test_durable_adds_fail_at_add_with_what_to_fix(tmp_path: Path) -> None:
 
     errors: list[str] = []
 
+    class LocalError(Exception):
+        pass
+
     async def endpoint(request: Request) -> JSONResponse:
         collector = request.state.after_response
         for call in (
@@ -110,6 +114,9 @@ def test_durable_adds_fail_at_add_with_what_to_fix(tmp_path: Path) -> None:
             ),
             lambda: collector.options(key="k").add(durable_tasks.record, "l", "x", code="1"),
             lambda: collector.options(durable=True).add(_Mailer().send, "a@example.com"),
+            lambda: collector.options(
+                durable=True, retry=Retry(retry_on=(ConnectionError, LocalError))
+            ).add(durable_tasks.record, "l", "x", code="1"),
         ):
             try:
                 call()
@@ -130,6 +137,8 @@ def test_durable_adds_fail_at_add_with_what_to_fix(tmp_path: Path) -> None:
     assert "argument code= (a object) cannot be stored as JSON" in errors[2]
     assert "add durable=True" in errors[3]
     assert "a method bound to an object" in errors[4]
+    assert "Retry(retry_on=...) holds " in errors[5]
+    assert "test_durable_adds_fail_at_add_with_what_to_fix.<locals>.LocalError" in errors[5]
     assert not any("buyer" in e or "tuple')" in e for e in errors)
 
 
@@ -314,17 +323,19 @@ async def test_a_durable_follow_up_added_by_a_side_effect_is_stored_then_run(
     assert (stats.stored, stats.succeeded) == (1, 2)
 
 
+@pytest.mark.parametrize(
+    "target",
+    ["no_such_module:old_task", "tests.broken_on_import:old_task"],
+    ids=["removed", "its-module-raises-on-import"],
+)
 async def test_stored_tasks_whose_function_is_gone_become_dead_letters_logged_once_and_counted(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, target: str
 ) -> None:
     from after_response._store import StoredTask
 
     path = tmp_path / "after_response.sqlite3"
     store = await stored(path)
-    gone = [
-        StoredTask(id=f"gone-{n}", name="old_task", target="no_such_module:old_task")
-        for n in range(5)
-    ]
+    gone = [StoredTask(id=f"gone-{n}", name="old_task", target=target) for n in range(5)]
     await store.save(gone)
     await store.close()
     middleware = AfterResponseMiddleware(Starlette(), store=SQLiteStore(path))
@@ -342,7 +353,52 @@ async def test_stored_tasks_whose_function_is_gone_become_dead_letters_logged_on
     assert len(lines) == 2, lines
     assert lines[0].startswith("after-response stored task old_task (gone-")
     assert lines[1].startswith("... and 4 more tasks of old_task in the last ")
-    assert lines[1].endswith(": cannot be imported any more (no_such_module:old_task)")
+    assert lines[1].endswith(f": cannot be imported any more ({target})")
+
+
+async def test_a_task_taken_over_from_the_store_keeps_its_retry_on_and_its_limits(
+    tmp_path: Path,
+) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    path = tmp_path / "after_response.sqlite3"
+    durable_tasks.GATES["hold"] = asyncio.Event()
+
+    async def endpoint(request: Request) -> JSONResponse:
+        collector = request.state.after_response
+        collector.options(durable=True).add(durable_tasks.gated, str(ledger), "hold")
+        for n in range(3):
+            collector.options(durable=True, max_concurrency=1).add(
+                durable_tasks.one_at_a_time, str(ledger), n
+            )
+        collector.options(
+            durable=True, retry=Retry(attempts=3, backoff=0.01, retry_on=(ConnectionError,))
+        ).add(durable_tasks.wrong_error, str(ledger))
+        return JSONResponse({})
+
+    # The first process runs one task at a time: the gated one holds the slot, the others
+    # wait; at shutdown all four are released to the store, unrun.
+    first = AfterResponseMiddleware(
+        Starlette(routes=[Route("/", endpoint)]),
+        store=SQLiteStore(path),
+        max_concurrency=1,
+        shutdown_timeout=0.1,
+    )
+    async with serve_uvicorn(first) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get("/")
+        await until(lambda: first.stats().pending == 4, 5, "four tasks wait for the slot")
+    assert first.stats().released == 5
+    durable_tasks.GATES["hold"].set()
+    second = AfterResponseMiddleware(Starlette(), store=SQLiteStore(path))
+    async with serve_uvicorn(second):
+        await until(
+            lambda: second.stats().succeeded + second.stats().failed == 5, 10, "all five ran"
+        )
+    runs = [(line["task"], line.get("at")) for line in ledger_lines(ledger)]
+    # ValueError is not in retry_on: one attempt, as in the process that added it.
+    assert runs.count(("wrong_error", None)) == 1
+    # max_concurrency=1: each run ends before the next starts.
+    limited = [at for task, at in runs if task == "one_at_a_time"]
+    assert limited == ["start", "end"] * 3
 
 
 async def test_a_durable_side_effect_added_while_the_response_streams_is_stored_before_its_end(

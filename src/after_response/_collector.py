@@ -171,7 +171,7 @@ class Collector:
         carrier = None
         if durable or key is not None:
             check_durable(name, durable=durable, has_store=executor.journal is not None)
-            check_storable(fn, info, bound_self, args, kwargs, name)
+            check_storable(fn, info, bound_self, args, kwargs, name, retry)
             carrier = trace_carrier(context)
         request = self._request
         if request is None:

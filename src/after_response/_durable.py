@@ -8,12 +8,14 @@ import importlib
 import json
 import math
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any, Final
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
 from ._callable import CallableInfo
+from ._limits import Limits, Rate
 from ._options import Retry
 from ._record import RequestInfo, TaskRecord
 from ._store import StoredTask
@@ -44,8 +46,10 @@ def check_storable(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     name: str,
+    retry: Retry,
 ) -> None:
-    """Raise ``TypeError`` if the call cannot be stored (the record holds its import name).
+    """Raise ``TypeError`` if the call cannot be stored (the record holds its import name,
+    and its retry policy's exception types by theirs).
 
     Names the argument by position or keyword, never its value.
     """
@@ -62,6 +66,13 @@ def check_storable(
             "a stable name, so another process can find it: a module-level function, or a "
             "method reached from one; not a lambda, a closure, a local function or a "
             "functools.partial"
+        )
+    if retry_on_targets(retry.retry_on) is None:
+        unnamed = [kind.__qualname__ for kind in retry.retry_on if _type_target(kind) is None]
+        raise TypeError(
+            f"add({name}, ...) with durable=True: its Retry(retry_on=...) holds "
+            f"{', '.join(unnamed)}, which another process cannot import by name (defined in "
+            "a function?); define the exception class at module level"
         )
     for position, value in enumerate(args, 1):
         _check_json(value, f"argument {position}", name)
@@ -92,6 +103,8 @@ def storable(fn: Callable[..., Any], record: TaskRecord) -> bool:
     """Whether a task that was not added durable could still be stored (to spill it)."""
     if record.target is None or _unbound(resolve(record.target)) is not _unbound(fn):
         return False
+    if retry_on_targets(record.retry.retry_on) is None:
+        return False
     try:
         text = json.dumps([list(record.args), record.kwargs], allow_nan=False)
     except (TypeError, ValueError):
@@ -104,15 +117,66 @@ def _unbound(fn: object) -> object:
 
 
 def resolve(target: str) -> object:
-    """The object named ``"module:qualname"``, or ``None`` if it cannot be found."""
+    """The object named ``"module:qualname"``, or ``None`` if it cannot be found: missing,
+    or its module raises as it is imported (whatever it raises: one broken module must
+    not stop the tasks of the others)."""
     module_name, _, qualname = target.partition(":")
     try:
         found: object = importlib.import_module(module_name)
         for part in qualname.split("."):
             found = getattr(found, part)
-    except (ImportError, AttributeError, ValueError):
+    except Exception:
         return None
     return found
+
+
+def _type_target(kind: type) -> str | None:
+    target = f"{kind.__module__}:{kind.__qualname__}"
+    return target if resolve(target) is kind else None
+
+
+@lru_cache(maxsize=256)
+def retry_on_targets(kinds: tuple[type[BaseException], ...]) -> tuple[str, ...] | None:
+    """The import names of a retry policy's exception types, or ``None`` if one has none
+    (a class defined in a function): what a stored policy keeps of them."""
+    targets = []
+    for kind in kinds:
+        target = _type_target(kind)
+        if target is None:
+            return None
+        targets.append(target)
+    return tuple(targets)
+
+
+def _retry_on(targets: object) -> tuple[type[BaseException], ...]:
+    """The exception types of stored import names; those this process cannot find are
+    left out, and a policy left with none retries on any ``Exception`` (a stored task
+    retries at least as often as it was added to, never less)."""
+    if not isinstance(targets, list):
+        return (Exception,)
+    kinds = tuple(
+        kind
+        for kind in map(resolve, (t for t in targets if isinstance(t, str)))
+        if isinstance(kind, type) and issubclass(kind, BaseException)
+    )
+    return kinds or (Exception,)
+
+
+def _stored_limits(limits: Limits | None) -> dict[str, Any] | None:
+    if limits is None:
+        return None
+    rate = limits.rate
+    return {
+        "max_concurrency": limits.max_concurrency,
+        "rate": None if rate is None else [rate.count, rate.per_seconds],
+    }
+
+
+def _limits(stored: object) -> Limits | None:
+    if not isinstance(stored, dict):
+        return None
+    rate = stored.get("rate")
+    return Limits(stored.get("max_concurrency"), None if rate is None else Rate(*rate))
 
 
 def trace_carrier(context: contextvars.Context) -> dict[str, str]:
@@ -148,8 +212,12 @@ def to_stored(
         kwargs=dict(record.kwargs),
         options={
             "timeout": record.timeout,
-            "retry": {field: getattr(retry, field) for field in _RETRY_FIELDS},
+            "retry": {
+                **{field: getattr(retry, field) for field in _RETRY_FIELDS},
+                "retry_on": list(retry_on_targets(retry.retry_on) or ()),
+            },
             "run_on_error": record.run_on_error,
+            "limits": _stored_limits(record.limits),
         },
         request_method=record.request.method,
         request_path=record.request.path,
@@ -165,11 +233,15 @@ def to_stored(
 def from_stored(row: StoredTask) -> tuple[TaskRecord, Callable[..., Any] | None]:
     """The record of a stored task, and its function (``None`` when it cannot be imported).
 
-    A stored retry policy retries on any ``Exception`` (the types are not stored).
+    Raises:
+        TypeError, ValueError: the row's options are not what :func:`to_stored` writes.
     """
     options = row.options
     retry_fields = options.get("retry") or {}
-    retry = Retry(**{k: v for k, v in retry_fields.items() if k in _RETRY_FIELDS})
+    retry = Retry(
+        **{k: v for k, v in retry_fields.items() if k in _RETRY_FIELDS},
+        retry_on=_retry_on(retry_fields.get("retry_on")),
+    )
     timeout = options.get("timeout")
     record = TaskRecord(
         row.id,
@@ -184,6 +256,7 @@ def from_stored(row: StoredTask) -> tuple[TaskRecord, Callable[..., Any] | None]
         dict(row.trace_context),
         True,
         row.key,
+        _limits(options.get("limits")),
     )
     fn = resolve(row.target)
     return record, fn if callable(fn) else None
