@@ -7,7 +7,9 @@ while the client still talks real HTTP over a real socket.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import os
 import socket
 from collections.abc import AsyncIterator, Callable, Generator
 from contextlib import asynccontextmanager
@@ -170,3 +172,29 @@ SERVERS["granian"] = serve_granian
 
 #: Servers that share the test's event loop and need it to be uvloop.
 UVLOOP_SERVERS: dict[str, Callable[..., Any]] = {"uvicorn-uvloop": serve_uvicorn_uvloop}
+
+
+async def websocket_round_trip(stream: Any) -> None:
+    """A minimal WebSocket client on ``stream`` (to ``/ws``): handshake, read one frame,
+    send one, close."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    await stream.send(
+        (
+            "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += await stream.receive()
+    assert b" 101 " in data.split(b"\r\n", 1)[0]
+    rest = data.split(b"\r\n\r\n", 1)[1]
+    while len(rest) < 4:
+        rest += await stream.receive()
+    mask = os.urandom(4)
+    payload = b"bye"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    await stream.send(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
+    await stream.receive()  # the server's close frame
+    await stream.aclose()

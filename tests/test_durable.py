@@ -18,14 +18,15 @@ import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 import after_response
 from after_response import AfterResponseMiddleware, Retry, SQLiteStore
 
 from . import durable_tasks
 from .durable_process import until
-from .servers import serve_uvicorn
+from .servers import serve_uvicorn, websocket_round_trip
 
 pytestmark = pytest.mark.anyio
 
@@ -399,6 +400,36 @@ async def test_a_task_taken_over_from_the_store_keeps_its_retry_on_and_its_limit
     # max_concurrency=1: each run ends before the next starts.
     limited = [at for task, at in runs if task == "one_at_a_time"]
     assert limited == ["start", "end"] * 3
+
+
+async def test_a_durable_side_effect_added_in_a_websocket_is_stored_when_its_call_ends(
+    tmp_path: Path,
+) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    closed = anyio.Event()
+
+    async def chat(websocket: WebSocket) -> None:
+        await websocket.accept()
+        websocket.state.after_response.options(durable=True).add(
+            durable_tasks.record, str(ledger), "ada@example.com", code="7"
+        )
+        await websocket.send_text("hi")
+        await websocket.receive_text()
+        await websocket.close()
+        closed.set()
+
+    middleware = AfterResponseMiddleware(
+        Starlette(routes=[WebSocketRoute("/ws", chat)]),
+        store=SQLiteStore(tmp_path / "after_response.sqlite3"),
+    )
+    async with serve_uvicorn(middleware) as url:
+        stream = await anyio.connect_tcp("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        await websocket_round_trip(stream)
+        await closed.wait()
+        assert await middleware.drain(timeout=5)
+    stats = middleware.stats()
+    assert (stats.stored, stats.succeeded) == (1, 1)
+    assert [line["code"] for line in ledger_lines(ledger)] == ["7"]
 
 
 async def test_a_durable_side_effect_added_while_the_response_streams_is_stored_before_its_end(

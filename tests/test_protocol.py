@@ -15,7 +15,7 @@ from starlette.websockets import WebSocket
 from after_response import AfterResponseMiddleware, current
 
 from .asgi import call, http_scope, lifespan
-from .servers import serve_uvicorn
+from .servers import serve_uvicorn, websocket_round_trip
 
 pytestmark = pytest.mark.anyio
 
@@ -235,38 +235,10 @@ async def test_websocket_tasks_run_after_the_connection_closes() -> None:
     async with serve_uvicorn(middleware) as url:
         port = int(url.rsplit(":", 1)[1])
         stream = await anyio.connect_tcp("127.0.0.1", port)
-        await _websocket_round_trip(stream)
+        await websocket_round_trip(stream)
         await closed.wait()
         assert await middleware.drain(timeout=5)
     assert events == ["closing", "task"]
-
-
-async def _websocket_round_trip(stream: Any) -> None:
-    """A minimal WebSocket client: handshake, read one frame, send one, close."""
-    import base64
-    import os
-
-    key = base64.b64encode(os.urandom(16)).decode()
-    await stream.send(
-        (
-            "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += await stream.receive()
-    assert b" 101 " in data.split(b"\r\n", 1)[0]
-    rest = data.split(b"\r\n\r\n", 1)[1]
-    while len(rest) < 4:
-        rest += await stream.receive()
-    mask = os.urandom(4)
-    payload = b"bye"
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    await stream.send(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
-    await stream.receive()  # the server's close frame
-    await stream.aclose()
 
 
 async def test_websocket_handler_that_raises_discards_its_tasks() -> None:

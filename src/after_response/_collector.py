@@ -225,7 +225,7 @@ class Collector:
         return unsaved
 
     def forget(self, tasks: set[Task]) -> None:
-        """Drop ``tasks`` from those held (a durable add that was deduplicated)."""
+        """Drop ``tasks`` from those held (durable adds deduplicated, or not stored)."""
         self.held = [task for task in self.held if task not in tasks]
 
     def _add_late(self, task: Task) -> None:

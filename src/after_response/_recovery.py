@@ -109,6 +109,16 @@ class Durable(Endings):
             if task in await self.save([task]):
                 return
         except StoreError as exc:
+            self.not_stored([task], exc)
+            return
+        overflow = dispatcher.submit([task])
+        if overflow:
+            self.shed(overflow, "it was added after its response, and the queue was full")
+
+    def not_stored(self, tasks: list[Task], exc: StoreError) -> None:
+        """Durable ``tasks`` the store refused after their response: never run unstored,
+        they end as failed (logged once per interval and name, counted, dead-lettered)."""
+        for task in tasks:
             log_task_aggregated(
                 self.telemetry.aggregator,
                 f"could not be stored ({qualified_type(exc)})",
@@ -119,10 +129,6 @@ class Durable(Endings):
             )
             self.ledger.left_request += 1
             self.end(task, Outcome.FAILED, exc, attempts=0)
-            return
-        overflow = dispatcher.submit([task])
-        if overflow:
-            self.shed(overflow, "it was added after its response, and the queue was full")
 
     async def claim_stored(
         self, limit: int, *, states: Sequence[str] = RUNNABLE, what: str = "claiming"

@@ -149,17 +149,36 @@ class Requests:
             await app(scope, receive_watching, send)
         except Exception as exc:
             current_collector.reset(token)
-            if client_gone or client_left(exc):
-                await self.finish(collector, None)
-            else:
-                await self.finish(collector, f"the app raised {type(exc).__qualname__}")
+            failed = None
+            if not (client_gone or client_left(exc)):
+                failed = f"the app raised {type(exc).__qualname__}"
+            await self._store_websocket(collector, failed)
+            await self.finish(collector, failed)
             raise
         except BaseException:
             current_collector.reset(token)
             self.finish_cancelled(collector, None)
             raise
         current_collector.reset(token)
+        await self._store_websocket(collector, None)
         await self.finish(collector, None)
+
+    async def _store_websocket(self, collector: Collector, failed: str | None) -> None:
+        """A websocket has no response to complete: its durable tasks are stored when its
+        call ends, before they are handed over. Those the store refuses never run."""
+        tasks = collector.take_unsaved()
+        if failed is not None:
+            tasks = [task for task in tasks if task.record.run_on_error]
+        if not tasks:
+            return
+        try:
+            deduplicated = await self._executor.save(tasks)
+        except StoreError as exc:
+            collector.forget(set(tasks))
+            self._executor.not_stored(tasks, exc)
+            return
+        if deduplicated:
+            collector.forget(deduplicated)
 
 
 async def store_durable(executor: Executor, collector: Collector, status: int) -> bool:
