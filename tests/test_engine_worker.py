@@ -189,11 +189,29 @@ async def test_a_redelivery_is_marked_recovered(seen: list[Any]) -> None:
 async def test_what_cannot_run_is_logged_by_name_and_counted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    runner = WorkerRunner("test")
+    letters: list[DeadLetter] = []
+    delivered = threading.Event()
+
+    def hook(letter: DeadLetter) -> None:
+        letters.append(letter)
+        delivered.set()
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    runner = WorkerRunner("test", on_dead_letter=hook, tracer_provider=provider)
     missing = body("greet", "ada")
     missing["target"] = "tests.worker_effects:gone"
     assert await runner.run(missing) is Outcome.FAILED
     assert "tests.worker_effects:gone cannot be imported here" in caplog.text
+    # The message is acknowledged: the dead-letter hook and the span are what is left of it.
+    assert delivered.wait(5)
+    [letter] = letters
+    assert (letter.task_name, letter.task_id, letter.outcome) == ("greet", "id-greet", "failed")
+    assert isinstance(letter.exception, ImportError)
+    [span] = exporter.get_finished_spans()
+    assert span.attributes is not None
+    assert span.attributes["after_response.task.outcome"] == "failed"
     assert await runner.run({"not": "ours"}) is Outcome.FAILED
     assert "not an after-response message body" in caplog.text
     assert runner.stats().failed == 2

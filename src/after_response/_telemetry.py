@@ -256,10 +256,15 @@ class Telemetry:
         each, and their lines, aggregated with the others of their name and outcome (no log
         storms)."""
         self.ended_lines(tasks, outcome, level, what, *args)
+        for task in tasks:
+            self.unrun_span(task, outcome)
+
+    def unrun_span(self, task: Task, outcome: Outcome) -> None:
+        """The zero-length span of ``task``, which ended with ``outcome`` without running
+        (its line written by the caller)."""
         tracer = self._tracer.get()
         if tracer is not None:
-            for task in tasks:
-                _tracing.record_unrun(tracer, task, outcome)
+            _tracing.record_unrun(tracer, task, outcome)
 
 
 def _count(tally: dict[K, int], key: K, delta: int) -> None:

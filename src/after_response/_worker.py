@@ -62,7 +62,8 @@ class WorkerRunner:
     Args:
         system: the engine's name (``"celery"``, ``"taskiq"``), for log lines.
         on_dead_letter: called, in a thread of its own, with a ``DeadLetter`` for every
-            task whose last attempt failed or timed out in this worker.
+            task whose last attempt failed or timed out in this worker, or whose function
+            cannot be imported here.
         max_threads: worker threads for plain (``def``) side effects.
         tracer_provider, meter_provider: explicit providers (default: the global ones).
         log_interval: seconds over which the lines of attempts that failed, timed out or
@@ -145,6 +146,7 @@ class WorkerRunner:
             context = contextvars.copy_context()
         else:
             context = context_from_carrier(dict(row.trace_context))
+        self.telemetry.look()
         if fn is None:
             lines.emit(
                 logging.ERROR,
@@ -154,9 +156,10 @@ class WorkerRunner:
                 (row.name, row.id, self.system, row.target),
                 {"task_name": row.name, "task_id": row.id},
             )
-            self._count("failed")
+            self._not_run(
+                Task(record, _not_importable, False, context, next(self._seq)), row.attempt
+            )
             return Outcome.FAILED
-        self.telemetry.look()
         # Lines counted in the dead-letter hook's thread are summarised on this loop.
         self.telemetry.aggregator.loop = asyncio.get_running_loop()
         task = Task(record, fn, CallableInfo(fn).is_async, context, next(self._seq))
@@ -190,6 +193,20 @@ class WorkerRunner:
                 DeadLetter(task.record.name, task.record.id, exc, task.attempt, outcome.value),
             )
         return outcome
+
+    def _not_run(self, task: Task, attempts: int) -> None:
+        """A task this worker cannot run (its function cannot be imported here): it ends as
+        failed, with a span and its metric, and goes to the dead-letter hook: the message
+        is acknowledged, so the hook is what is left of it."""
+        task.done = True
+        record = task.record
+        self.telemetry.unrun_span(task, Outcome.FAILED)
+        self.telemetry.finished(task, Outcome.FAILED)
+        self._count("failed")
+        exc = ImportError(f"{record.target} cannot be imported in this {self.system} worker")
+        self.dead_letters.submit(
+            task, DeadLetter(record.name, record.id, exc, attempts, Outcome.FAILED.value)
+        )
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """The worker process stops: give the dead-letter hook at most ``timeout`` seconds
@@ -232,3 +249,8 @@ class WorkerRunner:
     def _count(self, what: str, delta: int = 1) -> None:
         with self._lock:
             self._counts[what] += delta
+
+
+def _not_importable(*args: object, **kwargs: object) -> None:
+    """Stands in for a function this worker cannot import: never called."""
+    raise AssertionError("a task whose function cannot be imported is never run")
