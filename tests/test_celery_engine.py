@@ -32,6 +32,7 @@ from opentelemetry.instrumentation.celery import CeleryInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from after_response import EngineConfigurationError
 from after_response._engine import RUNNER_TASK, Engine, Message, encode
 from after_response._store import StoredTask
 from after_response.celery import CeleryEngine
@@ -583,13 +584,15 @@ async def test_publish_before_start_and_after_stop_raises(redis_url: str) -> Non
 
 
 @pytest.mark.anyio
-async def test_start_refuses_an_app_that_turns_off_late_acknowledgement() -> None:
+async def test_startup_refuses_an_app_that_turns_off_late_acknowledgement() -> None:
     app = Celery("web", broker=f"redis://127.0.0.1:{closed_port()}/0")
     app.conf.task_annotations = {"*": {"acks_late": False, "reject_on_worker_lost": False}}
     engine = CeleryEngine(app)
-    with pytest.raises(RuntimeError, match=r"acks_late=False.*task_annotations") as raised:
-        await engine.start()
+    with pytest.raises(EngineConfigurationError, match=r"acks_late=False.*annotations") as raised:
+        engine.check()
     assert "reject_on_worker_lost=False" in str(raised.value)
+    with pytest.raises(EngineConfigurationError):
+        await engine.start()
 
 
 @pytest.mark.anyio

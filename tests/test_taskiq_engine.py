@@ -632,12 +632,13 @@ def test_a_second_engine_on_the_same_broker_is_refused() -> None:
 
 
 @pytest.mark.anyio
-async def test_start_warns_about_settings_that_lose_redelivery(
+async def test_startup_warns_once_about_settings_that_lose_redelivery(
     redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     engine = TaskiqEngine(RedisStreamBroker(redis_url, maxlen=1000))
     with caplog.at_level(logging.WARNING, logger="after_response"):
-        await engine.start()
+        engine.check()
+        await engine.start()  # retried while the broker is down: no warnings again
     await engine.stop()
     warnings = [record.getMessage() for record in caplog.records]
     assert len(warnings) == 2
@@ -647,24 +648,23 @@ async def test_start_warns_about_settings_that_lose_redelivery(
 
 
 @pytest.mark.anyio
-async def test_start_does_not_warn_about_a_well_configured_broker(
+async def test_startup_does_not_warn_about_a_well_configured_broker(
     redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     engine = TaskiqEngine(RedisStreamBroker(redis_url, unacknowledged_lock_timeout=30))
     with caplog.at_level(logging.WARNING, logger="after_response"):
+        engine.check()
         await engine.start()
     await engine.stop()
     assert caplog.records == []
 
 
-@pytest.mark.anyio
-async def test_start_warns_that_an_in_memory_broker_is_for_tests(
+def test_startup_warns_that_an_in_memory_broker_is_for_tests(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     engine = TaskiqEngine(InMemoryBroker())
     with caplog.at_level(logging.WARNING, logger="after_response"):
-        await engine.start()
-    await engine.stop()
+        engine.check()
     assert "InMemoryBroker runs the side effects in this process" in caplog.text
 
 
@@ -701,23 +701,20 @@ class UncheckedBroker(AsyncBroker):
         raise NotImplementedError
 
 
-@pytest.mark.anyio
-async def test_start_warns_that_it_cannot_check_an_unknown_broker(
+def test_startup_warns_that_it_cannot_check_an_unknown_broker(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     engine = TaskiqEngine(UncheckedBroker())
     with caplog.at_level(logging.WARNING, logger="after_response"):
-        await engine.start()
-    await engine.stop()
+        engine.check()
     assert "cannot check that a UncheckedBroker redelivers" in caplog.text
 
 
-@pytest.mark.anyio
-async def test_start_warns_that_a_sentinel_stream_broker_never_claims_messages_back(
+def test_startup_warns_that_a_sentinel_stream_broker_never_claims_messages_back(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     broker = RedisStreamSentinelBroker(sentinels=[("127.0.0.1", _closed_port())], master_name="m")
     engine = TaskiqEngine(broker, publish_timeout=0.5)
-    with caplog.at_level(logging.WARNING, logger="after_response"), pytest.raises(TimeoutError):
-        await engine.start()  # no sentinel answers
+    with caplog.at_level(logging.WARNING, logger="after_response"):
+        engine.check()  # no sentinel answers: nothing connects
     assert "RedisStreamSentinelBroker acknowledges after execution but never claims" in caplog.text

@@ -19,6 +19,7 @@ from ._current import current, get
 from ._dead_letters import DeadLetterHook
 from ._errors import (
     AfterResponseError,
+    EngineConfigurationError,
     NoActiveRequestError,
     NoCurrentTaskError,
     TaskAbandonedError,
@@ -39,6 +40,7 @@ __all__ = [
     "CurrentTask",
     "DeadLetter",
     "DeadLetterHook",
+    "EngineConfigurationError",
     "NoActiveRequestError",
     "NoCurrentTaskError",
     "Retry",

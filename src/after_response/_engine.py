@@ -57,8 +57,17 @@ class Engine(Protocol):
     #: The engine's name, as ``messaging.system`` on spans and in log lines.
     system: str
 
+    def check(self) -> None:
+        """Check the engine's settings, without connecting; called at lifespan startup,
+        before the app serves (warnings are logged).
+
+        Raises:
+            EngineConfigurationError: a setting makes the hand-off unsafe: the lifespan
+                startup fails with it, and the server does not start.
+        """
+
     async def start(self) -> None:
-        """Connect, and check the engine's settings; called at lifespan startup.
+        """Connect; called after :meth:`check`, in the background once the app serves.
 
         Raises:
             Exception: the broker cannot be reached (the relay retries, with backoff).

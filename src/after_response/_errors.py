@@ -33,5 +33,10 @@ class TaskAbandonedError(AfterResponseError, RuntimeError):
     the request call that owned it (without lifespan) was cancelled."""
 
 
+class EngineConfigurationError(AfterResponseError, RuntimeError):
+    """An engine's settings would make the hand-off unsafe (lose or never redeliver a
+    side effect): raised at lifespan startup, so the server does not start with them."""
+
+
 class StoreUnavailableError(AfterResponseError, RuntimeError):
     """A durable side effect could not be stored, so the response was not completed."""

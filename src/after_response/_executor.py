@@ -288,6 +288,8 @@ class Executor(Waiting):
         self.call_soon_threadsafe = loop_handle()
         self._closing = False
         try:
+            if self.relay is not None:
+                self.relay.engine.check()
             if self.journal is not None:
                 await self.journal.open()
             if running_asyncio():

@@ -40,6 +40,7 @@ from opentelemetry import propagate
 
 from ._dead_letters import DeadLetterHook
 from ._engine import RUNNER_TASK, Message
+from ._errors import EngineConfigurationError
 from ._logs import logger
 from ._worker import WorkerRunner
 
@@ -184,21 +185,29 @@ class CeleryEngine:
         for problem in _settings_problems(self.app):
             logger.error("after-response: the %s task %s", RUNNER_TASK, problem)
 
+    def check(self) -> None:
+        """Check the runner task's settings (at lifespan startup, before the app serves).
+
+        Raises:
+            EngineConfigurationError: a setting turns off what the hand-off relies on (the
+                message names the setting and the fix).
+        """
+        problems = _settings_problems(self.app)
+        if problems:
+            raise EngineConfigurationError(
+                f"CeleryEngine: the {RUNNER_TASK} task of Celery app {self.app.main!r} "
+                f"cannot hand off side effects safely: it {'; it '.join(problems)}"
+            )
+
     async def start(self) -> None:
         """Check the runner task's settings, and connect to the broker.
 
         Raises:
-            RuntimeError: a setting turns off what the hand-off relies on (the message
-                names the setting and the fix).
+            EngineConfigurationError: as :meth:`check`.
             TimeoutError: the broker did not answer within ``publish_timeout`` seconds.
             Exception: the broker refused the connection (kombu's error).
         """
-        problems = _settings_problems(self.app)
-        if problems:
-            raise RuntimeError(
-                f"CeleryEngine: the {RUNNER_TASK} task of Celery app {self.app.main!r} "
-                f"cannot hand off side effects safely: it {'; it '.join(problems)}"
-            )
+        self.check()
         if self._publisher is None:
             self._publisher = _Publisher(self.app, self.queue, self.publish_timeout)
         await self._publisher.start()

@@ -170,19 +170,21 @@ class TaskiqEngine:
         # Off the loop: it waits for the dead-letter hook's thread.
         await asyncio.to_thread(self.runner.shutdown)
 
-    async def start(self) -> None:
-        """Check the broker's settings, start its client side unless the app already did
-        (``await broker.startup()``: it declares the stream's consumer group), and check
-        that the broker answers.
+    def check(self) -> None:
+        """Check the broker's settings (at lifespan startup, before the app serves): those
+        that weaken the redelivery of a dead worker's tasks are logged as warnings on the
+        ``after_response`` logger, once (see the taskiq engine's page)."""
+        self._warn_about_settings()
 
-        Settings that weaken the redelivery of a dead worker's tasks are logged as
-        warnings on the ``after_response`` logger (see the taskiq engine's page).
+    async def start(self) -> None:
+        """Start the broker's client side unless the app already did (``await
+        broker.startup()``: it declares the stream's consumer group), and check that the
+        broker answers. Retried by the relay while it fails.
 
         Raises:
             TimeoutError: the broker did not answer within ``publish_timeout`` seconds.
             Exception: the broker's own error (refused connection...).
         """
-        self._warn_about_settings()
         try:
             with anyio.fail_after(self._publish_timeout):
                 if not self._broker_running:
