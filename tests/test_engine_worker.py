@@ -137,6 +137,19 @@ async def test_a_burst_of_failures_is_one_traceback_and_a_summary_written_at_shu
     assert "s3cr3t-token" not in caplog.text
 
 
+async def test_a_summary_of_retried_attempts_counts_attempts_not_tasks(
+    caplog: pytest.LogCaptureFixture, seen: list[Any]
+) -> None:
+    runner = WorkerRunner("test", log_interval=3600)
+    # One task, four failed attempts before its fifth succeeds: one line, three counted.
+    assert await runner.run(body("flaky", 4, attempts=5)) is Outcome.SUCCEEDED
+    runner.shutdown()
+    [summary] = [r for r in caplog.records if hasattr(r, "aggregated_count")]
+    assert summary.getMessage().startswith("... and 3 more attempts of flaky in the last ")
+    assert summary.getMessage().endswith(": failed (RuntimeError); retrying")
+    assert summary.task_name == "flaky"  # type: ignore[attr-defined]
+
+
 async def test_dead_letters_a_stuck_hook_has_not_started_on_are_given_up_at_shutdown(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

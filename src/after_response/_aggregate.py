@@ -37,6 +37,8 @@ SUMMARY: Final = "... and %s more %s %s in the last %.1fs: %s"
 """The summary line: left-out count (with thousands separators), what was counted ("tasks
 of"), the key's subject (a task name), seconds, reason."""
 TASKS: Final = "tasks of"
+#: What retried attempts' summaries count: one task may fail several attempts.
+ATTEMPTS: Final = "attempts of"
 
 
 class _Key:
@@ -201,7 +203,7 @@ class LogAggregator:
                     seconds,
                     reason,
                     extra={
-                        "task_name" if seen.counted == TASKS else "subject": subject,
+                        "task_name" if seen.counted in (TASKS, ATTEMPTS) else "subject": subject,
                         "reason": reason,
                         "aggregated_count": seen.count,
                         "aggregated_seconds": seconds,

@@ -15,7 +15,7 @@ from typing import Any, Final
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
-from ._aggregate import LogAggregator
+from ._aggregate import TASKS, LogAggregator
 from ._redact import exception_text
 from ._task import Task
 
@@ -64,12 +64,15 @@ def log_task_aggregated(
     exc: BaseException | None = None,
     span: Span | None = None,
     count: int = 1,
+    counted: str = TASKS,
 ) -> None:
     """:func:`log_task`, through ``aggregator`` (none: written as it is): keyed by the task's
     name and ``reason``, the first line of a key in an interval is written, the others are
-    counted in its summary line. ``count`` lines at once (tasks that ended together), of which
-    the first may be written; the line is built only when it is."""
-    if aggregator is None or aggregator.admit(level, (task.record.name, reason), count=count):
+    counted in its summary line (``counted``: what it counts). ``count`` lines at once (tasks
+    that ended together), of which the first may be written; the line is built only when it
+    is."""
+    key = (task.record.name, reason)
+    if aggregator is None or aggregator.admit(level, key, count=count, counted=counted):
         log_task(level, task, what, *args, exc=exc, span=span)
 
 

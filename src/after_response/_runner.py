@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 
-from ._aggregate import LogAggregator
+from ._aggregate import ATTEMPTS, LogAggregator
 from ._errors import TaskTimeoutError
 from ._logs import log_task_aggregated, qualified_type
 from ._task import Outcome, Task
@@ -115,6 +115,7 @@ class Runner:
                 "timed out" if timed_out else "failed",
                 type(exc).__qualname__,
                 span=None if span is None else span.span,
+                counted=ATTEMPTS,
             )
             return Outcome.RETRY, exc
         if watched:
