@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import socket
 import uuid
 from collections.abc import AsyncGenerator, Iterator
@@ -300,6 +301,21 @@ def test_the_task_of_a_killed_worker_runs_again_with_the_same_id_on_a_quiet_stre
     [again, done] = [line for line in read_effects(ledger) if line.entry == "receipt"][1:]
     assert first_run.task_id == again.task_id == done.task_id == receipt.id
     assert again.pid == done.pid != first_run.pid
+
+
+def test_sigterm_lets_the_running_side_effect_finish_then_the_worker_exits(
+    redis_url: str, tmp_path: Path
+) -> None:
+    ledger, gate = tmp_path / "ledger", tmp_path / "gate"
+    receipt = message("record_effect", "receipt", str(gate))
+    publish(redis_url, receipt)
+    with taskiq_worker(BROKER, redis_url, ledger=ledger) as worker:
+        [started] = wait_for_effect(ledger, "started", "receipt")
+        worker.process.send_signal(signal.SIGTERM)  # to the main process, as systemd's does
+        gate.touch()
+        assert worker.process.wait(worker.stop_timeout) == 0  # exited, not killed
+    [again, done] = [line for line in read_effects(ledger) if line.entry == "receipt"]
+    assert (again, done.event, done.pid) == (started, "done", started.pid)
 
 
 @pytest.mark.parametrize(
