@@ -70,21 +70,15 @@ class Served:
 
 
 @contextmanager
-def serve(server: str, mode: str, output: Path) -> Iterator[Served]:
-    """Start ``server`` on ``tests.exit_app`` in ``mode``; wait until ``/health`` answers.
+def launch(server: str, output: Path, **environ: str) -> Iterator[Served]:
+    """Start ``server`` on ``tests.exit_app``, configured by ``environ`` (``EXIT_APP_...``).
 
     Whatever happens, the process (and anything it spawned, granian's workers) is
     SIGKILLed on the way out if it is still there.
     """
     with bound_socket() as free:
         port = free.getsockname()[1]
-    env = {
-        **os.environ,
-        "EXIT_APP_MODE": mode,
-        "EXIT_APP_TASKS": str(TASKS),
-        "EXIT_APP_SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT),
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = {**os.environ, **environ, "PYTHONUNBUFFERED": "1"}
     with (output / "stdout").open("wb") as stdout, (output / "stderr").open("wb") as stderr:
         process = subprocess.Popen(
             [sys.executable, *COMMANDS[server](port)],
@@ -94,14 +88,25 @@ def serve(server: str, mode: str, output: Path) -> Iterator[Served]:
             stderr=stderr,
             start_new_session=True,  # its own process group: the cleanup reaches its workers
         )
-    served = Served(process, f"http://127.0.0.1:{port}", output)
     try:
-        wait_for(lambda: _answers(served), 20, f"{server} to answer /health", served)
-        yield served
+        yield Served(process, f"http://127.0.0.1:{port}", output)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(10)
+
+
+@contextmanager
+def serve(server: str, mode: str, output: Path) -> Iterator[Served]:
+    """Start ``server`` on ``tests.exit_app`` in ``mode``; wait until ``/health`` answers."""
+    environ = {
+        "EXIT_APP_MODE": mode,
+        "EXIT_APP_TASKS": str(TASKS),
+        "EXIT_APP_SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT),
+    }
+    with launch(server, output, **environ) as served:
+        wait_for(lambda: _answers(served), 20, f"{server} to answer /health", served)
+        yield served
 
 
 def _answers(served: Served) -> bool:
