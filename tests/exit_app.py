@@ -7,7 +7,11 @@ Configured through environment variables (a server's CLI passes nothing else thr
   in worker threads) or ``stuck-hook`` (async tasks that fail at once, with an
   ``on_dead_letter`` hook that never returns from the first dead letter);
 - ``EXIT_APP_TASKS``: how many tasks ``GET /start`` adds;
-- ``EXIT_APP_SHUTDOWN_TIMEOUT``: the middleware's ``shutdown_timeout``.
+- ``EXIT_APP_SHUTDOWN_TIMEOUT``: the middleware's ``shutdown_timeout``;
+- ``EXIT_APP_STORE``: if set, the path of the middleware's durable ``SQLiteStore``;
+- ``EXIT_APP_WRAPPED``: ``starlette`` (the default: a Starlette app with a lifespan of its
+  own) or ``no-lifespan`` (the same app behind one that raises on the lifespan scope, as
+  Django's ASGI handler does).
 
 ``GET /health`` answers ``ok``; ``GET /stats`` answers ``middleware.stats()`` as JSON. The
 app's own lifespan shutdown prints :data:`SHUTDOWN_MARKER` to stdout; the ``after_response``
@@ -30,8 +34,9 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
-from after_response import AfterResponseMiddleware, DeadLetter
+from after_response import AfterResponseMiddleware, DeadLetter, SQLiteStore
 
 SHUTDOWN_MARKER = "exit-app: the app's own shutdown ran"
 IGNORE_CANCEL_NAME = "ignores_cancellation"
@@ -41,6 +46,8 @@ FAILING_NAME = "fails_at_once"
 MODE = os.environ.get("EXIT_APP_MODE", "ignore-cancel")
 TASKS = int(os.environ.get("EXIT_APP_TASKS", "1"))
 SHUTDOWN_TIMEOUT = float(os.environ.get("EXIT_APP_SHUTDOWN_TIMEOUT", "0.5"))
+STORE = os.environ.get("EXIT_APP_STORE")
+WRAPPED = os.environ.get("EXIT_APP_WRAPPED", "starlette")
 
 _handler = logging.StreamHandler(sys.stderr)
 _handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
@@ -98,12 +105,22 @@ async def lifespan(_: Starlette) -> AsyncIterator[None]:
     print(SHUTDOWN_MARKER, flush=True)
 
 
+starlette_app = Starlette(
+    routes=[Route("/start", start), Route("/health", health), Route("/stats", stats)],
+    lifespan=lifespan,
+)
+
+
+async def without_lifespan(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "lifespan":
+        raise RuntimeError("this app does not support the lifespan protocol")
+    await starlette_app(scope, receive, send)
+
+
 app = AfterResponseMiddleware(
-    Starlette(
-        routes=[Route("/start", start), Route("/health", health), Route("/stats", stats)],
-        lifespan=lifespan,
-    ),
+    starlette_app if WRAPPED == "starlette" else without_lifespan,
     shutdown_timeout=SHUTDOWN_TIMEOUT,
     max_threads=max(TASKS, 1),
     on_dead_letter=stuck_hook if MODE == "stuck-hook" else None,
+    store=None if STORE is None else SQLiteStore(STORE),
 )

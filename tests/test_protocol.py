@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -12,7 +13,7 @@ from starlette.routing import WebSocketRoute
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from after_response import AfterResponseMiddleware, current
+from after_response import AfterResponseMiddleware, SQLiteStore, StoreError, current
 
 from .asgi import call, http_scope, lifespan
 from .servers import serve_uvicorn, websocket_round_trip
@@ -213,6 +214,39 @@ async def test_lifespan_startup_failure_propagates() -> None:
     messages = [{"type": "lifespan.startup"}]
     with pytest.raises(RuntimeError, match="database unreachable"):
         await call(AfterResponseMiddleware(app), {"type": "lifespan", "state": {}}, messages)
+
+
+async def without_lifespan(scope: Scope, receive: Receive, send: Send) -> None:
+    raise RuntimeError("no lifespan")
+
+
+@pytest.mark.parametrize(
+    "wrapped", [Starlette(), without_lifespan], ids=["speaks-lifespan", "without-lifespan"]
+)
+async def test_a_store_that_cannot_be_opened_fails_lifespan_startup(
+    wrapped: Any, tmp_path: Path
+) -> None:
+    """The middleware answers ``lifespan.startup.failed`` itself, with the store's error: a
+    server in lifespan mode "auto" would take the exception alone for "lifespan unsupported"."""
+    store = tmp_path / "no-such-directory" / "tasks.sqlite3"
+    middleware = AfterResponseMiddleware(wrapped, store=SQLiteStore(str(store)))
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    # The store's error itself, not an exception group, so a server logs what it says.
+    with pytest.raises(StoreError, match="does its directory exist") as raised:
+        await middleware({"type": "lifespan", "state": {}}, receive, send)
+    assert sent == [
+        {
+            "type": "lifespan.startup.failed",
+            "message": f"AfterResponseMiddleware could not start: StoreError: {raised.value}",
+        }
+    ]
 
 
 async def test_websocket_tasks_run_after_the_connection_closes() -> None:

@@ -4,6 +4,10 @@ hypercorn and granian alike, whatever its side effects do (real subprocess serve
 A task that catches ``CancelledError`` and carries on is left behind once the grace passes;
 a sync task blocked in its worker thread is abandoned (daemon threads do not keep the
 process alive). Either way each is logged by name and the app's own shutdown runs.
+
+And a middleware that cannot start (its store cannot be opened) fails the server's startup
+in the server's default lifespan mode, saying why, rather than passing for an app without
+lifespan support.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ TASKS = 3
 SHUTDOWN_TIMEOUT = 0.5
 #: Slack on top of shutdown_timeout + the grace: the server's own shutdown, interpreter exit.
 MARGIN = 5.0
+#: Seconds a server whose startup fails has to exit: interpreter, server and app start-up.
+STARTUP_BOUND = 20.0
 
 COMMANDS: dict[str, Callable[[int], list[str]]] = {
     "uvicorn": lambda port: [
@@ -65,8 +71,8 @@ class Served:
     def stderr(self) -> str:
         return (self._output / "stderr").read_text()
 
-    def get(self, path: str) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=5)
+    def get(self, path: str, timeout: float = 5) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=timeout)
 
 
 @contextmanager
@@ -125,6 +131,21 @@ def wait_for(condition: Callable[[], bool], seconds: float, what: str, served: S
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {seconds}s waiting for {what}:\n{served.stderr()}")
         time.sleep(0.05)
+
+
+def wait_for_exit_serving_nothing(served: Served, seconds: float) -> None:
+    """Poll ``/health`` until the server exits (bounded), failing if it ever answers."""
+    deadline = time.monotonic() + seconds
+    while served.process.poll() is None:
+        if time.monotonic() > deadline:
+            pytest.fail(f"the server was still running after {seconds}s:\n{served.stderr()}")
+        try:
+            # Short: a server may accept connections on its socket before its startup ends.
+            response = served.get("/health", timeout=0.5)
+        except httpx.TransportError:
+            time.sleep(0.05)
+            continue
+        pytest.fail(f"the server answered {response.status_code} though its startup failed")
 
 
 def running(served: Served) -> int:
@@ -210,3 +231,24 @@ def test_dead_letters_a_stuck_hook_never_got_are_logged_by_name_and_the_server_e
             f"still busy when shutdown ended ({FAILING_NAME}: {TASKS - 1})",
         )
         assert len(given_up) == 1, served.stderr()
+
+
+@pytest.mark.parametrize("wrapped", ["starlette", "no-lifespan"])
+@pytest.mark.parametrize("server", sorted(COMMANDS))
+def test_a_store_that_cannot_be_opened_fails_the_server_startup(
+    server: str, wrapped: str, tmp_path: Path
+) -> None:
+    """In lifespan mode "auto" (each server's default) a failed startup of the middleware is
+    the server's failed startup, whether or not the wrapped app speaks lifespan: no serving
+    without the store, nor without crash recovery."""
+    store = tmp_path / "no-such-directory" / "tasks.sqlite3"
+    with launch(server, tmp_path, EXIT_APP_STORE=str(store), EXIT_APP_WRAPPED=wrapped) as served:
+        wait_for_exit_serving_nothing(served, STARTUP_BOUND)
+    output = served.stdout() + served.stderr()
+    # The store's own error: the file, and what to check.
+    said = lines_naming(output, "AfterResponseMiddleware could not start", str(store))
+    assert [line for line in said if "does its directory exist" in line], output
+    if server != "hypercorn":
+        # hypercorn 0.18 exits 0 even when its worker failed: run() overwrites the worker's
+        # exit code with that of a second, empty join (pgjones/hypercorn#269).
+        assert served.process.returncode != 0, output
