@@ -9,6 +9,8 @@ Configured through environment variables (a server's CLI passes nothing else thr
 - ``EXIT_APP_TASKS``: how many tasks ``GET /start`` adds;
 - ``EXIT_APP_SHUTDOWN_TIMEOUT``: the middleware's ``shutdown_timeout``;
 - ``EXIT_APP_STORE``: if set, the path of the middleware's durable ``SQLiteStore``;
+- ``EXIT_APP_CELERY``: if set, the middleware hands durable side effects to a ``CeleryEngine``
+  whose Celery app (broker never reached) has this JSON as its ``task_annotations``;
 - ``EXIT_APP_WRAPPED``: ``starlette`` (the default: a Starlette app with a lifespan of its
   own) or ``no-lifespan`` (the same app behind one that raises on the lifespan scope, as
   Django's ASGI handler does).
@@ -23,12 +25,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -47,6 +51,7 @@ MODE = os.environ.get("EXIT_APP_MODE", "ignore-cancel")
 TASKS = int(os.environ.get("EXIT_APP_TASKS", "1"))
 SHUTDOWN_TIMEOUT = float(os.environ.get("EXIT_APP_SHUTDOWN_TIMEOUT", "0.5"))
 STORE = os.environ.get("EXIT_APP_STORE")
+CELERY_ANNOTATIONS = os.environ.get("EXIT_APP_CELERY")
 WRAPPED = os.environ.get("EXIT_APP_WRAPPED", "starlette")
 
 _handler = logging.StreamHandler(sys.stderr)
@@ -117,10 +122,21 @@ async def without_lifespan(scope: Scope, receive: Receive, send: Send) -> None:
     await starlette_app(scope, receive, send)
 
 
+def celery_engine(annotations: str) -> Any:
+    from celery import Celery
+
+    from after_response.celery import CeleryEngine
+
+    celery = Celery("exit_app", broker="redis://127.0.0.1:1/0")
+    celery.conf.task_annotations = json.loads(annotations)
+    return CeleryEngine(celery)
+
+
 app = AfterResponseMiddleware(
     starlette_app if WRAPPED == "starlette" else without_lifespan,
     shutdown_timeout=SHUTDOWN_TIMEOUT,
     max_threads=max(TASKS, 1),
     on_dead_letter=stuck_hook if MODE == "stuck-hook" else None,
     store=None if STORE is None else SQLiteStore(STORE),
+    engine=None if CELERY_ANNOTATIONS is None else celery_engine(CELERY_ANNOTATIONS),
 )

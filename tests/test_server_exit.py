@@ -252,3 +252,18 @@ def test_a_store_that_cannot_be_opened_fails_the_server_startup(
         # hypercorn 0.18 exits 0 even when its worker failed: run() overwrites the worker's
         # exit code with that of a second, empty join (pgjones/hypercorn#269).
         assert served.process.returncode != 0, output
+
+
+def test_an_engine_whose_settings_are_unsafe_fails_the_server_startup(tmp_path: Path) -> None:
+    """Not a broker outage (the app serves on, the relay retries): a configuration that
+    would lose side effects, which no retry mends."""
+    annotations = '{"after_response.run": {"acks_late": false}}'
+    store = tmp_path / "tasks.sqlite3"
+    with launch(
+        "uvicorn", tmp_path, EXIT_APP_STORE=str(store), EXIT_APP_CELERY=annotations
+    ) as served:
+        wait_for_exit_serving_nothing(served, STARTUP_BOUND)
+    output = served.stdout() + served.stderr()
+    said = lines_naming(output, "could not start: EngineConfigurationError", "acks_late=False")
+    assert said, output
+    assert served.process.returncode != 0, output
