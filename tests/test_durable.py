@@ -135,7 +135,7 @@ def test_durable_adds_fail_at_add_with_what_to_fix(tmp_path: Path) -> None:
     assert all("store=SQLiteStore" in e for e in no_store[:3])
     assert "importable by a stable name" in errors[0]
     assert "argument 2 (a tuple) does not come back the same from JSON" in errors[1]
-    assert "argument code= (a object) cannot be stored as JSON" in errors[2]
+    assert "argument code= (an object) cannot be stored as JSON" in errors[2]
     assert "add durable=True" in errors[3]
     assert "a method bound to an object" in errors[4]
     assert "Retry(retry_on=...) holds " in errors[5]

@@ -84,19 +84,23 @@ def _check_json(value: object, which: str, name: str) -> None:
     try:
         text = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        kind = type(value).__name__
         raise TypeError(
-            f"add({name}, ...) with durable=True: {which} (a {kind}) cannot be stored as JSON "
-            f"({type(exc).__name__}); pass plain data: str, int, float, bool, None, lists and "
-            "dicts with string keys"
+            f"add({name}, ...) with durable=True: {which} ({_a_type(value)}) cannot be stored "
+            f"as JSON ({type(exc).__name__}); pass plain data: str, int, float, bool, None, "
+            "lists and dicts with string keys"
         ) from None
     if json.loads(text) != value:
-        kind = type(value).__name__
         raise TypeError(
-            f"add({name}, ...) with durable=True: {which} (a {kind}) does not come back the "
-            "same from JSON (a tuple becomes a list, a dict's int keys become strings); pass "
-            "lists, and dicts with string keys"
+            f"add({name}, ...) with durable=True: {which} ({_a_type(value)}) does not come "
+            "back the same from JSON (a tuple becomes a list, a dict's int keys become "
+            "strings); pass lists, and dicts with string keys"
         )
+
+
+def _a_type(value: object) -> str:
+    """The value's type with its article: ``"an int"``, ``"a tuple"``."""
+    kind = type(value).__name__
+    return f"{'an' if kind[0].lower() in 'aeiou' else 'a'} {kind}"
 
 
 def storable(fn: Callable[..., Any], record: TaskRecord) -> bool:
