@@ -57,3 +57,15 @@ async def one_at_a_time(ledger: str, n: int) -> None:
 async def wrong_error(ledger: str) -> None:
     _append(ledger, {"task": "wrong_error"})
     raise ValueError("not worth another attempt")
+
+
+async def quotes_its_arguments(
+    ledger: str, token: str, recipients: dict[str, Any], items: list[str], *, note: str
+) -> None:
+    """Fails with its arguments in its message as exceptions quote them: as text, repr()s,
+    dict keys, a list's repr."""
+    _append(ledger, {"task": "quotes_its_arguments"})
+    raise ValueError(
+        f"bad token {token} ({token!r}); bad mapping {list(recipients)}; bad items {items}; "
+        f"bad note {note!r}"
+    )

@@ -190,6 +190,52 @@ async def test_retry_run_all_honours_targets_timeouts_and_retries(tmp_path: Path
     assert SECRET not in result.stdout + result.stderr
 
 
+async def test_retry_run_keeps_the_arguments_out_of_the_stored_error_and_the_output(
+    tmp_path: Path,
+) -> None:
+    db, ledger_path = tmp_path / "app.sqlite3", str(tmp_path / "ledger.jsonl")
+    token, address, item, note = (
+        "SECRET\\TOKEN-123\n",
+        "ada.secret@example.com",
+        "SECRET\\TOKEN-456",
+        "hunter2-note",
+    )
+    no_backoff = {"attempts": 2, "backoff": 0, "jitter": 0}
+    await seed(
+        db,
+        dead(
+            "quotes",
+            "tests.durable_tasks:quotes_its_arguments",
+            [ledger_path, token, {address: 1}, ["plain-item", item]],
+            kwargs={"note": note},
+            options={"retry": no_backoff},
+        ),
+    )
+    ran = cli("retry", "--all", "--run", "--db", str(db))
+    assert ran.stdout.strip() == (
+        "quotes  quotes_its_arguments  dead again (ValueError) after 2 attempt(s)"
+    )
+    with sqlite3.connect(db) as conn:
+        [(stored,)] = conn.execute("SELECT error_message FROM tasks").fetchall()
+    assert stored.startswith("bad token [redacted] ('[redacted]'); bad mapping ['[redacted]']")
+    outputs = [
+        ran.stdout + ran.stderr,
+        stored,
+        *(
+            cli(*command, "--db", str(db)).stdout
+            for command in (
+                ("list",),
+                ("list", "--json"),
+                ("show", "quotes"),
+                ("show", "quotes", "--json"),
+            )
+        ),
+    ]
+    for value in (token, address, item, "plain-item", note):
+        for form in (value, repr(value)[1:-1], json.dumps(value)[1:-1]):
+            assert not any(form in output for output in outputs), form
+
+
 async def test_the_console_script_and_the_environment_variable(db: Path) -> None:
     script = Path(sys.executable).parent / "after-response"
     result = cli("list", program=[str(script)], AFTER_RESPONSE_DB=str(db))

@@ -12,18 +12,17 @@ import contextvars
 import importlib
 import inspect
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
 from ._durable import from_stored
 from ._errors import TaskTimeoutError
 from ._options import NO_RETRY, Retry
+from ._redact import exception_text
 from ._store import Store, StoredTask
 from ._task import Task, _running
 
-#: Shorter argument strings are left in messages: they would match ordinary words.
-_MIN_REDACTED_LENGTH: Final = 4
 _RETRY_FIELDS: Final = ("attempts", "backoff", "multiplier", "max_backoff", "jitter")
 
 
@@ -57,26 +56,6 @@ def resolve(target: str) -> Callable[..., Any]:
     return found  # type: ignore[no-any-return]
 
 
-def _strings(value: object) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _strings(item)
-
-
-def redact(message: str, task: StoredTask) -> str:
-    """``message`` with every string among the task's arguments (at any depth, of at least
-    four characters) replaced by ``[redacted]``."""
-    secrets = {s for s in _strings([task.args, task.kwargs]) if len(s) >= _MIN_REDACTED_LENGTH}
-    for secret in sorted(secrets, key=len, reverse=True):
-        message = message.replace(secret, "[redacted]")
-    return message
-
-
 def _retry_policy(options: dict[str, Any]) -> Retry:
     stored = options.get("retry")
     if stored is None:
@@ -103,6 +82,12 @@ async def _attempt(
         _running.reset(token)
 
 
+def _error(exc: Exception, fn: object, task: StoredTask) -> tuple[str, str]:
+    """The exception's type and its message, redacted as the live runner redacts it."""
+    message, _ = exception_text(exc, fn, tuple(task.args), task.kwargs)
+    return type(exc).__name__, message
+
+
 async def replay(store: Store, task: StoredTask) -> Outcome:
     """Run ``task`` (owned by this process) to its end: succeeded, or dead again.
 
@@ -115,7 +100,7 @@ async def replay(store: Store, task: StoredTask) -> Outcome:
         retry = _retry_policy(task.options)
         timeout = task.options.get("timeout")
     except Exception as exc:  # nothing to run: dead again, no attempt made
-        store.mark_dead(task.id, attempt, type(exc).__name__, redact(str(exc), task))
+        store.mark_dead(task.id, attempt, *_error(exc, None, task))
         return Outcome(task.id, task.name, False, attempt, type(exc).__name__)
     while True:
         attempt += 1
@@ -123,7 +108,7 @@ async def replay(store: Store, task: StoredTask) -> Outcome:
         try:
             await _attempt(fn, task, attempt, timeout)
         except Exception as exc:
-            error_type, message = type(exc).__name__, redact(str(exc), task)
+            error_type, message = _error(exc, fn, task)
             if retry.should_retry(attempt, exc):
                 delay = retry.delay(attempt)
                 store.mark_retry(task.id, attempt, time.time() + delay, error_type, message)
