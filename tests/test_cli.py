@@ -23,12 +23,16 @@ SECRET = "alice@example.com"
 CODE = "code-8f3a-secret"
 
 
+PYTHON_M = (sys.executable, "-m", "after_response")
+CONSOLE_SCRIPT = (str(Path(sys.executable).parent / "after-response"),)
+
+
 def cli(
-    *args: str, program: Sequence[str] = (sys.executable, "-m", "after_response"), **env: str
+    *args: str, program: Sequence[str] = PYTHON_M, cwd: Path = ROOT, **env: str
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*program, "dead-letters", *args],
-        cwd=ROOT,
+        cwd=cwd,
         env={**os.environ, **env},
         capture_output=True,
         text=True,
@@ -236,9 +240,31 @@ async def test_retry_run_keeps_the_arguments_out_of_the_stored_error_and_the_out
             assert not any(form in output for output in outputs), form
 
 
+APP_TASKS = """
+import json
+
+
+def send(ledger, to):
+    with open(ledger, "a") as file:
+        file.write(json.dumps({"task": "send", "to": to}) + "\\n")
+"""
+
+
+@pytest.mark.parametrize("program", [CONSOLE_SCRIPT, PYTHON_M], ids=["console-script", "-m"])
+async def test_retry_run_imports_the_app_s_modules_from_the_working_directory(
+    tmp_path: Path, program: Sequence[str]
+) -> None:
+    (tmp_path / "app_tasks.py").write_text(APP_TASKS)
+    db = tmp_path / "app.sqlite3"
+    await seed(db, dead("receipt-1", "app_tasks:send", [str(tmp_path / "ledger.jsonl"), SECRET]))
+    result = cli("retry", "--all", "--run", "--db", str(db), program=program, cwd=tmp_path)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.strip() == "receipt-1  send  succeeded after 1 attempt(s)"
+    assert [entry["to"] for entry in ledger(db)] == [SECRET]
+
+
 async def test_the_console_script_and_the_environment_variable(db: Path) -> None:
-    script = Path(sys.executable).parent / "after-response"
-    result = cli("list", program=[str(script)], AFTER_RESPONSE_DB=str(db))
+    result = cli("list", program=CONSOLE_SCRIPT, AFTER_RESPONSE_DB=str(db))
     assert result.returncode == 0, result.stderr
     assert "receipt-1" in result.stdout
 

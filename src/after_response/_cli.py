@@ -55,7 +55,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit code."""
+    """Run the command line; return the exit code.
+
+    The working directory is put first on ``sys.path`` (as ``python -m`` does), so that
+    ``retry --run`` imports the app's modules when run from the app's directory.
+    """
+    _working_directory_first()
     parser = _parser()
     options = parser.parse_args(argv)
     options.db = options.db or os.environ.get(ENVIRONMENT_VARIABLE)
@@ -72,6 +77,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_run(options))
     except StoreError as exc:
         return _fail(str(exc))
+
+
+def _working_directory_first() -> None:
+    # The console script's sys.path starts with its own directory (the virtualenv's bin),
+    # where ``python -m`` puts the working directory; celery's command line adds it alike.
+    try:
+        working_directory = os.getcwd()
+    except FileNotFoundError:  # it was deleted: there is nothing to import from
+        return
+    if working_directory not in sys.path:
+        sys.path.insert(0, working_directory)
 
 
 def _fail(message: str) -> int:
