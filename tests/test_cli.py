@@ -175,6 +175,7 @@ async def test_retry_run_all_honours_targets_timeouts_and_retries(tmp_path: Path
         ),
         dead("gone", "tests.durable_tasks:no_such_function", []),
     )
+    gone = await read(db, "gone")
     result = cli("retry", "--all", "--run", "--db", str(db))
     assert result.returncode == 1, "some ended dead again"
     lines = dict(line.split("  ", 1) for line in result.stdout.splitlines())
@@ -183,8 +184,12 @@ async def test_retry_run_all_honours_targets_timeouts_and_retries(tmp_path: Path
         "sync": "record_sync  succeeded after 1 attempt(s)",
         "hangs": "hangs  dead again (TaskTimeoutError) after 1 attempt(s)",
         "fails": "always_fails  dead again (ConnectionError) after 2 attempt(s)",
-        "gone": "no_such_function  dead again (AttributeError) after 0 attempt(s)",
     }
+    assert "not run: gone (no_such_function): tests.durable_tasks:no_such_function" in (
+        result.stderr
+    )
+    assert "was it renamed or removed?" in result.stderr
+    assert await read(db, "gone") == gone
     ran = [entry["task"] for entry in ledger(tmp_path / "app.sqlite3")]
     assert sorted(ran) == ["Receipts.send", "always_fails", "always_fails", "hangs", "record_sync"]
     failed = await read(db, "fails")
@@ -261,6 +266,23 @@ async def test_retry_run_imports_the_app_s_modules_from_the_working_directory(
     assert (result.returncode, result.stderr) == (0, "")
     assert result.stdout.strip() == "receipt-1  send  succeeded after 1 attempt(s)"
     assert [entry["to"] for entry in ledger(db)] == [SECRET]
+
+
+@pytest.mark.parametrize("which", [("receipt-1",), ("--all",)])
+async def test_retry_run_leaves_a_dead_letter_whose_module_does_not_import_as_it_was(
+    tmp_path: Path, which: tuple[str, ...]
+) -> None:
+    db = tmp_path / "app.sqlite3"
+    await seed(db, dead("receipt-1", "app_tasks:send", [str(tmp_path / "ledger.jsonl"), SECRET]))
+    before = await read(db, "receipt-1")
+    result = cli("retry", *which, "--run", "--db", str(db), program=CONSOLE_SCRIPT, cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert "not run: receipt-1 (send): app_tasks:send cannot be imported here" in result.stderr
+    assert "No module named 'app_tasks'" in result.stderr
+    assert "run the command from your app's directory" in result.stderr
+    assert "PYTHONPATH" in result.stderr
+    assert SECRET not in result.stderr
+    assert await read(db, "receipt-1") == before, "its error and attempts are kept"
 
 
 async def test_the_console_script_and_the_environment_variable(db: Path) -> None:

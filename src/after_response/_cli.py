@@ -12,11 +12,12 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any, Final
 
-from ._replay import replay
+from ._redact import safe_message
+from ._replay import replay, resolve
 from ._sqlite import SQLiteStore
 from ._store import DEAD, StoredTask, StoreError
 
@@ -125,19 +126,53 @@ def _counted(count: int, done: str, options: argparse.Namespace) -> int:
 
 
 async def _run_now(store: SQLiteStore, owner: str, options: argparse.Namespace) -> int:
-    ids = [options.id] if options.id else [t.id for t in store.dead_letters(_EVERYTHING)]
+    if options.id:
+        task = store.get(options.id)
+        dead = [task] if task is not None and task.state == DEAD else []
+    else:
+        dead = store.dead_letters(_EVERYTHING)
+    functions = _importable(dead)
     # Owned by this process while they run: a live app does not take them meanwhile.
-    if not ids or not await store.retry_dead(ids, owner=owner):
+    claimed = await store.retry_dead(list(functions), owner=owner) if functions else 0
+    if not claimed and len(functions) == len(dead):
         return _counted(0, "", options)
-    taken = [t for t in map(store.get, ids) if t is not None and t.owner == owner]
-    failed = 0
+    taken = [t for t in map(store.get, functions) if t is not None and t.owner == owner]
+    failed = len(dead) - len(functions)
     for task in taken:
-        outcome = await replay(store, task)
+        outcome = await replay(store, task, functions[task.id])
         failed += not outcome.succeeded
         result = "succeeded" if outcome.succeeded else f"dead again ({outcome.error_type})"
         print(f"{task.id}  {task.name}  {result} after {outcome.attempts} attempt(s)")
     await store.flush()
     return 1 if failed else 0
+
+
+def _importable(dead: list[StoredTask]) -> dict[str, Callable[..., Any]]:
+    """The function of each dead letter, by id; those whose function does not import here
+    are named on stderr and left in the store as they are (their error is not replaced)."""
+    functions: dict[str, Callable[..., Any]] = {}
+    for task in dead:
+        try:
+            functions[task.id] = resolve(task.target)
+        except Exception as exc:
+            print(
+                f"after-response: not run: {task.id} ({task.name}): {task.target} cannot be "
+                f"imported here ({type(exc).__name__}: {safe_message(exc)}); "
+                f"{_import_fix(exc)}; the dead letter is left as it was",
+                file=sys.stderr,
+            )
+    return functions
+
+
+def _import_fix(exc: Exception) -> str:
+    if isinstance(exc, ImportError):
+        return (
+            "run the command from your app's directory (in its virtualenv), or set "
+            "PYTHONPATH so that its modules import"
+        )
+    if isinstance(exc, (AttributeError, TypeError)):  # the module has no such function
+        return "was it renamed or removed? put it back, or purge the dead letter"
+    return "its module raised while being imported: fix it, or run where it imports"
 
 
 def _when(timestamp: float | None) -> str:

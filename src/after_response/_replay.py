@@ -88,19 +88,19 @@ def _error(exc: Exception, fn: object, task: StoredTask) -> tuple[str, str]:
     return type(exc).__name__, message
 
 
-async def replay(store: Store, task: StoredTask) -> Outcome:
+async def replay(store: Store, task: StoredTask, fn: Callable[..., Any]) -> Outcome:
     """Run ``task`` (owned by this process) to its end: succeeded, or dead again.
 
-    Every attempt is recorded (``mark_running``, ``mark_retry``), then the outcome
-    (``mark_succeeded`` or ``mark_dead`` with the error type and the redacted message).
+    ``fn`` is the function at the task's target (see :func:`resolve`). Every attempt is
+    recorded (``mark_running``, ``mark_retry``), then the outcome (``mark_succeeded`` or
+    ``mark_dead`` with the error type and the redacted message).
     """
     attempt = task.attempt
     try:
-        fn = resolve(task.target)
         retry = _retry_policy(task.options)
         timeout = task.options.get("timeout")
-    except Exception as exc:  # nothing to run: dead again, no attempt made
-        store.mark_dead(task.id, attempt, *_error(exc, None, task))
+    except Exception as exc:  # stored options this code cannot read: dead again, not run
+        store.mark_dead(task.id, attempt, *_error(exc, fn, task))
         return Outcome(task.id, task.name, False, attempt, type(exc).__name__)
     while True:
         attempt += 1
