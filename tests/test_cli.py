@@ -7,14 +7,18 @@ import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from after_response._sqlite import SQLiteStore
 from after_response._store import StoredTask
+
+from .not_stores import NOT_STORES
 
 pytestmark = pytest.mark.anyio
 
@@ -291,12 +295,51 @@ async def test_the_console_script_and_the_environment_variable(db: Path) -> None
     assert "receipt-1" in result.stdout
 
 
-async def test_a_missing_file_is_an_error_and_is_not_created(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [("list",), ("retry", "--all"), ("purge", "--all")])
+async def test_a_missing_file_is_an_error_and_is_not_created(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
     missing = tmp_path / "typo.sqlite3"
-    result = cli("list", "--db", str(missing))
+    result = cli(*command, "--db", str(missing))
     assert result.returncode == 1
     assert f"no store at {missing} (the file does not exist)" in result.stderr
     assert not missing.exists()
+
+
+@pytest.mark.parametrize("make", NOT_STORES.values(), ids=NOT_STORES)
+@pytest.mark.parametrize(
+    "command",
+    [("list",), ("show", "x"), ("retry", "x"), ("retry", "--all", "--run"), ("purge", "--all")],
+    ids=" ".join,
+)
+def test_a_file_that_is_not_a_store_is_refused_and_left_as_it_was(
+    tmp_path: Path, make: Callable[[Path], Any], command: tuple[str, ...]
+) -> None:
+    path = tmp_path / "other.sqlite3"
+    make(path)
+    before = path.read_bytes()
+    result = cli(*command, "--db", str(path))
+    assert result.returncode == 1
+    assert f"after-response: {path} is not an after-response store" in result.stderr
+    assert "give the path your application's SQLiteStore uses" in result.stderr
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["other.sqlite3"]
+
+
+@pytest.mark.parametrize(
+    "command", [("list",), ("list", "--json"), ("show", "receipt-1")], ids=" ".join
+)
+async def test_reading_commands_write_nothing_to_the_store(
+    db: Path, command: tuple[str, ...]
+) -> None:
+    with closing(sqlite3.connect(db)) as conn, conn:  # as an older version left it
+        conn.execute("DROP INDEX tasks_finished")
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    before = await anyio.Path(db).read_bytes()
+    result = cli(*command, "--db", str(db))
+    assert result.returncode == 0, result.stderr
+    assert "receipt-1" in result.stdout
+    assert await anyio.Path(db).read_bytes() == before, "not migrated, no owner registered"
 
 
 @pytest.mark.parametrize(

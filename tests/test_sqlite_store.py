@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from after_response._sqlite import SQLiteStore
 from after_response._sqlite_queries import MIGRATIONS, SCHEMA_VERSION, migrate
 from after_response._store import SchemaVersionError, StoredTask, StoreError
 
+from .not_stores import NOT_STORES
 from .store_child import task
 
 pytestmark = pytest.mark.anyio
@@ -319,6 +321,8 @@ async def test_a_newer_schema_is_refused_with_the_fix(tmp_path: Path) -> None:
         conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     with pytest.raises(SchemaVersionError, match=r"schema version 99.*upgrade after-response"):
         await store.open("me")
+    with pytest.raises(SchemaVersionError, match=r"schema version 99.*upgrade after-response"):
+        store.open_read_only()
 
 
 async def test_a_version_1_file_is_migrated_and_keeps_its_tasks(tmp_path: Path) -> None:
@@ -343,6 +347,52 @@ async def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path: Path) ->
     path.write_text("hello " * 1000)
     with pytest.raises(StoreError, match=r"notes\.txt: opening: file is not a database"):
         await SQLiteStore(path).open("me")
+
+
+async def test_a_store_opened_read_only_reads_and_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    writer = SQLiteStore(path)
+    await writer.open("me")
+    await writer.save([task("t")])
+    writer.mark_dead("t", 3, "ValueError", "bad")
+    await writer.close()
+    with closing(sqlite3.connect(path)) as conn, conn:  # as an older version left it
+        conn.execute("DROP INDEX tasks_finished")
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    before = path.read_bytes()
+    store = SQLiteStore(path)
+    store.open_read_only()
+    assert [t.id for t in store.dead_letters()] == ["t"]
+    assert store.count_by_state()["dead"] == 1
+    with pytest.raises(RuntimeError, match=r"open read-only: await store.open\(owner\)"):
+        await store.purge_dead(all_dead=True)
+    with pytest.raises(RuntimeError, match=r"open read-only: close\(\) it before open"):
+        await store.open("me")
+    await store.close()
+    assert path.read_bytes() == before, "not migrated, no owner registered"
+    await store.open("me")  # closed, it may open for writing (and migrates then)
+    await store.close()
+    assert path.read_bytes() != before
+
+
+@pytest.mark.parametrize("make", NOT_STORES.values(), ids=NOT_STORES)
+def test_a_file_that_is_not_a_store_is_refused_read_only_and_left_as_it_was(
+    tmp_path: Path, make: Callable[[Path], Any]
+) -> None:
+    path = tmp_path / "other.sqlite3"
+    make(path)
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match=f"{path} is not an after-response store"):
+        SQLiteStore(path).open_read_only()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["other.sqlite3"]
+
+
+def test_a_missing_file_is_refused_read_only_and_not_created(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.sqlite3"
+    with pytest.raises(StoreError, match=r"missing\.sqlite3: opening read-only: unable to open"):
+        SQLiteStore(missing).open_read_only()
+    assert not missing.exists()
 
 
 async def test_dead_letters_are_retried_and_purged(store: SQLiteStore) -> None:

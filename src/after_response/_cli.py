@@ -2,6 +2,8 @@
 
 Also ``python -m after_response ...``. Exit codes: 0 done, 1 nothing matched or an error,
 2 a usage mistake. Task arguments are never printed, only their count and keyword names.
+``list`` and ``show`` open the file read-only; no command writes to a file that is not an
+after-response store.
 """
 
 from __future__ import annotations
@@ -98,13 +100,21 @@ def _fail(message: str) -> int:
 
 async def _run(options: argparse.Namespace) -> int:
     store = SQLiteStore(options.db)
-    owner = f"cli:{socket.gethostname()}:{os.getpid()}"
-    await store.open(owner)
+    store.open_read_only()  # first: a file that is not a store is refused, never written
     try:
         if options.action == "list":
             return _list(store, options.db, options.limit, options.json)
         if options.action == "show":
             return _show(store.get(options.id), options)
+    finally:
+        await store.close()
+    return await _write(store, options)
+
+
+async def _write(store: SQLiteStore, options: argparse.Namespace) -> int:
+    owner = f"cli:{socket.gethostname()}:{os.getpid()}"
+    await store.open(owner)
+    try:
         ids = [] if options.all else [options.id]
         if options.action == "purge":
             count = await store.purge_dead(ids, all_dead=options.all)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
 
 from . import _sqlite_queries as q
-from ._sqlite_writer import Op, Writer, connect, store_error
+from ._sqlite_writer import Op, Writer, connect, connect_read_only, store_error
 from ._store import (
     DEAD,
     PUBLISHED,
@@ -148,6 +148,8 @@ class SQLiteStore:
                 has a newer schema (:class:`SchemaVersionError`).
         """
         owner = check_owner("open", owner)
+        if self._opened is None and self._reader is not None:
+            raise RuntimeError(f"{self!r} is open read-only: close() it before open(owner)")
         if self._opened is not None:
             if owner != self._owner:
                 raise RuntimeError(
@@ -175,14 +177,44 @@ class SQLiteStore:
             self._owner = self._opened = self._writer = None
             raise
 
+    def open_read_only(self) -> None:
+        """Open the file for reading only, for tools that inspect a store (the
+        ``after-response`` command line): :meth:`get`, :meth:`list`, :meth:`dead_letters` and
+        :meth:`count_by_state` work; nothing is written (no schema created or migrated, no
+        owner registered, no writer thread). :meth:`close` closes it.
+
+        Raises:
+            StoreError: the file does not exist, cannot be opened, is not a database, is not
+                an after-response store, or has a newer schema (:class:`SchemaVersionError`).
+            RuntimeError: the store is open already.
+        """
+        if self._reader is not None or self._writer is not None:
+            raise RuntimeError(f"{self!r} is open already")
+        conn = connect_read_only(self._path, self._busy_timeout)
+        try:
+            q.check_store(conn, self._path)
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise store_error(self._path, "opening read-only", exc) from None
+            raise
+        self._reader = conn
+
     async def close(self) -> None:
-        """Commit every queued write, unregister the owner and stop the writer thread.
+        """Commit every queued write, unregister the owner and stop the writer thread (or,
+        opened read-only, close the file).
 
         Tasks still owned by this owner become claimable by other processes (as recovered
         tasks); :meth:`release` them first to hand them over as not started.
         """
         writer = self._writer
-        if writer is None or self._closing:
+        if writer is None:
+            with self._reader_lock:
+                if self._reader is not None:  # opened read-only
+                    self._reader.close()
+                    self._reader = None
+            return
+        if self._closing:
             return
         self._closing = True
         try:
@@ -213,7 +245,7 @@ class SQLiteStore:
 
     def _writer_or_raise(self) -> Writer:
         if self._writer is None or self._closing:
-            state = "closed" if self._closing else "not open"
+            state = "closed" if self._closing else "open read-only" if self._reader else "not open"
             raise RuntimeError(f"{self!r} is {state}: await store.open(owner) first")
         return self._writer
 

@@ -21,6 +21,7 @@ from ._store import (
     SUCCEEDED,
     SchemaVersionError,
     StoredTask,
+    StoreError,
 )
 
 #: Migration ``n`` (1-based) brings a file from schema version ``n - 1`` to ``n``; a new
@@ -58,6 +59,7 @@ COLUMNS: Final = (
     " updated_at, finished_at"
 )
 SELECT_ONE: Final = f"SELECT {COLUMNS} FROM tasks WHERE id = ?"
+_TABLES: Final = "SELECT name FROM sqlite_master WHERE type = 'table'"
 COUNT_BY_STATE: Final = "SELECT state, COUNT(*) FROM tasks GROUP BY state"
 _EMPTY_PAYLOAD: Final = '{"args":[],"kwargs":{}}'
 _FINISHED_KEEP_KEY: Final = (SUCCEEDED, PUBLISHED)
@@ -71,6 +73,38 @@ def schema_version(conn: sqlite3.Connection) -> int:
     return int(row[0]) if row else 0
 
 
+def check_store(conn: sqlite3.Connection, path: str) -> None:
+    """Check, without writing, that the file holds an after-response store this code reads.
+
+    Raises:
+        StoreError: the file is not an after-response store (an empty file, another
+            application's database).
+        SchemaVersionError: the file's version is newer than this code's.
+    """
+    try:
+        tables = {row[0] for row in conn.execute(_TABLES)}
+    except sqlite3.DatabaseError as exc:
+        if "not a database" not in str(exc):  # a locked or unreadable file says so itself
+            raise
+        tables = set()
+    version = schema_version(conn) if {"meta", "tasks", "owners"} <= tables else 0
+    if not version:
+        raise StoreError(
+            f"{path} is not an after-response store (not a SQLite database with its "
+            "tables); give the path your application's SQLiteStore uses"
+        )
+    _check_not_newer(version, path)
+
+
+def _check_not_newer(version: int, path: str) -> None:
+    if version > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"the store {path} has schema version {version}, written by a newer "
+            f"after-response; this one reads versions up to {SCHEMA_VERSION}: "
+            "upgrade after-response (pip install -U after-response)"
+        )
+
+
 def migrate(conn: sqlite3.Connection, path: str, upto: int = SCHEMA_VERSION) -> None:
     """Bring the file to schema version ``upto`` in one transaction (outside any other).
 
@@ -80,12 +114,7 @@ def migrate(conn: sqlite3.Connection, path: str, upto: int = SCHEMA_VERSION) -> 
     conn.execute("BEGIN IMMEDIATE")
     try:
         version = schema_version(conn)
-        if version > SCHEMA_VERSION:
-            raise SchemaVersionError(
-                f"the store {path} has schema version {version}, written by a newer "
-                f"after-response; this one reads versions up to {SCHEMA_VERSION}: "
-                "upgrade after-response (pip install -U after-response)"
-            )
+        _check_not_newer(version, path)
         for number in range(version + 1, upto + 1):
             for statement in MIGRATIONS[number - 1]:
                 conn.execute(statement)

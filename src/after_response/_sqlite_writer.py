@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import pathlib
 import queue
 import socket
 import sqlite3
@@ -83,6 +84,21 @@ def connect(path: str, busy_timeout: float, synchronous: str) -> sqlite3.Connect
         conn.close()
         raise store_error(path, "opening", exc) from None
     return conn
+
+
+def connect_read_only(path: str, busy_timeout: float) -> sqlite3.Connection:
+    """A connection that cannot write: the file is not created, switched to WAL or changed.
+
+    Raises:
+        StoreError: the file cannot be opened.
+    """
+    uri = pathlib.Path(path).absolute().as_uri() + "?mode=ro"
+    try:
+        return sqlite3.connect(
+            uri, uri=True, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+        )
+    except sqlite3.Error as exc:
+        raise store_error(path, "opening read-only", exc) from None
 
 
 def _journal_mode_wal(conn: sqlite3.Connection, busy_timeout: float) -> object:
