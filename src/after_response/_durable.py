@@ -16,7 +16,7 @@ from opentelemetry import propagate
 
 from ._callable import CallableInfo
 from ._limits import Limits, Rate
-from ._options import Retry
+from ._options import NO_RETRY, Retry
 from ._record import RequestInfo, TaskRecord
 from ._store import StoredTask
 
@@ -120,18 +120,31 @@ def _unbound(fn: object) -> object:
     return getattr(fn, "__func__", fn)
 
 
+def import_target(target: str) -> object:
+    """The object named ``"package.module:Qualified.name"``.
+
+    Raises:
+        ImportError: the module cannot be imported or the target is malformed.
+        AttributeError: the module has no such attribute.
+        Exception: whatever the module raises as it is imported.
+    """
+    module_name, _, qualname = target.partition(":")
+    if not module_name or not qualname:
+        raise ImportError(f"the target {target!r} is not of the form 'package.module:name'")
+    found: object = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return found
+
+
 def resolve(target: str) -> object:
     """The object named ``"module:qualname"``, or ``None`` if it cannot be found: missing,
     or its module raises as it is imported (whatever it raises: one broken module must
     not stop the tasks of the others)."""
-    module_name, _, qualname = target.partition(":")
     try:
-        found: object = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            found = getattr(found, part)
+        return import_target(target)
     except Exception:
         return None
-    return found
 
 
 def _type_target(kind: type) -> str | None:
@@ -241,10 +254,14 @@ def from_stored(row: StoredTask) -> tuple[TaskRecord, Callable[..., Any] | None]
         TypeError, ValueError: the row's options are not what :func:`to_stored` writes.
     """
     options = row.options
-    retry_fields = options.get("retry") or {}
-    retry = Retry(
-        **{k: v for k, v in retry_fields.items() if k in _RETRY_FIELDS},
-        retry_on=_retry_on(retry_fields.get("retry_on")),
+    retry_fields = options.get("retry")
+    retry = (
+        NO_RETRY
+        if retry_fields is None
+        else Retry(
+            **{k: v for k, v in retry_fields.items() if k in _RETRY_FIELDS},
+            retry_on=_retry_on(retry_fields.get("retry_on")),
+        )
     )
     timeout = options.get("timeout")
     record = TaskRecord(

@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import importlib
 import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
-from ._durable import from_stored
+from ._durable import from_stored, import_target
 from ._errors import TaskTimeoutError
-from ._options import NO_RETRY, Retry
+from ._record import TaskRecord
 from ._redact import exception_text
 from ._store import Store, StoredTask
 from ._task import Task, _running
-
-_RETRY_FIELDS: Final = ("attempts", "backoff", "multiplier", "max_backoff", "jitter")
 
 
 @dataclass(frozen=True)
@@ -44,40 +41,29 @@ def resolve(target: str) -> Callable[..., Any]:
         ImportError: the module cannot be imported or the target is malformed.
         AttributeError: the module has no such attribute.
         TypeError: what was found is not callable.
+        Exception: whatever the module raises as it is imported.
     """
-    module_name, _, qualname = target.partition(":")
-    if not module_name or not qualname:
-        raise ImportError(f"the target {target!r} is not of the form 'package.module:name'")
-    found: Any = importlib.import_module(module_name)
-    for attribute in qualname.split("."):
-        found = getattr(found, attribute)
+    found = import_target(target)
     if not callable(found):
         raise TypeError(f"the target {target!r} is a {type(found).__name__}, not a function")
-    return found  # type: ignore[no-any-return]
-
-
-def _retry_policy(options: dict[str, Any]) -> Retry:
-    stored = options.get("retry")
-    if stored is None:
-        return NO_RETRY
-    return Retry(**{field: stored[field] for field in _RETRY_FIELDS if field in stored})
+    return found
 
 
 async def _attempt(
-    fn: Callable[..., Any], task: StoredTask, attempt: int, timeout: float | None
+    fn: Callable[..., Any], record: TaskRecord, task: StoredTask, attempt: int
 ) -> None:
     # current_task() works here as in a live process: a side effect that sends its id as an
     # idempotency key must not fail just because the command line runs it.
-    live = Task(from_stored(task)[0], fn, inspect.iscoroutinefunction(fn), contextvars.Context(), 0)
+    live = Task(record, fn, inspect.iscoroutinefunction(fn), contextvars.Context(), 0)
     live.attempt, live.recovered = attempt, task.recovered
     token = _running.set(live)
     try:
         result = fn(*task.args, **task.kwargs)  # a sync function runs here, unbounded
         if inspect.isawaitable(result):
             try:
-                await asyncio.wait_for(result, timeout)
+                await asyncio.wait_for(result, record.timeout)
             except asyncio.TimeoutError:
-                raise TaskTimeoutError(f"the attempt timed out after {timeout} s") from None
+                raise TaskTimeoutError(f"the attempt timed out after {record.timeout} s") from None
     finally:
         _running.reset(token)
 
@@ -97,8 +83,7 @@ async def replay(store: Store, task: StoredTask, fn: Callable[..., Any]) -> Outc
     """
     attempt = task.attempt
     try:
-        retry = _retry_policy(task.options)
-        timeout = task.options.get("timeout")
+        record, _ = from_stored(task)
     except Exception as exc:  # stored options this code cannot read: dead again, not run
         store.mark_dead(task.id, attempt, *_error(exc, fn, task))
         return Outcome(task.id, task.name, False, attempt, type(exc).__name__)
@@ -106,11 +91,11 @@ async def replay(store: Store, task: StoredTask, fn: Callable[..., Any]) -> Outc
         attempt += 1
         store.mark_running(task.id, attempt)
         try:
-            await _attempt(fn, task, attempt, timeout)
+            await _attempt(fn, record, task, attempt)
         except Exception as exc:
             error_type, message = _error(exc, fn, task)
-            if retry.should_retry(attempt, exc):
-                delay = retry.delay(attempt)
+            if record.retry.should_retry(attempt, exc):
+                delay = record.retry.delay(attempt)
                 store.mark_retry(task.id, attempt, time.time() + delay, error_type, message)
                 await asyncio.sleep(delay)
                 continue
