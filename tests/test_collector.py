@@ -203,7 +203,12 @@ async def test_bad_options_fail_at_the_call_with_a_clear_message(
         ({"backoff": -1}, ValueError, "backoff=-1\\) must be a finite number >= 0"),
         ({"multiplier": 0.5}, ValueError, "multiplier=0.5\\) must be a number >= 1"),
         ({"jitter": 2}, ValueError, "jitter=2\\) must be between 0.0 and 1.0"),
-        ({"retry_on": (ValueError, "x")}, TypeError, "must be a tuple of exception types"),
+        ({"retry_on": (ValueError, "x")}, TypeError, "or a tuple of exception types, got str"),
+        ({"retry_on": [ValueError, int]}, TypeError, "got the class int among them"),
+        ({"retry_on": "ValueError"}, TypeError, "or a tuple of exception types, got str;"),
+        ({"retry_on": 5}, TypeError, "or a tuple of exception types, got int;"),
+        ({"retry_on": ()}, ValueError, r"is empty.*retry=None or Retry\(attempts=1\)"),
+        ({"retry_on": []}, ValueError, r"is empty.*retry=None or Retry\(attempts=1\)"),
     ],
 )
 def test_retry_rejects_bad_policies(
@@ -220,6 +225,17 @@ def test_retry_delay_grows_exponentially_up_to_the_cap_and_jitter_only_shortens_
     for _ in range(100):
         assert 2 <= jittered.delay(3) <= 4
     assert Retry(retry_on=ValueError).retry_on == (ValueError,)
+
+
+@pytest.mark.parametrize(
+    "retry_on", [[KeyError, OSError], {KeyError, OSError}, (KeyError, OSError)]
+)
+def test_retry_on_takes_any_collection_of_exception_types(retry_on: Any) -> None:
+    policy = Retry(retry_on=retry_on)
+    assert isinstance(policy.retry_on, tuple)
+    assert set(policy.retry_on) == {KeyError, OSError}
+    assert policy.should_retry(1, ConnectionError())  # an OSError
+    assert not policy.should_retry(1, ValueError())
 
 
 def test_side_effect_rejects_non_callables() -> None:

@@ -216,6 +216,27 @@ async def test_retries_follow_the_policy_then_dead_letter_the_last_failure() -> 
     )
 
 
+async def test_retry_on_given_as_a_list_retries_then_fails_and_is_counted() -> None:
+    attempts: list[int] = []
+    dead: list[int] = []
+
+    @side_effect(retry=Retry(attempts=3, backoff=0.01, retry_on=[ConnectionError]))
+    async def crm_sync() -> None:
+        attempts.append(len(attempts) + 1)
+        raise ConnectionError("crm down")
+
+    middleware = AfterResponseMiddleware(
+        app_adding(crm_sync), on_dead_letter=lambda letter: dead.append(letter.attempts)
+    )
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get("/")
+        assert await middleware.drain(timeout=5)
+    stats = middleware.stats()
+    assert attempts == [1, 2, 3]
+    assert (stats.retried, stats.failed, stats.pending, stats.running) == (2, 1, 0, 0)
+    assert dead == [3]
+
+
 async def test_retry_that_succeeds_counts_once_as_succeeded() -> None:
     calls = 0
 

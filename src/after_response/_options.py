@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple, TypeVar
 
@@ -51,10 +52,11 @@ class Retry:
         multiplier: how much the delay grows after each attempt.
         max_backoff: the longest delay in seconds.
         jitter: the fraction of each delay that is randomised, from 0.0 to 1.0.
-        retry_on: the exception types that are worth another attempt.
+        retry_on: the exception types that are worth another attempt: one type, or a tuple
+            of them (a list or a set is turned into a tuple).
 
     Raises:
-        ValueError: when a number is out of its range.
+        ValueError: when a number is out of its range, or ``retry_on`` is empty.
         TypeError: when ``retry_on`` holds something other than exception types.
     """
 
@@ -82,15 +84,7 @@ class Retry:
             raise ValueError(f"Retry(multiplier={self.multiplier!r}) must be a number >= 1")
         if not _is_finite_number(self.jitter) or not 0 <= self.jitter <= 1:
             raise ValueError(f"Retry(jitter={self.jitter!r}) must be between 0.0 and 1.0")
-        retry_on = self.retry_on
-        if isinstance(retry_on, type):
-            retry_on = (retry_on,)
-            object.__setattr__(self, "retry_on", retry_on)
-        if not all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_on):
-            raise TypeError(
-                f"Retry(retry_on={self.retry_on!r}) must be a tuple of exception types, "
-                "for example retry_on=(ConnectionError, TimeoutError)"
-            )
+        object.__setattr__(self, "retry_on", _exception_types(self.retry_on))
 
     def delay(self, attempt: int) -> float:
         """The seconds to wait after failed attempt number ``attempt`` (1-based)."""
@@ -100,6 +94,33 @@ class Retry:
     def should_retry(self, attempt: int, exc: BaseException) -> bool:
         """Whether a task whose attempt number ``attempt`` raised ``exc`` runs again."""
         return attempt < self.attempts and isinstance(exc, self.retry_on)
+
+
+def _exception_types(retry_on: object) -> tuple[type[BaseException], ...]:
+    """``retry_on`` as the tuple ``isinstance`` takes, or a clear error."""
+    if isinstance(retry_on, type):
+        retry_on = (retry_on,)
+    if isinstance(retry_on, (str, bytes)) or not isinstance(retry_on, Iterable):
+        raise TypeError(_not_exception_types(type(retry_on).__name__))
+    types = tuple(retry_on)
+    for item in types:
+        if not isinstance(item, type):
+            raise TypeError(_not_exception_types(f"{type(item).__name__} among them"))
+        if not issubclass(item, BaseException):
+            raise TypeError(_not_exception_types(f"the class {item.__name__} among them"))
+    if not types:
+        raise ValueError(
+            "Retry(retry_on=...) is empty, so no exception would be retried: for no retry, "
+            "write retry=None or Retry(attempts=1); to retry every exception, leave retry_on out"
+        )
+    return types
+
+
+def _not_exception_types(got: str) -> str:
+    return (
+        f"Retry(retry_on=...) must be an exception type or a tuple of exception types, got "
+        f"{got}; for example retry_on=(ConnectionError, TimeoutError)"
+    )
 
 
 NO_RETRY: Final = Retry(attempts=1)
