@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import pytest
+from opentelemetry import metrics, trace
 from starlette.types import Receive, Scope, Send
 
 import after_response
@@ -257,6 +258,12 @@ def test_side_effect_rejects_non_callables() -> None:
         ({"run_on_error": 1}, TypeError, "run_on_error must be True or False"),
         ({"on_dead_letter": "log"}, TypeError, "on_dead_letter must be callable"),
         ({"state_key": ""}, TypeError, "state_key must be a non-empty string"),
+        ({"tracer_provider": "x"}, TypeError, r"an OpenTelemetry TracerProvider .* got str$"),
+        ({"meter_provider": 5}, TypeError, r"an OpenTelemetry MeterProvider .* got int$"),
+        ({"store": "file.sqlite3"}, TypeError, r"got str: .* store=SQLiteStore\(path\)"),
+        ({"store": object()}, TypeError, r"got object; for example store=SQLiteStore\("),
+        ({"on_dead_letter": lambda: None}, TypeError, "with one argument.*too many positional"),
+        ({"on_dead_letter": lambda letter, extra: None}, TypeError, "argument: 'extra'"),
     ],
 )
 def test_middleware_rejects_bad_settings(
@@ -266,6 +273,43 @@ def test_middleware_rejects_bad_settings(
 
     with pytest.raises(error, match=message):
         AfterResponseMiddleware(app, **kwargs)
+
+
+@pytest.mark.parametrize("option", ["tracer_provider", "meter_provider", "store"])
+def test_a_wrong_object_is_named_by_its_type_never_by_its_value(option: str) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None: ...
+
+    with pytest.raises(TypeError, match=option) as info:
+        AfterResponseMiddleware(app, **{option: "postgres://admin:SECRET@db"})
+    assert "SECRET" not in str(info.value)
+
+
+def test_providers_and_hooks_are_checked_by_what_they_can_do_not_by_their_class() -> None:
+    class TracerProvider:  # a user's own wrapper, not the SDK's class
+        def get_tracer(self, *args: Any, **kwargs: Any) -> Any:
+            return trace.NoOpTracer()
+
+    class MeterProvider:
+        def get_meter(self, *args: Any, **kwargs: Any) -> Any:
+            return metrics.NoOpMeter("wrapped")
+
+    class Hook:
+        def __call__(self, letter: Any, extra: Any = None) -> None: ...
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None: ...
+
+    AfterResponseMiddleware(
+        app, tracer_provider=TracerProvider(), meter_provider=MeterProvider(), on_dead_letter=Hook()
+    )
+    for hook in ([].append, print, max):  # max: a builtin whose signature cannot be read
+        AfterResponseMiddleware(app, on_dead_letter=hook)
+
+
+def test_middleware_without_an_app_says_so() -> None:
+    with pytest.raises(
+        TypeError, match=r"AfterResponseMiddleware\(app\) wraps an ASGI app.*NoneType"
+    ):
+        AfterResponseMiddleware(None)  # type: ignore[arg-type]
 
 
 async def test_drain_rejects_a_bad_timeout() -> None:

@@ -41,6 +41,17 @@ def check_hook(hook: object) -> None:
             "would never be awaited. To reach async code from it, use "
             "asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)."
         )
+    try:
+        signature = inspect.signature(hook)
+    except (TypeError, ValueError):  # some builtins have no signature: nothing to check
+        return
+    try:
+        signature.bind(None)
+    except TypeError as exc:  # bind()'s messages name parameters, never values
+        raise TypeError(
+            f"on_dead_letter is called with one argument, the DeadLetter, and this hook cannot "
+            f"be: {exc}; for example def on_dead_letter(dead_letter): ..."
+        ) from None
 
 
 class DeadLetters:

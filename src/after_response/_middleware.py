@@ -99,7 +99,11 @@ class AfterResponseMiddleware:
         state_key: the name of the collector on ``request.state``.
 
     Raises:
-        ValueError, TypeError: when an option is out of range or of the wrong type.
+        TypeError: when ``app`` is not callable, or an option is of the wrong type: among
+            them a provider without ``get_tracer()`` / ``get_meter()``, a ``store`` that is
+            not a store (a path instead of ``SQLiteStore(path)``), an ``on_dead_letter``
+            that cannot be called with one argument.
+        ValueError: when an option of the right type is out of range.
     """
 
     def __init__(
@@ -126,6 +130,11 @@ class AfterResponseMiddleware:
         meter_provider: metrics.MeterProvider | None = None,
         state_key: str = "after_response",
     ) -> None:
+        if not callable(app):
+            raise TypeError(
+                f"AfterResponseMiddleware(app) wraps an ASGI application, got "
+                f"{type(app).__name__}; for example AfterResponseMiddleware(Starlette(...))"
+            )
         settings = Settings(
             max_concurrency=max_concurrency,
             max_pending=max_pending,
@@ -144,6 +153,8 @@ class AfterResponseMiddleware:
             log_interval=log_interval,
             store=store,
             engine=engine,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
         )
         self.app = app
         self.settings = settings

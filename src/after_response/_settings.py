@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Final
@@ -9,6 +10,7 @@ from typing import Any, Final
 from ._dead_letters import DeadLetterHook, check_hook
 from ._engine import Engine
 from ._options import Retry, check_timeout
+from ._store import Store
 
 #: What happens to a side effect that finds the queue full.
 OVERFLOW_POLICIES: Final = ("shed", "backpressure", "spill")
@@ -33,6 +35,8 @@ class Settings:
     state_key: str = "after_response"
     store: Any = None
     engine: Any = None
+    tracer_provider: Any = None
+    meter_provider: Any = None
     loop_block_threshold: float | None = 0.1
     log_interval: float = 5.0
 
@@ -55,8 +59,12 @@ class Settings:
                 "overflow='spill' writes the side effects that find no room to the durable "
                 "store, and there is none: pass store=SQLiteStore('after_response.sqlite3')"
             )
+        if self.store is not None:
+            _check_store(self.store)
         if self.engine is not None:
             _check_engine(self.engine, self.store)
+        _check_provider("tracer_provider", self.tracer_provider, "get_tracer", "TracerProvider")
+        _check_provider("meter_provider", self.meter_provider, "get_meter", "MeterProvider")
         if self.admission_timeout is None:
             raise ValueError(
                 "admission_timeout must be a positive number of seconds: a request held by "
@@ -79,6 +87,30 @@ class Settings:
         check_log_interval(self.log_interval)
         if not isinstance(self.state_key, str) or not self.state_key:
             raise TypeError(f"state_key must be a non-empty string, got {self.state_key!r}")
+
+
+def _check_store(store: object) -> None:
+    if isinstance(store, Store):
+        return
+    hint = (
+        ": the path alone is not a store, wrap it: store=SQLiteStore(path)"
+        if isinstance(store, (str, os.PathLike))
+        else '; for example store=SQLiteStore("after_response.sqlite3")'
+    )
+    raise TypeError(
+        f"store must be a durable store such as SQLiteStore(path), got {type(store).__name__}{hint}"
+    )
+
+
+def _check_provider(what: str, provider: object, method: str, kind: str) -> None:
+    # By capability, not by class: the SDK's provider, the API's no-op one and users' own
+    # wrappers all work, and all of them have the one method the telemetry calls.
+    if provider is None or callable(getattr(provider, method, None)):
+        return
+    raise TypeError(
+        f"{what} must be an OpenTelemetry {kind} (from the OpenTelemetry SDK or API: an "
+        f"object with {method}()), or None for the global one; got {type(provider).__name__}"
+    )
 
 
 def _check_engine(engine: object, store: object) -> None:

@@ -11,7 +11,7 @@ import builtins
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, runtime_checkable
 
 QUEUED: Final = "queued"
 """Stored, not started (or released, or claimed and about to start)."""
@@ -124,8 +124,9 @@ class StoredTask:
             raise ValueError(f"StoredTask(state={self.state!r}) must be one of {STATES}")
 
 
+@runtime_checkable
 class Store(Protocol):
-    """What the middleware needs from a durable store.
+    """What the middleware needs from a durable store (``SQLiteStore`` implements it).
 
     Writes marked "batched" only enqueue: they are committed with the next group commit,
     and ``await flush()`` waits for them. Reads see committed data only.
