@@ -314,9 +314,22 @@ def test_lines_from_many_threads_are_all_counted(logger: logging.Logger) -> None
     assert per_name == dict.fromkeys("abcd", 10_000)
 
 
-@pytest.mark.parametrize("interval", [0, -1.0, math.nan, math.inf, True, "5"])
-def test_a_bad_interval_is_refused(logger: logging.Logger, interval: object) -> None:
-    with pytest.raises(ValueError, match="positive number of seconds"):
+@pytest.mark.parametrize(
+    ("interval", "error"),
+    [
+        (0, ValueError),
+        (-1.0, ValueError),
+        (math.nan, ValueError),
+        (math.inf, ValueError),
+        (True, TypeError),
+        ("5", TypeError),
+        (None, TypeError),
+    ],
+)
+def test_a_bad_interval_is_refused(
+    logger: logging.Logger, interval: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match="positive number of seconds"):
         LogAggregator(logger, interval)  # type: ignore[arg-type]
 
 

@@ -649,10 +649,10 @@ def test_an_engine_needs_a_celery_app() -> None:
         ({"queue": ""}, TypeError, "queue"),
         ({"publish_timeout": 0}, ValueError, "publish_timeout"),
         ({"publish_timeout": float("nan")}, ValueError, "publish_timeout"),
-        ({"publish_timeout": "10"}, ValueError, "publish_timeout"),
+        ({"publish_timeout": "10"}, TypeError, "publish_timeout.*got str"),
         ({"on_dead_letter": "print"}, TypeError, "on_dead_letter"),
         ({"log_interval": 0}, ValueError, "log_interval must be a positive number"),
-        ({"log_interval": None}, ValueError, "log_interval must be a positive number"),
+        ({"log_interval": None}, TypeError, "log_interval must be a positive number"),
     ],
 )
 def test_bad_options_are_refused_at_construction(

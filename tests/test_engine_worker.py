@@ -178,11 +178,14 @@ async def test_dead_letters_a_stuck_hook_has_not_started_on_are_given_up_at_shut
 
 
 @pytest.mark.parametrize(
-    ("interval", "message"),
-    [(0, "log_interval must be a positive number"), (None, "not None")],
+    ("interval", "error", "message"),
+    [
+        (0, ValueError, "log_interval must be a positive number of seconds, got 0"),
+        (None, TypeError, "log_interval must be a positive number of seconds, got None"),
+    ],
 )
-def test_a_bad_log_interval_is_refused(interval: Any, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+def test_a_bad_log_interval_is_refused(interval: Any, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
         WorkerRunner("test", log_interval=interval)
 
 

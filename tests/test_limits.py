@@ -76,9 +76,18 @@ def test_parse_rate_refuses_a_number() -> None:
         parse_rate(10)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "3"])
-def test_limits_refuse_a_bad_max_concurrency(bad: object) -> None:
-    with pytest.raises(ValueError, match=f"max_concurrency must be .* got {bad!r}"):
+@pytest.mark.parametrize(
+    ("bad", "error", "got"),
+    [
+        (0, ValueError, "0"),
+        (-1, ValueError, "-1"),
+        (1.5, TypeError, "float"),
+        (True, TypeError, "bool"),
+        ("3", TypeError, "str"),
+    ],
+)
+def test_limits_refuse_a_bad_max_concurrency(bad: object, error: type[Exception], got: str) -> None:
+    with pytest.raises(error, match=f"max_concurrency must be .* got {got}$"):
         Limits(max_concurrency=bad)  # type: ignore[arg-type]
 
 
@@ -87,9 +96,18 @@ def test_limits_refuse_rate_text() -> None:
         Limits(rate="10/s")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("count", "per"), [(0, 1.0), (1.5, 1.0), (1, 0.0), (1, math.inf)])
-def test_rate_refuses_out_of_range_values(count: object, per: object) -> None:
-    with pytest.raises(ValueError, match="a rate's"):
+@pytest.mark.parametrize(
+    ("count", "per", "error"),
+    [
+        (0, 1.0, ValueError),
+        (1, 0.0, ValueError),
+        (1, math.inf, ValueError),
+        (1.5, 1.0, TypeError),
+        (1, "1s", TypeError),
+    ],
+)
+def test_rate_refuses_bad_values(count: object, per: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="a rate's"):
         Rate(count, per)  # type: ignore[arg-type]
 
 

@@ -127,11 +127,11 @@ def test_bad_overflow_settings_fail_at_construction() -> None:
         AfterResponseMiddleware(app, overflow="backpressure", exempt_paths="/health")
     with pytest.raises(TypeError, match="pass store=SQLiteStore"):
         AfterResponseMiddleware(app, overflow="spill")
-    with pytest.raises(ValueError, match="admission_timeout must be a positive number"):
+    with pytest.raises(TypeError, match="admission_timeout must be a positive number"):
         AfterResponseMiddleware(app, overflow="backpressure", admission_timeout=None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="loop_block_threshold must be a positive number"):
         AfterResponseMiddleware(app, loop_block_threshold=0)
-    with pytest.raises(ValueError, match="log_interval must be a positive number"):
+    with pytest.raises(TypeError, match="log_interval must be a positive number"):
         AfterResponseMiddleware(app, log_interval=None)  # type: ignore[arg-type]
 
 

@@ -618,16 +618,37 @@ def test_bad_constructor_arguments_are_refused(
             TaskiqEngine(*arguments)
 
 
-@pytest.mark.parametrize("timeout", [0, -1, float("inf"), float("nan"), "10", True])
-def test_a_bad_publish_timeout_is_refused(timeout: Any) -> None:
-    with pytest.raises(ValueError, match="publish_timeout must be a positive number"):
+@pytest.mark.parametrize(
+    ("timeout", "error"),
+    [
+        (0, ValueError),
+        (-1, ValueError),
+        (float("inf"), ValueError),
+        (float("nan"), ValueError),
+        ("10", TypeError),
+        (True, TypeError),
+    ],
+)
+def test_a_bad_publish_timeout_is_refused(timeout: Any, error: type[Exception]) -> None:
+    with pytest.raises(error, match="publish_timeout must be a positive number"):
         TaskiqEngine(RedisStreamBroker("redis://127.0.0.1:1/0"), publish_timeout=timeout)
 
 
-@pytest.mark.parametrize("interval", [0, -1, float("nan"), "5", None])
-def test_a_bad_log_interval_is_refused_and_leaves_the_broker_as_it_was(interval: Any) -> None:
+@pytest.mark.parametrize(
+    ("interval", "error"),
+    [
+        (0, ValueError),
+        (-1, ValueError),
+        (float("nan"), ValueError),
+        ("5", TypeError),
+        (None, TypeError),
+    ],
+)
+def test_a_bad_log_interval_is_refused_and_leaves_the_broker_as_it_was(
+    interval: Any, error: type[Exception]
+) -> None:
     broker = RedisStreamBroker("redis://127.0.0.1:1/0")
-    with pytest.raises(ValueError, match="log_interval must be a positive number"):
+    with pytest.raises(error, match="log_interval must be a positive number"):
         TaskiqEngine(broker, log_interval=interval)
     TaskiqEngine(broker)  # the refused one registered nothing
 

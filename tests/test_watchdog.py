@@ -330,7 +330,17 @@ async def test_start_is_refused_off_the_loop_thread_and_twice() -> None:
         watchdog.stop()
 
 
-@pytest.mark.parametrize("threshold", [0, -0.1, float("nan"), float("inf"), True, "0.1"])
-def test_a_bad_threshold_is_refused(threshold: object) -> None:
-    with pytest.raises(ValueError, match="positive number of seconds or None"):
+@pytest.mark.parametrize(
+    ("threshold", "error"),
+    [
+        (0, ValueError),
+        (-0.1, ValueError),
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        (True, TypeError),
+        ("0.1", TypeError),
+    ],
+)
+def test_a_bad_threshold_is_refused(threshold: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="positive number of seconds or None"):
         Watchdog(threshold, Reports())  # type: ignore[arg-type]

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from ._options import check_timeout
+from ._checks import check_seconds
 
 SUMMARY: Final = "... and %s more %s %s in the last %.1fs: %s"
 """The summary line: left-out count (with thousands separators), what was counted ("tasks
@@ -62,7 +62,8 @@ class LogAggregator:
         clock: the monotonic clock intervals are measured on (tests pass their own).
 
     Raises:
-        ValueError: when ``interval`` is not a positive number of seconds.
+        TypeError: when ``interval`` is not a number.
+        ValueError: when it is not a positive number of seconds.
 
     Thread-safe: lines may be emitted from worker threads and the loop alike.
     """
@@ -74,9 +75,7 @@ class LogAggregator:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if interval is None:
-            raise ValueError("the log aggregation interval must be a positive number of seconds")
-        check_timeout("the log aggregation interval", interval)
+        check_seconds("the log aggregation interval", interval, or_none=False)
         self._logger = logger
         self._interval = float(interval)
         self._clock = clock

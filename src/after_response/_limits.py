@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
+from ._checks import check_int, check_seconds
+
 T = TypeVar("T")
 
 MAX_RATE_COUNT: Final = 1_000_000
@@ -46,32 +48,19 @@ class Rate:
     """At most ``count`` task starts in any window of ``per_seconds`` seconds.
 
     Raises:
-        ValueError: when ``count`` is not a whole number from 1 to ``MAX_RATE_COUNT`` or
-            ``per_seconds`` is not a positive finite number.
+        TypeError: when ``count`` is not an int or ``per_seconds`` not a number.
+        ValueError: when ``count`` is not from 1 to ``MAX_RATE_COUNT`` or ``per_seconds``
+            is not a positive finite number.
     """
 
     count: int
     per_seconds: float
 
     def __post_init__(self) -> None:
-        if (
-            not isinstance(self.count, int)
-            or isinstance(self.count, bool)
-            or not 1 <= self.count <= MAX_RATE_COUNT
-        ):
-            raise ValueError(
-                f"a rate's count must be a whole number of calls from 1 to {MAX_RATE_COUNT:,},"
-                f" got {self.count!r}"
-            )
-        seconds = self.per_seconds
-        if (
-            not isinstance(seconds, (int, float))
-            or isinstance(seconds, bool)
-            or not (math.isfinite(seconds) and seconds > 0)
-        ):
-            raise ValueError(
-                f"a rate's per_seconds must be a positive number of seconds, got {seconds!r}"
-            )
+        count_range = f"a whole number of calls from 1 to {MAX_RATE_COUNT:,}"
+        if not 1 <= check_int("a rate's count", self.count, count_range) <= MAX_RATE_COUNT:
+            raise ValueError(f"a rate's count must be {count_range}, got {self.count!r}")
+        check_seconds("a rate's per_seconds", self.per_seconds, or_none=False)
 
     def __str__(self) -> str:
         return f"{self.count}/{self.per_seconds:g}s"
@@ -131,22 +120,19 @@ class Limits:
     """The limits of one task name: concurrent runs and starts per period; ``None`` is no limit.
 
     Raises:
-        ValueError: when ``max_concurrency`` is not a positive whole number.
-        TypeError: when ``rate`` is not a :class:`Rate` (use :func:`parse_rate` for text).
+        TypeError: when ``max_concurrency`` is not an int, or ``rate`` is not a :class:`Rate`
+            (use :func:`parse_rate` for text).
+        ValueError: when ``max_concurrency`` is less than 1.
     """
 
     max_concurrency: int | None = None
     rate: Rate | None = None
 
     def __post_init__(self) -> None:
+        expected = "a whole number of at least 1, or None for no limit"
         limit = self.max_concurrency
-        if limit is not None and (
-            not isinstance(limit, int) or isinstance(limit, bool) or limit < 1
-        ):
-            raise ValueError(
-                f"max_concurrency must be a whole number of at least 1, or None for no limit;"
-                f" got {limit!r}"
-            )
+        if limit is not None and check_int("max_concurrency", limit, expected) < 1:
+            raise ValueError(f"max_concurrency must be {expected}; got {limit!r}")
         if self.rate is not None and not isinstance(self.rate, Rate):
             raise TypeError(
                 f"Limits(rate=...) expects a Rate or None, got {type(self.rate).__name__};"

@@ -11,6 +11,7 @@ from starlette.types import Message
 
 from . import _mode
 from ._accounting import Stats
+from ._checks import check_seconds
 from ._collector import Collector
 from ._current import current_collector
 from ._dead_letters import DeadLetterHook
@@ -18,7 +19,7 @@ from ._engine import Engine
 from ._errors import StoreUnavailableError
 from ._executor import Executor
 from ._lifespan import serve_lifespan
-from ._options import NO_RETRY, Resolved, Retry, check_timeout
+from ._options import NO_RETRY, Resolved, Retry
 from ._requests import (
     OTHER_FINAL,
     STORE_FAILED_BODY,
@@ -282,7 +283,7 @@ class AfterResponseMiddleware:
         Do not await it inside a request handler for that request's own tasks: they only
         start once the response is complete.
         """
-        check_timeout("timeout", timeout)
+        check_seconds("timeout", timeout)
         return await self._executor.drain(timeout)
 
     def stats(self) -> Stats:

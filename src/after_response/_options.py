@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple, TypeVar
 
+from ._checks import check_int, check_number, check_seconds
 from ._limits import Limits, limits_from_options
 
 T = TypeVar("T")
@@ -32,10 +33,6 @@ class _Unset:
 UNSET: Final = _Unset()
 
 
-def _is_finite_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 @dataclass(frozen=True)
 class Retry:
     """How a failing task is tried again.
@@ -56,8 +53,9 @@ class Retry:
             of them (a list or a set is turned into a tuple).
 
     Raises:
+        TypeError: when a number is not one (a string, or a float for ``attempts``), or
+            ``retry_on`` holds something other than exception types.
         ValueError: when a number is out of its range, or ``retry_on`` is empty.
-        TypeError: when ``retry_on`` holds something other than exception types.
     """
 
     attempts: int = 3
@@ -68,22 +66,24 @@ class Retry:
     retry_on: tuple[type[BaseException], ...] = (Exception,)
 
     def __post_init__(self) -> None:
-        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
-            raise TypeError(f"Retry(attempts=...) must be an int, got {self.attempts!r}")
-        if self.attempts < 1:
+        if check_int("Retry(attempts=...)", self.attempts, "an int") < 1:
             raise ValueError(
                 f"Retry(attempts={self.attempts}) must be at least 1 (1 means no retry)"
             )
         for attribute in ("backoff", "max_backoff"):
-            value = getattr(self, attribute)
-            if not _is_finite_number(value) or value < 0:
+            value = check_number(
+                f"Retry({attribute}=...)", getattr(self, attribute), "a finite number >= 0 seconds"
+            )
+            if not math.isfinite(value) or value < 0:
                 raise ValueError(
                     f"Retry({attribute}={value!r}) must be a finite number >= 0 seconds"
                 )
-        if not _is_finite_number(self.multiplier) or self.multiplier < 1:
-            raise ValueError(f"Retry(multiplier={self.multiplier!r}) must be a number >= 1")
-        if not _is_finite_number(self.jitter) or not 0 <= self.jitter <= 1:
-            raise ValueError(f"Retry(jitter={self.jitter!r}) must be between 0.0 and 1.0")
+        multiplier = check_number("Retry(multiplier=...)", self.multiplier, "a number >= 1")
+        if not math.isfinite(multiplier) or multiplier < 1:
+            raise ValueError(f"Retry(multiplier={multiplier!r}) must be a number >= 1")
+        jitter = check_number("Retry(jitter=...)", self.jitter, "a number between 0.0 and 1.0")
+        if not 0 <= jitter <= 1:
+            raise ValueError(f"Retry(jitter={jitter!r}) must be between 0.0 and 1.0")
         object.__setattr__(self, "retry_on", _exception_types(self.retry_on))
 
     def delay(self, attempt: int) -> float:
@@ -149,7 +149,7 @@ class TaskOptions:
         if not isinstance(self.name, _Unset) and (not isinstance(self.name, str) or not self.name):
             raise TypeError(f"name must be a non-empty string, got {self.name!r}")
         if not isinstance(self.timeout, _Unset):
-            check_timeout("timeout", self.timeout)
+            check_seconds("timeout", self.timeout)
         if not isinstance(self.retry, (_Unset, Retry)) and self.retry is not None:
             raise TypeError(
                 f"retry must be a Retry(...) or None, got {self.retry!r}; "
@@ -215,11 +215,3 @@ def _pick(value: T | _Unset, fallback: T) -> T:
 
 
 EMPTY_OPTIONS: Final = TaskOptions()
-
-
-def check_timeout(what: str, value: object) -> None:
-    """Raise a clear error unless ``value`` is ``None`` or a positive number of seconds."""
-    if value is None:
-        return
-    if not _is_finite_number(value) or value <= 0:  # type: ignore[operator]
-        raise ValueError(f"{what} must be a positive number of seconds or None, got {value!r}")

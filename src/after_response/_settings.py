@@ -7,9 +7,10 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Final
 
+from ._checks import check_int, check_seconds
 from ._dead_letters import DeadLetterHook, check_hook
 from ._engine import Engine
-from ._options import Retry, check_timeout
+from ._options import Retry
 from ._store import Store
 
 #: What happens to a side effect that finds the queue full.
@@ -44,12 +45,17 @@ class Settings:
         _check_count("max_concurrency", self.max_concurrency, minimum=1)
         _check_count("max_pending", self.max_pending, minimum=0)
         _check_count("max_threads", self.max_threads, minimum=1)
-        check_timeout("overflow_timeout", self.overflow_timeout)
-        check_timeout("task_timeout", self.task_timeout)
-        check_timeout("shutdown_timeout", self.shutdown_timeout)
+        check_seconds("overflow_timeout", self.overflow_timeout)
+        check_seconds("task_timeout", self.task_timeout)
+        check_seconds("shutdown_timeout", self.shutdown_timeout)
+        policies = ", ".join(map(repr, OVERFLOW_POLICIES))
+        if not isinstance(self.overflow, str):
+            raise TypeError(
+                f"overflow must be one of {policies}, got {type(self.overflow).__name__}"
+            )
         if self.overflow not in OVERFLOW_POLICIES:
             raise ValueError(
-                f"overflow must be one of {', '.join(map(repr, OVERFLOW_POLICIES))}, got "
+                f"overflow must be one of {policies}, got "
                 f"{self.overflow!r}: 'shed' drops what does not fit (logged, counted), "
                 "'backpressure' holds new requests until there is room, 'spill' writes it to "
                 "the store"
@@ -66,11 +72,11 @@ class Settings:
         _check_provider("tracer_provider", self.tracer_provider, "get_tracer", "TracerProvider")
         _check_provider("meter_provider", self.meter_provider, "get_meter", "MeterProvider")
         if self.admission_timeout is None:
-            raise ValueError(
-                "admission_timeout must be a positive number of seconds: a request held by "
-                "backpressure is answered 503 after it, never held forever"
+            raise TypeError(
+                "admission_timeout must be a positive number of seconds, not None: a request "
+                "held by backpressure is answered 503 after it, never held forever"
             )
-        check_timeout("admission_timeout", self.admission_timeout)
+        check_seconds("admission_timeout", self.admission_timeout, or_none=False)
         if isinstance(self.exempt_paths, str) or not all(
             isinstance(path, str) and path.startswith("/") for path in self.exempt_paths
         ):
@@ -83,7 +89,7 @@ class Settings:
         if not isinstance(self.run_on_error, bool):
             raise TypeError(f"run_on_error must be True or False, got {self.run_on_error!r}")
         check_hook(self.on_dead_letter)
-        check_timeout("loop_block_threshold", self.loop_block_threshold)
+        check_seconds("loop_block_threshold", self.loop_block_threshold)
         check_log_interval(self.log_interval)
         if not isinstance(self.state_key, str) or not self.state_key:
             raise TypeError(f"state_key must be a non-empty string, got {self.state_key!r}")
@@ -129,14 +135,11 @@ def _check_engine(engine: object, store: object) -> None:
 
 
 def _check_count(what: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, got {value!r}")
-    if value < minimum:
+    if check_int(what, value, "an int") < minimum:
         raise ValueError(f"{what} must be at least {minimum}, got {value}")
 
 
 def check_log_interval(value: object) -> None:
-    """Raise a clear error unless ``value`` is a positive number of seconds."""
-    if value is None:
-        raise ValueError("log_interval must be a positive number of seconds, not None")
-    check_timeout("log_interval", value)
+    """Raise a clear error unless ``value`` is a positive number of seconds (not ``None``:
+    repeated lines are always aggregated)."""
+    check_seconds("log_interval", value, or_none=False)

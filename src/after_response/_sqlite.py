@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import math
 import os
 import sqlite3
 import threading
@@ -12,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
 
 from . import _sqlite_queries as q
+from ._checks import check_int, check_seconds
 from ._sqlite_writer import Op, Writer, connect, connect_read_only, store_error
 from ._store import (
     DEAD,
@@ -32,11 +32,7 @@ _SYNCHRONOUS: Final = ("FULL", "NORMAL")
 
 
 def _check_seconds(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"SQLiteStore({name}=...) must be a number of seconds, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"SQLiteStore({name}={value!r}) must be a positive number of seconds")
-    return float(value)
+    return check_seconds(f"SQLiteStore({name}=...)", value, or_none=False)
 
 
 class SQLiteStore:
@@ -94,11 +90,13 @@ class SQLiteStore:
                 f"SQLiteStore(path={self._path!r}) must name a file on a local disk, such as "
                 '"after_response.sqlite3": a durable store cannot live in memory'
             )
-        if not isinstance(synchronous, str) or synchronous.upper() not in _SYNCHRONOUS:
-            raise ValueError(
-                f'SQLiteStore(synchronous={synchronous!r}) must be "FULL" (survives a power '
-                'cut) or "NORMAL" (survives a process crash)'
+        modes = '"FULL" (survives a power cut) or "NORMAL" (survives a process crash)'
+        if not isinstance(synchronous, str):
+            raise TypeError(
+                f"SQLiteStore(synchronous=...) must be {modes}, got {type(synchronous).__name__}"
             )
+        if synchronous.upper() not in _SYNCHRONOUS:
+            raise ValueError(f"SQLiteStore(synchronous={synchronous!r}) must be {modes}")
         self._synchronous = synchronous.upper()
         self._busy_timeout = _check_seconds("busy_timeout", busy_timeout)
         self._heartbeat_interval = _check_seconds("heartbeat_interval", heartbeat_interval)
@@ -110,7 +108,7 @@ class SQLiteStore:
                 f"heartbeat_interval={heartbeat_interval!r}, or live processes look dead; "
                 "three intervals or more is safe"
             )
-        if isinstance(batch_max, bool) or not isinstance(batch_max, int) or batch_max < 1:
+        if check_int("SQLiteStore(batch_max=...)", batch_max, "an int >= 1") < 1:
             raise ValueError(f"SQLiteStore(batch_max={batch_max!r}) must be an int >= 1")
         self._batch_max = batch_max
         self._owner: str | None = None

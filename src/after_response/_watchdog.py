@@ -47,7 +47,7 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any, Final, Generic, TypeVar
 
-from ._options import check_timeout
+from ._checks import check_seconds
 from ._timerfd import TimerFd, timer_fd
 
 T = TypeVar("T")
@@ -83,13 +83,14 @@ class Watchdog(Generic[T]):
             ``describe`` returned, or ``None`` when no single side effect held the loop.
 
     Raises:
-        ValueError: when ``threshold`` is neither ``None`` nor a positive number of seconds.
+        TypeError: when ``threshold`` is neither ``None`` nor a number.
+        ValueError: when it is a number that is not a positive number of seconds.
     """
 
     def __init__(
         self, threshold: float | None, on_block: Callable[[T | None, float], None]
     ) -> None:
-        check_timeout("the loop-blocking threshold (None turns the watchdog off)", threshold)
+        check_seconds("the loop-blocking threshold (None turns the watchdog off)", threshold)
         self._threshold = threshold
         self._on_block = on_block
         self._runners: dict[CodeType, Callable[[FrameType], T | None]] = {}

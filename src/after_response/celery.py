@@ -24,7 +24,6 @@ The runner task acknowledges late and is requeued when its worker process is los
 from __future__ import annotations
 
 import asyncio
-import math
 import threading
 import time
 import weakref
@@ -38,6 +37,7 @@ from kombu import Connection, Producer, Queue
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
+from ._checks import check_seconds
 from ._dead_letters import DeadLetterHook
 from ._engine import RUNNER_TASK, Message
 from ._errors import EngineConfigurationError
@@ -96,8 +96,9 @@ class CeleryEngine:
         runner: the worker-side runner; ``engine.runner.stats()`` counts this process's runs.
 
     Raises:
-        TypeError: ``celery_app`` is not a Celery app, or an option has the wrong type.
-        ValueError: ``publish_timeout`` or ``log_interval`` is not a positive number, or the
+        TypeError: ``celery_app`` is not a Celery app, or an option has the wrong type (a
+            ``publish_timeout`` or ``log_interval`` that is not a number).
+        ValueError: ``publish_timeout`` or ``log_interval`` is not positive and finite, or the
             app already has an engine (construct one per app, and share it).
     """
 
@@ -120,16 +121,9 @@ class CeleryEngine:
             )
         if queue is not None and (not isinstance(queue, str) or not queue):
             raise TypeError(f"CeleryEngine(queue=...) must be a queue name or None, got {queue!r}")
-        if (
-            isinstance(publish_timeout, bool)
-            or not isinstance(publish_timeout, int | float)
-            or not math.isfinite(publish_timeout)
-            or publish_timeout <= 0
-        ):
-            raise ValueError(
-                "CeleryEngine(publish_timeout=...) must be a positive number of seconds, got "
-                f"{publish_timeout!r}"
-            )
+        publish_timeout = check_seconds(
+            "CeleryEngine(publish_timeout=...)", publish_timeout, or_none=False
+        )
         self.runner = WorkerRunner(
             self.system, on_dead_letter=on_dead_letter, log_interval=log_interval
         )

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any, Final
@@ -45,6 +44,7 @@ from taskiq_redis import (
     RedisStreamSentinelBroker,
 )
 
+from ._checks import check_seconds
 from ._dead_letters import DeadLetterHook
 from ._engine import RUNNER_TASK, Message
 from ._logs import logger
@@ -86,9 +86,10 @@ class TaskiqEngine:
             before they raise ``TimeoutError`` (a broker that does not answer).
 
     Raises:
-        TypeError: ``broker`` is not a taskiq broker, or one without acknowledgements.
-        ValueError: a bad ``publish_timeout`` or ``log_interval``, or the broker already has
-            a runner task (one engine per broker).
+        TypeError: ``broker`` is not a taskiq broker, or one without acknowledgements, or a
+            ``publish_timeout`` or ``log_interval`` is not a number.
+        ValueError: a ``publish_timeout`` or ``log_interval`` that is not positive and finite,
+            or the broker already has a runner task (one engine per broker).
 
     Attributes:
         broker: the broker.
@@ -118,15 +119,7 @@ class TaskiqEngine:
                 "taskiq_redis.RedisStreamBroker (acknowledged after execution, claimed back "
                 "from a dead worker)"
             )
-        if (
-            isinstance(publish_timeout, bool)
-            or not isinstance(publish_timeout, (int, float))
-            or not math.isfinite(publish_timeout)
-            or publish_timeout <= 0
-        ):
-            raise ValueError(
-                f"publish_timeout must be a positive number of seconds, got {publish_timeout!r}"
-            )
+        publish_timeout = check_seconds("publish_timeout", publish_timeout, or_none=False)
         if broker.find_task(RUNNER_TASK) is not None:
             raise ValueError(
                 f"this {type(broker).__name__} already has the {RUNNER_TASK!r} task: construct "
