@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import inspect
 import threading
 from typing import Any
 
@@ -156,6 +157,17 @@ async def test_bound_methods_partials_and_builtins_are_accepted() -> None:
         assert await middleware.drain(timeout=5)
     assert sorted(ran) == ["callable object y", "method x"]
     assert middleware.stats().succeeded == 4
+
+
+@pytest.mark.parametrize(
+    "option", [p for p in inspect.signature(Collector.options).parameters if p != "self"]
+)
+async def test_every_option_given_to_add_points_to_options(option: str) -> None:
+    async def handler(collector: Collector) -> None:
+        with pytest.raises(TypeError, match=rf"has no parameter '{option}'; task options go"):
+            collector.add(send_email, "to", "code", **{option: 1})
+
+    await call(AfterResponseMiddleware(app_running(handler)), http_scope())
 
 
 async def test_options_do_not_collide_with_the_functions_own_keyword_arguments() -> None:

@@ -10,6 +10,7 @@ so the arity is summarised once and ``bind`` only runs when the summary cannot d
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import math
@@ -23,8 +24,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _INFO_ATTRIBUTE: Final = "__after_response_info__"
 _POSITIONAL: Final = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-#: Keyword arguments that look like options: passed to add(), they belong in .options().
-_OPTION_NAMES: Final = frozenset({"name", "timeout", "retry", "run_on_error"})
+#: The keywords options() takes: passed to add() for a function without such a parameter,
+#: they belong in .options().
+_OPTION_NAMES: Final = frozenset(f.name for f in dataclasses.fields(TaskOptions) if f.init)
 
 
 class CallableInfo:
