@@ -698,6 +698,51 @@ async def test_exception_events_redact_arguments_inside_containers_and_dataclass
     assert "ValueError: cannot notify" in stacktrace
 
 
+async def test_a_task_group_failure_shows_each_error_redacted_in_its_log_line_and_span(
+    exporter: InMemorySpanExporter,
+    tracer_provider: TracerProvider,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A side effect that fans out: its task group raises an ExceptionGroup, whose own message
+    says only how many errors it holds."""
+
+    async def sync_everything(token: str) -> None:
+        async def call_crm() -> None:
+            raise ConnectionError(f"crm refused {token}")
+
+        async def call_billing() -> None:
+            raise KeyError(f"no plan for {token}")
+
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(call_crm)
+            task_group.start_soon(call_billing)
+
+    def endpoint(request: Request) -> None:
+        request.state.after_response.add(sync_everything, TOKEN)
+
+    middleware = AfterResponseMiddleware(app_with(endpoint), tracer_provider=tracer_provider)
+    caplog.set_level(logging.ERROR, logger="after_response")
+    await get_and_drain(middleware, middleware)
+
+    [record] = [r for r in caplog.records if "failed after" in r.getMessage()]
+    [span] = effect_spans(exporter)
+    [event] = span.events
+    for text in (
+        logging.Formatter().format(record),
+        str((event.attributes or {})["exception.stacktrace"]),
+    ):
+        assert TOKEN not in text
+        assert "ExceptionGroup: unhandled errors in a TaskGroup (2 sub-exceptions)\n" in text
+        assert re.search(
+            r"\| +File .*, in call_crm\n(.*\n)*? +\| ConnectionError: crm refused \[redacted\]\n",
+            text,
+        )
+        assert re.search(
+            r"\| +File .*, in call_billing\n(.*\n)*? +\| KeyError: 'no plan for \[redacted\]'\n",
+            text,
+        )
+
+
 # -- tracing off ---------------------------------------------------------------------------------
 
 

@@ -8,11 +8,13 @@ and stay readable.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import functools
 import itertools
+import sys
 import traceback
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 #: Argument strings shorter than this are not redacted (they would match ordinary words and
@@ -21,6 +23,15 @@ MIN_REDACTED_LENGTH: Final = 4
 REDACTED: Final = "[redacted]"
 #: Items looked at inside each container argument (a bound on the work on the failure path).
 _MAX_ITEMS: Final = 100
+
+#: Bounds on a traceback's text. An exception group's are Python's own (``TracebackException``'s
+#: ``max_group_width`` and ``max_group_depth``); the number of exceptions written in all is not
+#: bounded by Python (groups 15 wide nest 10 deep).
+MAX_GROUP_WIDTH: Final = 15
+MAX_GROUP_DEPTH: Final = 10
+MAX_EXCEPTIONS: Final = 50
+#: Exceptions followed through ``__cause__`` and ``__context__`` from each one written.
+_MAX_CHAIN: Final = 10
 
 _CAUSE: Final = "\nThe above exception was the direct cause of the following exception:\n\n"
 _CONTEXT: Final = "\nDuring handling of the above exception, another exception occurred:\n\n"
@@ -83,31 +94,115 @@ def redacted_exception(exc: BaseException, secrets: list[str]) -> tuple[str, str
     """
     message = redact(safe_message(exc), secrets)
     try:
-        stacktrace = "".join(_traceback_lines(exc, secrets))
+        stacktrace = "".join(_Traceback(secrets).lines(exc))
     except Exception:  # a pathological exception: keep its type, lose its traceback
         stacktrace = f"{type(exc).__qualname__}: {message}\n"
     return message, stacktrace
 
 
-def _traceback_lines(exc: BaseException, secrets: list[str]) -> Iterator[str]:
-    chain: list[tuple[traceback.TracebackException, str]] = []
-    current: traceback.TracebackException | None = traceback.TracebackException.from_exception(exc)
-    separator = ""
-    while current is not None and len(chain) < 10:
-        chain.append((current, separator))
-        if current.__cause__ is not None:
-            current, separator = current.__cause__, _CAUSE
-        elif current.__context__ is not None and not current.__suppress_context__:
-            current, separator = current.__context__, _CONTEXT
-        else:
-            current = None
-    for te, separator in reversed(chain):
-        if te.stack:
-            yield "Traceback (most recent call last):\n"
-            yield from te.stack.format()
-        for line in te.format_exception_only():
-            yield redact(line, secrets)
-        yield separator
+class _Traceback:
+    """Python's rendering of an exception (``TracebackException.format``): the exceptions it was
+    raised from or while handling, and an exception group's sub-exceptions, each with its
+    frames, nested behind ``|`` margins; but every message redacted, and bounded in all."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        self.secrets = secrets
+        self.group_depth = 0
+        self.need_close = False  # the group's closing line is still to be written
+        self.seen: set[int] = set()
+        self.remaining = MAX_EXCEPTIONS
+
+    def lines(self, exc: BaseException) -> Iterator[str]:
+        self.seen.add(id(exc))
+        chain: list[tuple[BaseException, str]] = [(exc, "")]
+        while len(chain) < _MAX_CHAIN:
+            current = chain[-1][0]
+            if current.__cause__ is not None:
+                earlier, separator = current.__cause__, _CAUSE
+            elif current.__context__ is not None and not current.__suppress_context__:
+                earlier, separator = current.__context__, _CONTEXT
+            else:
+                break
+            if id(earlier) in self.seen:  # written already, or a cycle
+                break
+            self.seen.add(id(earlier))
+            chain.append((earlier, separator))
+        self.remaining -= len(chain)
+        for current, separator in reversed(chain):
+            yield from self.exception(current)
+            yield from self.emit(separator)
+
+    def exception(self, exc: BaseException) -> Iterator[str]:
+        exceptions = _sub_exceptions(exc)
+        if exceptions is not None and self.group_depth > MAX_GROUP_DEPTH:
+            yield from self.emit(f"... (max_group_depth is {MAX_GROUP_DEPTH})\n")
+            return
+        stack = traceback.extract_tb(exc.__traceback__).format()
+        message = [redact(line, self.secrets) for line in traceback.format_exception_only(exc)]
+        if exceptions is not None:
+            yield from self.group(exceptions, stack, message)
+            return
+        if stack:
+            yield from self.emit("Traceback (most recent call last):\n", *stack)
+        yield from self.emit(*message)
+
+    def group(
+        self, exceptions: Sequence[BaseException], stack: list[str], message: list[str]
+    ) -> Iterator[str]:
+        outermost = self.group_depth == 0
+        if outermost:
+            self.group_depth = 1
+        if stack:
+            title = "Exception Group Traceback (most recent call last):\n"
+            yield from self.emit(title, margin="+" if outermost else "|")
+            yield from self.emit(*stack)
+        yield from self.emit(*message)
+        self.need_close = False
+        for index, exc in enumerate(exceptions):
+            truncated = index >= MAX_GROUP_WIDTH or self.remaining <= 0
+            last = truncated or index == len(exceptions) - 1
+            if last:  # unless a nested group's closing line, written first, closes this one too
+                self.need_close = True
+            number = "..." if truncated else str(index + 1)
+            corner = "  " if index else "+-"
+            yield f"{self.indent()}{corner}+---------------- {number} ----------------\n"
+            self.group_depth += 1
+            if truncated:
+                more = len(exceptions) - index
+                yield from self.emit(f"and {more} more exception{'s' if more > 1 else ''}\n")
+            else:
+                yield from self.lines(exc)
+            if last and self.need_close:
+                yield f"{self.indent()}+------------------------------------\n"
+                self.need_close = False
+            self.group_depth -= 1
+            if last:
+                break
+        if outermost:
+            self.group_depth = 0
+
+    def indent(self) -> str:
+        return "  " * self.group_depth
+
+    def emit(self, *texts: str, margin: str = "|") -> Iterator[str]:
+        prefix = f"{self.indent()}{margin} " if self.group_depth else ""
+        for text in texts:
+            for line in text.splitlines(keepends=True):
+                yield prefix + line
+
+
+def _sub_exceptions(exc: BaseException) -> Sequence[BaseException] | None:
+    """An exception group's exceptions; ``None`` for any other exception."""
+    if sys.version_info >= (3, 11):
+        group_type: object = builtins.BaseExceptionGroup
+    else:
+        # Python 3.10's groups come from the backport (anyio's, for one): if it was never
+        # imported, there are none.
+        group_type = getattr(sys.modules.get("exceptiongroup"), "BaseExceptionGroup", None)
+    if not isinstance(group_type, type) or not isinstance(exc, group_type):
+        return None
+    exceptions: Sequence[BaseException] = getattr(exc, "exceptions", ())
+    return exceptions
 
 
 def exception_text(

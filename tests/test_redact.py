@@ -1,0 +1,128 @@
+"""Tracebacks with their messages redacted: written as Python writes them, exception groups too.
+
+On Python 3.10 the groups are the ``exceptiongroup`` backport's (anyio's dependency there).
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+
+import pytest
+
+from after_response._redact import MAX_EXCEPTIONS, redacted_exception
+
+if sys.version_info >= (3, 11):
+    from builtins import ExceptionGroup
+else:
+    from exceptiongroup import ExceptionGroup
+
+SECRET = "SECRET-TOKEN-123"
+
+
+def raised(exc: BaseException) -> BaseException:
+    """``exc`` with a traceback of its own."""
+    try:
+        raise exc
+    except BaseException as caught:
+        return caught
+
+
+def chained() -> BaseException:
+    try:
+        try:
+            raise KeyError(f"no row for {SECRET}")
+        except KeyError as exc:
+            raise ValueError("lookup failed") from exc
+    except ValueError:
+        return raised(RuntimeError(f"while handling {SECRET}"))
+
+
+def raised_from(cause: BaseException) -> BaseException:
+    try:
+        raise RuntimeError(f"gave up on {SECRET}") from cause
+    except RuntimeError as exc:
+        return exc
+
+
+def group(message: str, *exceptions: BaseException) -> BaseException:
+    return raised(ExceptionGroup(message, list(exceptions)))
+
+
+def nested(depth: int) -> BaseException:
+    if depth == 0:
+        return raised(ValueError(SECRET))
+    return group(f"level {depth} of {SECRET}", nested(depth - 1))
+
+
+EXCEPTIONS: dict[str, Callable[[], BaseException]] = {
+    "plain": lambda: raised(ValueError(f"bad {SECRET}")),
+    "chained": chained,
+    "group": lambda: group(
+        f"sync {SECRET}", raised(ConnectionError(f"refused {SECRET}")), raised(KeyError(SECRET))
+    ),
+    "group in a group": lambda: group(
+        "outer",
+        group("inner", raised(ValueError(SECRET)), raised(TypeError("t"))),
+        raised(OSError(SECRET)),
+    ),
+    "group in a group, last": lambda: group(
+        "outer", raised(OSError(SECRET)), group("inner", raised(ValueError(SECRET)))
+    ),
+    "chains in a group": lambda: group("two", chained(), raised(ValueError(SECRET))),
+    "group as a cause": lambda: raised_from(group("g", raised(ValueError(SECRET)))),
+    "16 wide (Python writes 15)": lambda: group("wide", *(ValueError(SECRET) for _ in range(16))),
+    "13 deep (Python writes 11)": lambda: nested(13),
+}
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="3.10 writes no groups by itself")
+@pytest.mark.parametrize("make", EXCEPTIONS.values(), ids=EXCEPTIONS.keys())
+def test_tracebacks_are_pythons_with_the_arguments_redacted(
+    make: Callable[[], BaseException],
+) -> None:
+    exc = make()
+    python = "".join(traceback.format_exception(exc))
+    assert SECRET in python
+    _, stacktrace = redacted_exception(exc, [SECRET])
+    assert stacktrace == python.replace(SECRET, "[redacted]")
+
+
+def test_a_group_shows_each_sub_exception_with_its_traceback_and_redacted_message() -> None:
+    def call_crm() -> None:
+        raise ConnectionError(f"crm refused {SECRET}")
+
+    def call_billing() -> None:
+        raise KeyError(f"no plan for {SECRET}")
+
+    errors = []
+    for call in (call_crm, call_billing):
+        try:
+            call()
+        except Exception as exc:
+            errors.append(exc)
+    message, stacktrace = redacted_exception(group(f"sync {SECRET}", *errors), [SECRET])
+
+    assert message == "sync [redacted] (2 sub-exceptions)"
+    assert SECRET not in stacktrace
+    # exceptiongroup.ExceptionGroup on 3.10
+    assert "ExceptionGroup: sync [redacted] (2 sub-exceptions)\n" in stacktrace
+    for call, line in [
+        (call_crm, "| ConnectionError: crm refused [redacted]"),
+        (call_billing, "| KeyError: 'no plan for [redacted]'"),
+    ]:
+        frame = f'{__file__}", line {call.__code__.co_firstlineno + 1}, in {call.__name__}'
+        assert frame in stacktrace
+        assert line in stacktrace
+
+
+def test_a_huge_group_is_cut_short() -> None:
+    """15 wide and 10 deep is what Python cuts at; 15 groups of 15 groups of 15 errors would
+    still be 3,600 tracebacks."""
+    exc = group("top", *(group("middle", *(group("bottom", *[KeyError(SECRET)] * 15),) * 15),) * 15)
+    _, stacktrace = redacted_exception(exc, [SECRET])
+    written = stacktrace.count("KeyError:") + stacktrace.count("ExceptionGroup:")
+    assert written <= MAX_EXCEPTIONS
+    assert "| and 14 more exceptions" in stacktrace
+    assert SECRET not in stacktrace
