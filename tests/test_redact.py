@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from after_response._redact import MAX_EXCEPTIONS, redacted_exception
+from after_response._redact import MAX_EXCEPTIONS, exception_text, redacted_exception
 
 if sys.version_info >= (3, 11):
     from builtins import ExceptionGroup
@@ -126,3 +126,14 @@ def test_a_huge_group_is_cut_short() -> None:
     assert written <= MAX_EXCEPTIONS
     assert "| and 14 more exceptions" in stacktrace
     assert SECRET not in stacktrace
+
+
+def test_integer_arguments_of_six_digits_or_more_are_redacted() -> None:
+    def charge(account: int, amount: int, *, refund: bool, ids: list[int]) -> None:
+        pass
+
+    exc = raised(ValueError("account 987654321123 cannot pay 12345 (refund True) for -4567890"))
+    # 10**5000 has too many digits for str(): skipped, not raised on
+    ids = [-4567890, 10**5000]
+    message, _ = exception_text(exc, charge, (987654321123, 12345), {"refund": True, "ids": ids})
+    assert message == "account [redacted] cannot pay 12345 (refund True) for -[redacted]"

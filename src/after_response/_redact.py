@@ -20,6 +20,12 @@ from typing import Any, Final
 #: Argument strings shorter than this are not redacted (they would match ordinary words and
 #: line numbers; a secret is longer).
 MIN_REDACTED_LENGTH: Final = 4
+#: Integer arguments of fewer digits are not redacted (they would match years, ports, counts and
+#: amounts; an account, card or phone number is longer).
+MIN_REDACTED_DIGITS: Final = 6
+#: Nor those of this many digits or more: no identifier is that long, and ``str()`` of a huge
+#: int is slow (past 4,300 digits, it raises).
+_MAX_REDACTED_DIGITS: Final = 100
 REDACTED: Final = "[redacted]"
 #: Items looked at inside each container argument (a bound on the work on the failure path).
 _MAX_ITEMS: Final = 100
@@ -40,7 +46,8 @@ _CONTEXT: Final = "\nDuring handling of the above exception, another exception o
 def argument_strings(fn: object, args: Iterable[object], kwargs: Mapping[str, object]) -> list[str]:
     """The strings among a task's arguments (those bound by ``functools.partial`` too), and
     one level inside containers and dataclasses (a ``User`` with an ``email``), as they may
-    appear in text, longest first."""
+    appear in text, longest first; and the digits of its integers of ``MIN_REDACTED_DIGITS``
+    digits or more."""
     found: set[str] = set()
     values = [*args, *kwargs.values()]
     while isinstance(fn, functools.partial):
@@ -54,6 +61,10 @@ def argument_strings(fn: object, args: Iterable[object], kwargs: Mapping[str, ob
             if len(value) >= MIN_REDACTED_LENGTH:
                 found.add(value)
                 found.add(repr(value)[1:-1])  # as it appears inside a repr()
+            return
+        if isinstance(value, int) and not isinstance(value, bool):
+            if 10 ** (MIN_REDACTED_DIGITS - 1) <= abs(value) < 10**_MAX_REDACTED_DIGITS:
+                found.add(str(abs(value)))  # a negative one's digits follow its sign
             return
         if depth > 0:
             return
