@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from after_response._sqlite import SQLiteStore
-from after_response._sqlite_queries import MIGRATIONS, SCHEMA_VERSION, migrate
+from after_response._sqlite_queries import COLUMNS, MIGRATIONS, SCHEMA_VERSION, encode, migrate
 from after_response._store import SchemaVersionError, StoredTask, StoreError
 
 from .not_stores import NOT_STORES
@@ -166,6 +166,7 @@ async def test_released_tasks_are_claimed_by_another_owner_not_as_recovered(
     assert all(t.owner == "second" and t.state == "queued" for t in claimed.values())
     assert not any(t.recovered for t in claimed.values())
     assert claimed["wait"].attempt == 1, "the attempt count survives the hand-over"
+    assert (claimed["run"].attempt, claimed["run"].interrupted) == (0, 0), "cut short, not lost"
     assert await first.claim("first", 10) == []
     await first.close()
     await second.close()
@@ -229,6 +230,46 @@ async def test_a_killed_process_s_unfinished_tasks_are_recovered(tmp_path: Path)
     assert store.get("dead").state == "dead"  # type: ignore[union-attr]
     assert await store.claim("parent", 100) == []
     await store.close()
+
+
+async def test_a_task_running_when_its_owner_died_runs_again_as_the_same_attempt(
+    store: SQLiteStore,
+) -> None:
+    # "dead" never heartbeats: a process that died.
+    await store.save(
+        [
+            task("ran", owner="dead", state="running", attempt=2, interrupted=1),
+            task("waited", owner="dead", state="queued", attempt=1),
+            task("backing-off", owner="dead", state="retry_wait", attempt=1, ready_at=0.0),
+        ]
+    )
+    claimed = {t.id: (t.attempt, t.interrupted, t.recovered) for t in await store.claim("me", 9)}
+    assert claimed == {"ran": (1, 2, True), "waited": (1, 0, True), "backing-off": (1, 0, True)}
+    ran = store.get("ran")
+    assert ran is not None
+    assert (ran.state, ran.attempt, ran.interrupted, ran.owner) == ("queued", 1, 2, "me")
+
+
+async def test_a_claim_takes_at_most_max_suspects_of_the_tasks_interrupted_twice(
+    store: SQLiteStore,
+) -> None:
+    running = {"owner": "dead", "state": "running", "attempt": 1}
+    await store.save(
+        [
+            *(task(f"suspect-{n}", ready_at=float(n), interrupted=1, **running) for n in range(3)),
+            task("first-time", ready_at=5.0, **running),
+            task("doomed", ready_at=6.0, interrupted=2, **running),
+        ]
+    )
+    claimed = await store.claim("me", 10, max_suspects=1)
+    assert [(t.id, t.interrupted) for t in claimed] == [
+        ("suspect-0", 2),
+        ("first-time", 1),
+        ("doomed", 3),  # not run again: the claimer makes it a dead letter
+    ]
+    assert await store.claim("me", 10, max_suspects=0) == []
+    later = await store.claim("me", 10)
+    assert [(t.id, t.interrupted) for t in later] == [("suspect-1", 2), ("suspect-2", 2)]
 
 
 async def test_concurrent_claims_from_processes_never_share_a_task(store: SQLiteStore) -> None:
@@ -342,6 +383,25 @@ async def test_a_version_1_file_is_migrated_and_keeps_its_tasks(tmp_path: Path) 
     assert "tasks_finished" in indexes
 
 
+async def test_a_version_2_file_is_migrated_and_its_running_task_counted_when_claimed(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrate(conn, str(path), upto=2)
+    old_columns = COLUMNS.removesuffix(", interrupted")
+    old_row = encode(task("old", owner="dead", state="running", attempt=1))[:-1]
+    placeholders = ", ".join("?" * len(old_row))
+    conn.execute(f"INSERT INTO tasks ({old_columns}) VALUES ({placeholders})", old_row)
+    conn.close()
+    store = SQLiteStore(path)
+    await store.open("me")
+    assert store.get("old").interrupted == 0  # type: ignore[union-attr]
+    [claimed] = await store.claim("me", 10)
+    await store.close()
+    assert (claimed.id, claimed.attempt, claimed.interrupted) == ("old", 0, 1)
+
+
 async def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "notes.txt"
     path.write_text("hello " * 1000)
@@ -399,10 +459,17 @@ async def test_dead_letters_are_retried_and_purged(store: SQLiteStore) -> None:
     await store.save([task(i) for i in ("a", "b", "c")])
     for i in ("a", "b", "c"):
         store.mark_dead(i, 3, "ValueError", "bad")
+    with sqlite3.connect(store.path) as conn:
+        conn.execute("UPDATE tasks SET interrupted = 3 WHERE id = 'a'")
     assert await store.retry_dead(["a", "missing"]) == 1
     retried = store.get("a")
     assert retried is not None
-    assert (retried.state, retried.attempt, retried.owner) == ("queued", 0, None)
+    assert (retried.state, retried.attempt, retried.interrupted, retried.owner) == (
+        "queued",
+        0,
+        0,
+        None,
+    )
     assert await store.purge_dead(["b"]) == 1
     assert await store.purge_dead(all_dead=True) == 1
     assert store.count_by_state() == {**dict.fromkeys(store.count_by_state(), 0), "queued": 1}

@@ -277,7 +277,8 @@ class SQLiteStore:
         )
 
     def mark_running(self, id: str, attempt: int) -> None:
-        """Batched, no await: attempt number ``attempt`` (from 1) of task ``id`` started."""
+        """Batched, no await: attempt number ``attempt`` (from 1) of task ``id`` started. If
+        its owner dies before it ends, the next claim counts it as interrupted."""
         self._enqueue(f"mark_running {id}", lambda c, now: q.mark_running(c, id, attempt, now))
 
     def mark_succeeded(self, id: str) -> None:
@@ -315,8 +316,9 @@ class SQLiteStore:
 
     def release(self, ids: Sequence[str]) -> None:
         """Batched, no await: give unfinished tasks up for the next process (at shutdown).
-        Their owner becomes NULL; a running task goes back to queued, others keep their
-        state. A later claim does not count them as recovered."""
+        Their owner becomes NULL; a running task goes back to queued (the attempt it was
+        cut short in does not count), others keep their state. A later claim does not count
+        them as recovered, nor as interrupted."""
         ids = builtins.list(ids)
         self._enqueue(f"release {len(ids)}", lambda c, now: q.release(c, ids, now))
 
@@ -331,6 +333,7 @@ class SQLiteStore:
         *,
         states: Sequence[str] = RUNNABLE,
         include_stale: bool = True,
+        max_suspects: int | None = None,
     ) -> builtins.list[StoredTask]:
         """Take up to ``limit`` tasks, oldest ``ready_at`` first, that are in ``states``,
         ready (``ready_at`` has passed), and owned by nobody or, with ``include_stale``, by
@@ -340,13 +343,21 @@ class SQLiteStore:
         stays ``outbox``). ``recovered`` is True for a task taken from a dead owner, and
         stays True for a task recovered before; a released or spilled task (owner NULL) is
         not recovered. Stale owners are unregistered in the same transaction.
+
+        A task still ``running`` when its owner died was interrupted: its ``interrupted``
+        count goes up by one, and its ``attempt`` does not (the attempt cut short runs again
+        with the same number). With ``max_suspects``, at most that many tasks interrupted
+        :data:`~after_response._store.SUSPECT_INTERRUPTED` times or more (but fewer than
+        :data:`~after_response._store.MAX_INTERRUPTED`) are taken; the others stay.
         """
         owner, limit = check_owner("claim", owner), check_limit("claim", limit)
         states = check_states("claim", states)
         timeout = self._owner_timeout
         return await self._call(
             f"claim by {owner}",
-            lambda c, now: q.claim(c, owner, limit, states, include_stale, now - timeout, now),
+            lambda c, now: q.claim(
+                c, owner, limit, states, include_stale, now - timeout, now, max_suspects
+            ),
         )
 
     async def next_ready_at(self, *, states: Sequence[str] = RUNNABLE) -> float | None:
@@ -361,8 +372,9 @@ class SQLiteStore:
     async def retry_dead(
         self, ids: Sequence[str] = (), *, all_dead: bool = False, owner: str | None = None
     ) -> int:
-        """Make dead letters ready again: queued, attempt 0, ready now, owned by ``owner``
-        (None: the first live process to claim them). Give ``ids`` or ``all_dead=True``.
+        """Make dead letters ready again: queued, attempt 0 (and not interrupted), ready now,
+        owned by ``owner`` (None: the first live process to claim them). Give ``ids`` or
+        ``all_dead=True``.
 
         Returns:
             How many dead letters were retried (ids that are not dead letters are skipped).

@@ -13,12 +13,14 @@ from typing import Any, Final
 
 from ._store import (
     DEAD,
+    MAX_INTERRUPTED,
     OUTBOX,
     PUBLISHED,
     QUEUED,
     RETRY_WAIT,
     RUNNING,
     SUCCEEDED,
+    SUSPECT_INTERRUPTED,
     SchemaVersionError,
     StoredTask,
     StoreError,
@@ -50,13 +52,18 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX tasks_finished ON tasks (finished_at)"
         " WHERE state IN ('succeeded', 'published')",
     ),
+    (
+        # How many times a process died while it ran the task: a claim of a running row
+        # whose owner died counts one more, and gives up on it at MAX_INTERRUPTED.
+        "ALTER TABLE tasks ADD COLUMN interrupted INTEGER NOT NULL DEFAULT 0",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 COLUMNS: Final = (
     "id, name, target, payload, options, request_method, request_path, trace_context, key,"
     " state, attempt, ready_at, owner, recovered, error_type, error_message, created_at,"
-    " updated_at, finished_at"
+    " updated_at, finished_at, interrupted"
 )
 SELECT_ONE: Final = f"SELECT {COLUMNS} FROM tasks WHERE id = ?"
 _TABLES: Final = "SELECT name FROM sqlite_master WHERE type = 'table'"
@@ -152,6 +159,7 @@ def encode(task: StoredTask) -> tuple[Any, ...]:
         *(task.request_method, task.request_path, trace_context, task.key, task.state),
         *(task.attempt, task.ready_at, task.owner, int(task.recovered), task.error_type),
         *(task.error_message, task.created_at, task.updated_at, task.finished_at),
+        task.interrupted,
     )
 
 
@@ -179,6 +187,7 @@ def decode(row: Sequence[Any]) -> StoredTask:
         created_at=row[16],
         updated_at=row[17],
         finished_at=row[18],
+        interrupted=row[19],
     )
 
 
@@ -257,13 +266,15 @@ def mark_failed(
 
 
 def release(conn: sqlite3.Connection, ids: Sequence[str], now: float) -> None:
-    """Unowned again; a run that was cut short goes back to queued."""
+    """Unowned again; a run that was cut short goes back to queued, and its attempt does
+    not count."""
     for id in ids:
         conn.execute(
             "UPDATE tasks SET owner = NULL, updated_at = ?,"
+            " attempt = CASE state WHEN ? THEN MAX(attempt - 1, 0) ELSE attempt END,"
             " state = CASE state WHEN ? THEN ? ELSE state END"
             " WHERE id = ? AND state IN (?, ?, ?, ?)",
-            (now, RUNNING, QUEUED, id, QUEUED, RUNNING, RETRY_WAIT, OUTBOX),
+            (now, RUNNING, RUNNING, QUEUED, id, QUEUED, RUNNING, RETRY_WAIT, OUTBOX),
         )
 
 
@@ -285,10 +296,15 @@ def claim(
     include_stale: bool,
     stale_before: float,
     now: float,
+    max_suspects: int | None = None,
 ) -> list[StoredTask]:
     """Take the oldest ready rows nobody live owns; a row whose owner died is recovered.
 
-    A claimed row becomes ``queued`` (an outbox row stays ``outbox``) with the new owner.
+    A claimed row becomes ``queued`` (an outbox row stays ``outbox``) with the new owner. A
+    row still ``running`` under a dead owner was interrupted: ``interrupted`` counts one
+    more, and the attempt cut short does not count (it runs again with its number). Of the
+    suspects that would still run (see :data:`SUSPECT_INTERRUPTED`), at most
+    ``max_suspects`` are taken, if given; the others stay for a later claim.
     """
     params: dict[str, Any] = {f"s{i}": state for i, state in enumerate(states)}
     params.update(now=now, limit=limit, stale_before=stale_before, owner=owner)
@@ -302,12 +318,28 @@ def claim(
     for row in rows:
         recovered = bool(row[13]) or row[12] is not None
         state = OUTBOX if row[9] == OUTBOX else QUEUED
+        attempt, interrupted = row[10], row[19]
+        if row[9] == RUNNING and row[12] is not None:
+            attempt, interrupted = max(attempt - 1, 0), interrupted + 1
+        if max_suspects is not None and SUSPECT_INTERRUPTED <= interrupted < MAX_INTERRUPTED:
+            if max_suspects <= 0:
+                continue
+            max_suspects -= 1
         conn.execute(
-            "UPDATE tasks SET owner = ?, state = ?, recovered = ?, updated_at = ? WHERE id = ?",
-            (owner, state, int(recovered), now, row[0]),
+            "UPDATE tasks SET owner = ?, state = ?, recovered = ?, attempt = ?, interrupted = ?,"
+            " updated_at = ? WHERE id = ?",
+            (owner, state, int(recovered), attempt, interrupted, now, row[0]),
         )
         claimed.append(
-            replace(decode(row), owner=owner, state=state, recovered=recovered, updated_at=now)
+            replace(
+                decode(row),
+                owner=owner,
+                state=state,
+                recovered=recovered,
+                attempt=attempt,
+                interrupted=interrupted,
+                updated_at=now,
+            )
         )
     if include_stale:
         conn.execute(
@@ -359,8 +391,8 @@ def retry_dead(
     chosen = dead_ids(conn, ids)
     for id in chosen:
         conn.execute(
-            "UPDATE tasks SET state = ?, owner = ?, attempt = 0, ready_at = ?, updated_at = ?,"
-            " finished_at = NULL WHERE id = ?",
+            "UPDATE tasks SET state = ?, owner = ?, attempt = 0, interrupted = 0, ready_at = ?,"
+            " updated_at = ?, finished_at = NULL WHERE id = ?",
             (QUEUED, owner, now, now, id),
         )
     return len(chosen)

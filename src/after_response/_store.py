@@ -30,6 +30,15 @@ UNFINISHED: Final = (QUEUED, RUNNING, RETRY_WAIT, OUTBOX)
 #: What a runner claims by default: the unfinished states an engine relay does not own.
 RUNNABLE: Final = (QUEUED, RUNNING, RETRY_WAIT)
 
+MAX_INTERRUPTED: Final = 3
+"""A task whose process died this many times while it ran is not run again: when claimed,
+it becomes a dead letter (a side effect that crashes its process would crash every process
+that takes it over, for ever)."""
+SUSPECT_INTERRUPTED: Final = 2
+"""A task whose process died this many times while it ran is a suspect: a process runs one
+suspect at a time, so that a side effect that crashes its process does not take the others
+down with it again and again (they would reach :data:`MAX_INTERRUPTED` with it)."""
+
 
 class StoreError(RuntimeError):
     """The store could not do what was asked (disk full, file-size limit, read-only file,
@@ -96,6 +105,8 @@ class StoredTask:
         error_type: the last failure's exception type name.
         error_message: the last failure's message, already redacted.
         created_at, updated_at, finished_at: unix times.
+        interrupted: how many times a process died while it ran the task (those attempts
+            do not count in ``attempt``).
     """
 
     id: str
@@ -118,6 +129,7 @@ class StoredTask:
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     finished_at: float | None = None
+    interrupted: int = 0
 
     def __post_init__(self) -> None:
         if self.state not in STATES:
@@ -172,8 +184,10 @@ class Store(Protocol):
         *,
         states: Sequence[str] = RUNNABLE,
         include_stale: bool = True,
+        max_suspects: int | None = None,
     ) -> builtins.list[StoredTask]:
-        """Take up to ``limit`` ready tasks that nobody live owns."""
+        """Take up to ``limit`` ready tasks that nobody live owns (among them at most
+        ``max_suspects`` suspects, if given: see :data:`SUSPECT_INTERRUPTED`)."""
         ...
 
     async def next_ready_at(self, *, states: Sequence[str] = RUNNABLE) -> float | None:
