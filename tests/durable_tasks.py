@@ -4,9 +4,13 @@ ledger file (one JSON line per call), so a test can see in which process it ran 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import sqlite3
 from typing import Any
+
+from after_response import current_task
 
 
 def _append(ledger: str, entry: dict[str, Any]) -> None:
@@ -69,3 +73,11 @@ async def quotes_its_arguments(
         f"bad token {token} ({token!r}); bad mapping {list(recipients)}; bad items {items}; "
         f"bad note {note!r}"
     )
+
+
+async def read_own_row(ledger: str, db: str) -> None:
+    """Writes its own row's state and attempt as the store has them committed when it runs."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        query = "SELECT state, attempt FROM tasks WHERE id = ?"
+        state, attempt = conn.execute(query, (current_task().id,)).fetchone()
+    _append(ledger, {"task": "read_own_row", "state": state, "attempt": attempt})

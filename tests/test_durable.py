@@ -640,3 +640,78 @@ async def test_a_store_that_fails_every_look_writes_one_line_and_a_count_per_int
     assert summary.startswith("... and ")
     assert " more failures of the durable store in the last " in summary
     assert summary.endswith("s: claiming failed (RuntimeError)")
+
+
+async def test_an_attempt_is_marked_running_in_the_store_before_it_starts(
+    tmp_path: Path,
+) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    path = tmp_path / "after_response.sqlite3"
+
+    async def endpoint(request: Request) -> JSONResponse:
+        request.state.after_response.options(durable=True).add(
+            durable_tasks.read_own_row, str(ledger), str(path)
+        )
+        return JSONResponse({})
+
+    middleware = AfterResponseMiddleware(
+        Starlette(routes=[Route("/", endpoint)]), store=SQLiteStore(path)
+    )
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get("/")
+        assert await middleware.drain(timeout=5)
+    # Were its process to die in it (at once), the next claim would count it as interrupted.
+    assert [(line["state"], line["attempt"]) for line in ledger_lines(ledger)] == [("running", 1)]
+
+
+async def test_stored_tasks_whose_process_died_too_often_become_dead_letters_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from after_response._store import MAX_INTERRUPTED, StoredTask
+
+    path = tmp_path / "after_response.sqlite3"
+    ledger = tmp_path / "ledger.jsonl"
+    store = await stored(path)
+    # Running under "gone", a process that died: one more interruption is the last.
+    crashing = [
+        StoredTask(
+            id=f"crashing-{n}",
+            name="record",
+            target="tests.durable_tasks:record",
+            args=[str(ledger), "buyer@example.com"],
+            kwargs={"code": str(n)},
+            state="running",
+            attempt=1,
+            owner="gone",
+            interrupted=MAX_INTERRUPTED - 1,
+        )
+        for n in range(5)
+    ]
+    await store.save(crashing)
+    await store.close()
+    middleware = AfterResponseMiddleware(Starlette(), store=SQLiteStore(path))
+    caplog.set_level(logging.ERROR, logger="after_response")
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url):
+        reader = await stored(path)
+        await until(lambda: len(reader.dead_letters()) == 5, 5, "five dead letters")
+        dead = reader.dead_letters()
+        await reader.close()
+    assert not ledger_lines(ledger), "not run again"
+    assert {(d.id, d.error_type, d.attempt, d.interrupted) for d in dead} == {
+        (t.id, "ProcessDied", 0, MAX_INTERRUPTED) for t in crashing
+    }
+    assert all(
+        d.error_message == "its process died 3 times while it ran (a side effect that crashes "
+        "its process?); not run again"
+        for d in dead
+    )
+    lines = [r.getMessage() for r in caplog.records if "record" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("after-response stored task record (crashing-")
+    assert lines[0].endswith(
+        "cannot run: its process died 3 times while it ran (a side effect that crashes its "
+        "process?); it is a dead letter now"
+    )
+    assert lines[1].startswith("... and 4 more tasks of record in the last ")
+    assert lines[1].endswith(": its process died 3 times while it ran")
+    assert "buyer@example.com" not in caplog.text

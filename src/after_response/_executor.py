@@ -179,9 +179,12 @@ class Executor(Waiting):
     async def _run(self, task: Task) -> None:
         """Run ``task`` to its end, or until it is queued again to retry."""
         set_running_task(task)
+        journal = self.journal if task.record.durable else None
         try:
             while True:
                 try:
+                    if journal is not None:
+                        await journal.running(task)
                     outcome, exc = await self.runner.attempt(task, may_retry=not self._closing)
                 except GeneratorExit:
                     raise  # left behind, then closed with its loop: no loop to ask below

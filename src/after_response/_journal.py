@@ -2,7 +2,9 @@
 completes, writes down how each attempt ends, releases what shutdown leaves unfinished, and
 claims the tasks of processes that died (or that were released or spilled) to run them here.
 
-Delivery is at-least-once: a task whose process died mid-run runs again, with the same id.
+Delivery is at-least-once: a task whose process died mid-run runs again, with the same id,
+and the same attempt number; but not for ever: after its process died
+:data:`~after_response._store.MAX_INTERRUPTED` times while it ran, it is a dead letter.
 """
 
 from __future__ import annotations
@@ -20,11 +22,20 @@ from ._durable import context_from_carrier, from_stored, to_stored
 from ._logs import qualified_type
 from ._record import TaskRecord
 from ._redact import exception_text
-from ._store import QUEUED, RUNNABLE, StoredTask, StoreError
+from ._store import (
+    MAX_INTERRUPTED,
+    QUEUED,
+    RUNNABLE,
+    SUSPECT_INTERRUPTED,
+    StoredTask,
+    StoreError,
+)
 from ._task import Task
 
 #: Tasks claimed at most in one go.
 CLAIM_BATCH: Final = 256
+#: The error type of the dead letter of a task whose process died while it ran, too often.
+PROCESS_DIED: Final = "ProcessDied"
 
 
 def new_owner_id() -> str:
@@ -43,6 +54,9 @@ class Journal:
         self.opened = False
         #: The state durable tasks are saved in: ``outbox`` when an engine runs them.
         self.durable_state = QUEUED
+        #: The last suspect claimed (see SUSPECT_INTERRUPTED): no other is claimed until
+        #: it has ended.
+        self.suspect: Task | None = None
 
     async def open(self) -> None:
         await self.store.open(self.owner)  # type: ignore[attr-defined]
@@ -67,6 +81,16 @@ class Journal:
         rows = [to_stored(record, owner, state) for record in records]
         deduplicated = set(await self.store.save(rows))  # type: ignore[attr-defined]
         return deduplicated
+
+    async def running(self, task: Task) -> None:
+        """Record that an attempt of ``task`` starts, committed before it does: if its
+        process dies while it runs (a side effect that kills it at once included), the next
+        claim counts it as interrupted. A store that fails is logged; the attempt runs."""
+        if self._write("mark_running", task.record.id, task.attempt):
+            try:
+                await self.store.flush()  # type: ignore[attr-defined]
+            except (StoreError, RuntimeError) as exc:
+                self._failed("mark_running", exc)
 
     def succeeded(self, task: Task) -> None:
         self._write("mark_succeeded", task.record.id)
@@ -94,13 +118,36 @@ class Journal:
         """Take up to ``limit`` tasks in ``states`` that no live process owns, as live tasks
         to run (or publish) here.
 
-        A task whose function cannot be imported any more becomes a dead letter at once.
+        A task whose function cannot be imported any more becomes a dead letter at once, and
+        so does one whose process died ``MAX_INTERRUPTED`` times while it ran. Of the
+        suspects (interrupted ``SUSPECT_INTERRUPTED`` times), one is taken at a time.
         """
+        suspect = self.suspect
         rows: list[StoredTask] = await self.store.claim(  # type: ignore[attr-defined]
-            self.owner, min(limit, CLAIM_BATCH), states=states
+            self.owner,
+            min(limit, CLAIM_BATCH),
+            states=states,
+            max_suspects=0 if suspect is not None and not suspect.done else 1,
         )
         tasks: list[Task] = []
         for row in rows:
+            if row.interrupted >= MAX_INTERRUPTED:
+                # Run again, it would kill this process too, and then the next one.
+                self.lines.emit(
+                    logging.ERROR,
+                    (row.name, f"its process died {row.interrupted} times while it ran"),
+                    "after-response stored task %s (%s) cannot run: its process died %d times "
+                    "while it ran (a side effect that crashes its process?); it is a dead "
+                    "letter now",
+                    (row.name, row.id, row.interrupted),
+                    {"task_name": row.name, "task_id": row.id},
+                )
+                message = (
+                    f"its process died {row.interrupted} times while it ran (a side effect "
+                    "that crashes its process?); not run again"
+                )
+                self._write("mark_dead", row.id, row.attempt, PROCESS_DIED, message)
+                continue
             record, fn = from_stored(row)
             if fn is None:
                 # A function removed in a deploy: its stored tasks come back in batches.
@@ -121,23 +168,30 @@ class Journal:
             )  # fmt: skip
             task.attempt = row.attempt + 1
             task.recovered = row.recovered
+            if row.interrupted >= SUSPECT_INTERRUPTED:
+                self.suspect = task
             tasks.append(task)
         return tasks
 
-    def _write(self, method: str, *args: object) -> None:
+    def _write(self, method: str, *args: object) -> bool:
         try:
             getattr(self.store, method)(*args)
         except (StoreError, RuntimeError) as exc:  # the store closed or broke: say so
-            # Once per interval: a broken store fails every task's marks alike.
-            what = f"{method} failed ({type(exc).__qualname__})"
-            self.lines.emit(
-                logging.ERROR,
-                ("the durable store", what),
-                "after-response durable store: %s; the task may run again after a restart "
-                "(delivery is at-least-once)",
-                (what,),
-                counted="failures of",
-            )
+            self._failed(method, exc)
+            return False
+        return True
+
+    def _failed(self, method: str, exc: BaseException) -> None:
+        # Once per interval: a broken store fails every task's marks alike.
+        what = f"{method} failed ({type(exc).__qualname__})"
+        self.lines.emit(
+            logging.ERROR,
+            ("the durable store", what),
+            "after-response durable store: %s; the task may run again after a restart "
+            "(delivery is at-least-once)",
+            (what,),
+            counted="failures of",
+        )
 
 
 def _error(task: Task, exc: BaseException) -> tuple[str, str]:
