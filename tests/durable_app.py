@@ -9,6 +9,8 @@ environment variables (a server process cannot be handed objects):
 
 Routes: ``POST /checkout?order=K`` adds the durable :func:`~tests.durable_ledger.ship`;
 ``POST /charge?order=K`` adds the durable :func:`~tests.durable_ledger.charge` (2 attempts);
+``POST /crash?order=K&innocent=N`` adds N durable ``ship`` (orders K+1 to K+N), then the durable
+:func:`~tests.durable_ledger.crash` (order K), which kills the process that runs it;
 ``GET /stats`` answers the middleware's counts and the process id.
 
 The store heartbeats every 0.2 s and counts an owner dead after 1 s without one, so that
@@ -93,6 +95,15 @@ async def charge(request: Request) -> JSONResponse:
     return JSONResponse({"order": order})
 
 
+async def crash(request: Request) -> JSONResponse:
+    order = int(request.query_params["order"])
+    collector = request.state.after_response.options(durable=True)
+    for innocent in range(order + 1, order + 1 + int(request.query_params["innocent"])):
+        collector.add(durable_ledger.ship, LEDGER, innocent, to=f"buyer-{innocent}@example.com")
+    collector.add(durable_ledger.crash, LEDGER, order)
+    return JSONResponse({"order": order})
+
+
 async def stats(request: Request) -> JSONResponse:
     return JSONResponse({"pid": os.getpid(), **dataclasses.asdict(app.stats())})
 
@@ -102,6 +113,7 @@ inner: Any = Starlette(
     routes=[
         Route("/checkout", checkout, methods=["POST"]),
         Route("/charge", charge, methods=["POST"]),
+        Route("/crash", crash, methods=["POST"]),
         Route("/stats", stats),
     ]
 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any, Final
@@ -71,3 +72,14 @@ async def charge(ledger: str, order: int, *, card_holder: str) -> None:
     append(ledger, _run(order, succeeded=succeeded))
     if not succeeded:
         raise ConnectionError(f"the payment gateway refused the charge for {card_holder}")
+
+
+async def crash(ledger: str, order: int) -> None:
+    """A side effect that kills its own process at once (a segfault in a C extension): its
+    line in the ledger, then SIGKILL to its process. The line is written without an fsync
+    (the kernel keeps it through a kill -9): an fsync would give the store's writer thread
+    milliseconds to commit whatever it was given meanwhile, which a segfault does not."""
+    line = (json.dumps(_run(order)) + "\n").encode()
+    descriptor = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(descriptor, line)
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,8 +20,11 @@ import anyio
 import httpx
 import pytest
 
+from after_response import SQLiteStore
+from after_response._store import MAX_INTERRUPTED
+
 from . import durable_ledger
-from .durable_process import ROOT, Load, running, unfinished, until, wait_until
+from .durable_process import ROOT, Load, ServerProcess, running, unfinished, until, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.server]
 
@@ -248,6 +252,74 @@ async def test_sigterm_releases_unfinished_side_effects_to_the_next_process(
     assert {run["pid"] for run in runs} == {second.pid}
     assert not any(run["recovered"] for run in runs), "released, not recovered from the dead"
     assert await unfinished(files.db) == {}
+
+
+def wait_killed(server: ServerProcess, what: str) -> None:
+    """Wait until ``server`` has died of a SIGKILL (its own side effect's)."""
+    wait_until(lambda: server.process.poll() is not None, 20, f"{what}:\n{server.output}")
+    assert server.process.returncode == -signal.SIGKILL, server.output
+
+
+async def test_a_side_effect_that_kills_its_process_is_a_dead_letter_after_three_deaths(
+    tmp_path: Path,
+) -> None:
+    files = Files(tmp_path)
+    innocent = {2, 3, 4}
+    with ExitStack() as servers:
+        first = servers.enter_context(running(files.env()))
+        first.wait_ready()
+        async with httpx.AsyncClient(base_url=first.url, timeout=10.0) as client:
+            assert (await client.post("/crash?order=1&innocent=3")).is_success
+        wait_killed(first, "the crashing side effect killed the server that ran it")
+        died = [first]
+        # Each restart takes the dead process's tasks over (once its heartbeat is stale),
+        # and dies with them: the crash loop, bounded.
+        for restart in range(1, MAX_INTERRUPTED):
+            server = servers.enter_context(running(files.env()))
+            wait_killed(server, f"restart {restart} ran the crashing side effect and died")
+            died.append(server)
+        last = servers.enter_context(running(files.env()))
+        last.wait_ready()
+        reader = SQLiteStore(files.db)
+
+        def settled() -> bool:
+            assert last.process.poll() is None, f"the last process died:\n{last.output}"
+            return bool(reader.dead_letters()) and innocent <= files.orders_run()
+
+        await reader.open(f"test-reader-{os.getpid()}")
+        try:
+            await until(settled, 20, "a dead letter, and every innocent side effect ran")
+            dead = reader.dead_letters()
+        finally:
+            await reader.close()
+        table = cli("list", "--db", str(files.db))
+        last.terminate()
+
+    runs = files.runs()
+    crashed = [run for run in runs if run["order"] == 1]
+    assert [run["pid"] for run in crashed] == [server.pid for server in died]
+    assert all(run["attempt"] == 1 for run in crashed), "a death does not count as an attempt"
+    assert sorted(run["order"] for run in runs if run["order"] != 1) == sorted(innocent)
+    [letter] = dead
+    assert (letter.name, letter.error_type, letter.interrupted, letter.attempt) == (
+        "crash",
+        "ProcessDied",
+        MAX_INTERRUPTED,
+        0,
+    )
+    assert letter.error_message == (
+        f"its process died {MAX_INTERRUPTED} times while it ran (a side effect that crashes "
+        "its process?); not run again"
+    )
+    assert letter.id == crashed[0]["id"]
+    assert (
+        f"ERROR after_response: after-response stored task crash ({letter.id}) cannot run: its "
+        f"process died {MAX_INTERRUPTED} times while it ran (a side effect that crashes its "
+        "process?); it is a dead letter now" in last.output
+    )
+    assert table.stdout.splitlines()[1].split()[:4] == [letter.id, "crash", "0", "ProcessDied"]
+    assert await unfinished(files.db) == {}
+    assert "@example.com" not in "".join(server.output for server in [*died, last])
 
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
