@@ -55,6 +55,17 @@ def checkout_app(ledger: Path, **options: Any) -> Starlette:
     return Starlette(routes=[Route("/checkout", checkout, methods=["POST"])])
 
 
+async def serve_one_request(endpoint: Any, path: Path) -> None:
+    """Serve ``GET /`` by ``endpoint`` under uvicorn, with a store at ``path``; request it
+    once and wait for its side effects."""
+    middleware = AfterResponseMiddleware(
+        Starlette(routes=[Route("/", endpoint)]), store=SQLiteStore(path)
+    )
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get("/")
+        assert await middleware.drain(timeout=5)
+
+
 async def test_a_durable_side_effect_is_stored_runs_and_leaves_nothing_behind(
     tmp_path: Path,
 ) -> None:
@@ -155,12 +166,7 @@ async def test_a_retried_durable_task_keeps_its_id_and_dead_letters_stay_in_the_
         ).add(durable_tasks.always_fails, str(ledger), "crm.example.com")
         return JSONResponse({})
 
-    middleware = AfterResponseMiddleware(
-        Starlette(routes=[Route("/", endpoint)]), store=SQLiteStore(path)
-    )
-    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
-        await client.get("/")
-        assert await middleware.drain(timeout=5)
+    await serve_one_request(endpoint, path)
     store = await stored(path)
     [dead] = store.dead_letters()
     await store.close()
@@ -654,12 +660,7 @@ async def test_an_attempt_is_marked_running_in_the_store_before_it_starts(
         )
         return JSONResponse({})
 
-    middleware = AfterResponseMiddleware(
-        Starlette(routes=[Route("/", endpoint)]), store=SQLiteStore(path)
-    )
-    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
-        await client.get("/")
-        assert await middleware.drain(timeout=5)
+    await serve_one_request(endpoint, path)
     # Were its process to die in it (at once), the next claim would count it as interrupted.
     assert [(line["state"], line["attempt"]) for line in ledger_lines(ledger)] == [("running", 1)]
 

@@ -282,13 +282,20 @@ def test_a_malformed_body_is_logged_and_acknowledged(shared: SharedWorker) -> No
     assert secret not in shared.worker.output()
 
 
+def publish_gated_receipt(redis_url: str, tmp_path: Path) -> tuple[Path, Path, Message]:
+    """Publish a side effect that writes ``started``, waits for the gate file to exist, then
+    writes ``done``; its ledger, its gate, its message. Published before any worker runs:
+    start() declared the consumer group, so it waits."""
+    ledger, gate = tmp_path / "ledger", tmp_path / "gate"
+    receipt = message("record_effect", "receipt", str(gate))
+    publish(redis_url, receipt)
+    return ledger, gate, receipt
+
+
 def test_the_task_of_a_killed_worker_runs_again_with_the_same_id_on_a_quiet_stream(
     redis_url: str, tmp_path: Path
 ) -> None:
-    ledger, gate = tmp_path / "ledger", tmp_path / "gate"
-    receipt = message("record_effect", "receipt", str(gate))
-    # Published before any worker runs: start() declared the consumer group, so it waits.
-    publish(redis_url, receipt)
+    ledger, gate, receipt = publish_gated_receipt(redis_url, tmp_path)
     with taskiq_worker(BROKER, redis_url, ledger=ledger) as first:
         [first_run] = wait_for_effect(ledger, "started", "receipt")
         first.kill()
@@ -306,9 +313,7 @@ def test_the_task_of_a_killed_worker_runs_again_with_the_same_id_on_a_quiet_stre
 def test_sigterm_lets_the_running_side_effect_finish_then_the_worker_exits(
     redis_url: str, tmp_path: Path
 ) -> None:
-    ledger, gate = tmp_path / "ledger", tmp_path / "gate"
-    receipt = message("record_effect", "receipt", str(gate))
-    publish(redis_url, receipt)
+    ledger, gate, receipt = publish_gated_receipt(redis_url, tmp_path)
     with taskiq_worker(BROKER, redis_url, ledger=ledger) as worker:
         [started] = wait_for_effect(ledger, "started", "receipt")
         worker.process.send_signal(signal.SIGTERM)  # to the main process, as systemd's does
@@ -316,6 +321,7 @@ def test_sigterm_lets_the_running_side_effect_finish_then_the_worker_exits(
         assert worker.process.wait(worker.stop_timeout) == 0  # exited, not killed
     [again, done] = [line for line in read_effects(ledger) if line.entry == "receipt"]
     assert (again, done.event, done.pid) == (started, "done", started.pid)
+    assert done.task_id == receipt.id
 
 
 @pytest.mark.parametrize(
