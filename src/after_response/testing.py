@@ -61,7 +61,9 @@ def capture() -> Iterator[CapturedCalls]:
         assert email.args == ("ada@example.com", ANY)
 
     ``add()`` still checks its arguments against the function's signature; the recorded
-    calls are never counted in ``stats()``.
+    calls are never counted in ``stats()``. A call is recorded as ``add()`` is called, so
+    the calls of a request that then fails are recorded too (the middleware would discard
+    all but its ``run_on_error`` ones).
     """
     if _mode.captured is not None:
         raise RuntimeError("capture() is already active: capturing blocks do not nest")
