@@ -106,8 +106,9 @@ async def test_dependency_without_the_middleware_says_how_to_install_it() -> Non
     async with client_for(app) as client:
         with pytest.raises(
             NoActiveRequestError, match=r"app\.add_middleware\(AfterResponseMiddleware\)"
-        ):
+        ) as raised:
             await client.get("/")
+    assert str(raised.value).startswith("FastAPI's AfterResponse dependency found no collector")
 
 
 @pytest.mark.anyio

@@ -54,6 +54,11 @@ def get(request: HTTPConnection, state_key: str = "after_response") -> Collector
         NoActiveRequestError: (a ``LookupError``) when ``AfterResponseMiddleware`` does not
             wrap the app that handles ``request``.
     """
+    return collector_of(request, state_key, "after_response.get(request)")
+
+
+def collector_of(request: HTTPConnection, state_key: str, asker: str) -> Collector:
+    """:func:`get`, for ``asker`` (what the error message says found no collector)."""
     state = request.scope.get("state")
     collector = state.get(state_key) if state else None
     if isinstance(collector, Collector):
@@ -62,7 +67,7 @@ def get(request: HTTPConnection, state_key: str = "after_response") -> Collector
     if collector is not None:
         return collector
     raise NoActiveRequestError(
-        f"after_response.get(request) found no collector on this request (state key "
+        f"{asker} found no collector on this request (state key "
         f"{state_key!r}): AfterResponseMiddleware is not installed around this app. "
         f"{_INSTALL_HINT}."
     )

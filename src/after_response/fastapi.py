@@ -25,7 +25,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from ._collector import Collector
-from ._current import get
+from ._current import collector_of
 
 __all__ = ["AfterResponse"]
 
@@ -45,7 +45,7 @@ def _get_collector(connection: HTTPConnection) -> Collector:
             ``AfterResponseMiddleware`` does not wrap the app, so there is no collector to
             hand out; the request then fails with a 500.
     """
-    return get(connection, DEFAULT_STATE_KEY)
+    return collector_of(connection, DEFAULT_STATE_KEY, "FastAPI's AfterResponse dependency")
 
 
 AfterResponse = Annotated[Collector, Depends(_get_collector)]
