@@ -1,4 +1,5 @@
-"""Files that are not after-response stores, for the tests that check nothing writes to them."""
+"""Files that are not after-response stores (and stores of an older version), for the tests
+that check nothing writes to them."""
 
 from __future__ import annotations
 
@@ -26,3 +27,12 @@ NOT_STORES: dict[str, Callable[[Path], Any]] = {
     "an empty file": lambda path: path.write_bytes(b""),
     "a text file": lambda path: path.write_text("not a database\n" * 100),
 }
+
+
+def as_the_previous_version_left_it(path: Path) -> None:
+    """Turn the store at ``path`` back into what the previous schema version wrote: undo the
+    last migration (schema 3 added the ``interrupted`` column) and say version 2. Update it
+    with each new migration."""
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("ALTER TABLE tasks DROP COLUMN interrupted")
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")

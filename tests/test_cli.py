@@ -8,7 +8,6 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import pytest
 from after_response._sqlite import SQLiteStore
 from after_response._store import StoredTask
 
-from .not_stores import NOT_STORES
+from .not_stores import NOT_STORES, as_the_previous_version_left_it
 
 pytestmark = pytest.mark.anyio
 
@@ -332,9 +331,7 @@ def test_a_file_that_is_not_a_store_is_refused_and_left_as_it_was(
 async def test_reading_commands_write_nothing_to_the_store(
     db: Path, command: tuple[str, ...]
 ) -> None:
-    with closing(sqlite3.connect(db)) as conn, conn:  # as an older version left it
-        conn.execute("DROP INDEX tasks_finished")
-        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    as_the_previous_version_left_it(db)
     before = await anyio.Path(db).read_bytes()
     result = cli(*command, "--db", str(db))
     assert result.returncode == 0, result.stderr

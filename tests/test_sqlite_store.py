@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from after_response._sqlite import SQLiteStore
 from after_response._sqlite_queries import COLUMNS, MIGRATIONS, SCHEMA_VERSION, encode, migrate
 from after_response._store import SchemaVersionError, StoredTask, StoreError
 
-from .not_stores import NOT_STORES
+from .not_stores import NOT_STORES, as_the_previous_version_left_it
 from .store_child import task
 
 pytestmark = pytest.mark.anyio
@@ -416,9 +415,7 @@ async def test_a_store_opened_read_only_reads_and_changes_nothing(tmp_path: Path
     await writer.save([task("t")])
     writer.mark_dead("t", 3, "ValueError", "bad")
     await writer.close()
-    with closing(sqlite3.connect(path)) as conn, conn:  # as an older version left it
-        conn.execute("DROP INDEX tasks_finished")
-        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    as_the_previous_version_left_it(path)
     before = path.read_bytes()
     store = SQLiteStore(path)
     store.open_read_only()

@@ -59,6 +59,9 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
+#: The columns a migration added, by schema version, as an older file reads them: what a
+#: read-only look at a store not migrated yet selects in their place.
+ADDED_COLUMNS: Final[dict[int, str]] = {3: "0 AS interrupted"}
 
 COLUMNS: Final = (
     "id, name, target, payload, options, request_method, request_path, trace_context, key,"
@@ -81,7 +84,8 @@ def schema_version(conn: sqlite3.Connection) -> int:
 
 
 def check_store(conn: sqlite3.Connection, path: str) -> None:
-    """Check, without writing, that the file holds an after-response store this code reads.
+    """Check, without writing, that the file holds an after-response store this code reads
+    (an older version's is read through a temporary view that adds the columns it lacks).
 
     Raises:
         StoreError: the file is not an after-response store (an empty file, another
@@ -101,6 +105,12 @@ def check_store(conn: sqlite3.Connection, path: str) -> None:
             "tables); give the path your application's SQLiteStore uses"
         )
     _check_not_newer(version, path)
+    added = [column for since, column in ADDED_COLUMNS.items() if since > version]
+    if added:
+        # An older file, read as it is: a view in this connection's own (in-memory) temp
+        # schema, which comes first for the unqualified name, gives the queries the
+        # columns it lacks. The file is not written.
+        conn.execute(f"CREATE TEMP VIEW tasks AS SELECT *, {', '.join(added)} FROM main.tasks")
 
 
 def _check_not_newer(version: int, path: str) -> None:
