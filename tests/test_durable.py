@@ -408,6 +408,39 @@ async def test_a_task_taken_over_from_the_store_keeps_its_retry_on_and_its_limit
     assert limited == ["start", "end"] * 3
 
 
+async def test_a_backlog_in_the_store_is_claimed_as_fast_as_it_runs_not_a_batch_a_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from after_response import _recovery
+    from after_response._journal import CLAIM_BATCH
+    from after_response._store import StoredTask
+
+    # A process that died with more stored tasks than one claim takes.
+    path, ledger = tmp_path / "after_response.sqlite3", tmp_path / "ledger.jsonl"
+    backlog = 2 * CLAIM_BATCH + 50
+    store = await stored(path)
+    await store.save(
+        [
+            StoredTask(
+                id=f"left-{n}",
+                name="record",
+                target="tests.durable_tasks:record",
+                args=[str(ledger), "buyer@example.com"],
+                kwargs={"code": str(n)},
+            )
+            for n in range(backlog)
+        ]
+    )
+    await store.close()
+    # The periodic look would come after the test's timeout: only claiming again at once
+    # after a full batch recovers them all in time.
+    monkeypatch.setattr(_recovery, "RECOVERY_INTERVAL", 3600.0)
+    middleware = AfterResponseMiddleware(Starlette(), store=SQLiteStore(path))
+    async with serve_uvicorn(middleware):
+        await until(lambda: middleware.stats().succeeded == backlog, 20, "the whole backlog ran")
+    assert len(ledger_lines(ledger)) == backlog
+
+
 async def test_a_durable_side_effect_added_in_a_websocket_is_stored_when_its_call_ends(
     tmp_path: Path,
 ) -> None:

@@ -12,6 +12,7 @@ import anyio
 from ._dispatch import Dispatcher
 from ._durable import storable, trace_carrier
 from ._endings import Endings
+from ._journal import CLAIM_BATCH
 from ._logs import log_task, log_task_aggregated, qualified_type
 from ._store import RUNNABLE, StoreError
 from ._task import Outcome, Task
@@ -167,12 +168,17 @@ class Durable(Endings):
                 - (self.ledger.waiting + self._waiting)
             )
             if room > 0 and not self._closing:
-                tasks = await self.claim_stored(room)
+                batch = min(room, CLAIM_BATCH)
+                tasks = await self.claim_stored(batch)
                 overflow = self.submit(tasks)
                 if overflow:
                     self.release(overflow, "no room after all", taken=False)
-                # A full batch: more may wait in the store; look again as soon as a slot frees.
-                self.backlog = len(tasks) >= room
+                # A full batch: more may wait in the store; look again at once while there
+                # is room (a backlog after a crash is claimed as fast as it can run, not a
+                # batch a second), else as soon as a slot frees.
+                self.backlog = len(tasks) >= batch
+                if self.backlog and not overflow and batch < room:
+                    continue
             else:
                 self.backlog = self.backlog or room <= 0
             self.room_freed = anyio.Event()
