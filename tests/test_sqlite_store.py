@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from after_response._sqlite import SQLiteStore
-from after_response._sqlite_queries import COLUMNS, MIGRATIONS, SCHEMA_VERSION, encode, migrate
+from after_response._sqlite_queries import COLUMNS, encode
+from after_response._sqlite_schema import MIGRATIONS, SCHEMA_VERSION, migrate
 from after_response._store import SchemaVersionError, StoredTask, StoreError
 
 from .not_stores import NOT_STORES, as_the_previous_version_left_it

@@ -12,6 +12,7 @@ from typing import Any, Final, TypeVar
 
 from . import _sqlite_queries as q
 from ._checks import check_int, check_seconds
+from ._sqlite_schema import check_store
 from ._sqlite_writer import Op, Writer, connect, connect_read_only, store_error
 from ._store import (
     DEAD,
@@ -190,7 +191,7 @@ class SQLiteStore:
             raise RuntimeError(f"{self!r} is open already")
         conn = connect_read_only(self._path, self._busy_timeout)
         try:
-            q.check_store(conn, self._path)
+            check_store(conn, self._path)
         except BaseException as exc:
             conn.close()
             if isinstance(exc, sqlite3.Error):

@@ -23,6 +23,7 @@ from typing import Any, Final
 
 from . import _sqlite_queries as q
 from ._aggregate import LogAggregator
+from ._sqlite_schema import migrate
 from ._store import StoreError
 
 Run = Callable[[sqlite3.Connection, float], Any]
@@ -182,7 +183,7 @@ class Writer:
             loop.call_soon_threadsafe(_settle, [(self._started, False, exc)])
             return
         try:
-            q.migrate(conn, self.path)
+            migrate(conn, self.path)
             self._transaction(conn, [self._housekeeping()], time.time())
         except Exception as exc:
             conn.close()
