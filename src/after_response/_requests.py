@@ -18,6 +18,7 @@ from ._executor import Executor
 from ._logs import logger
 from ._settings import Settings
 from ._store import StoreError
+from ._task import Task
 
 #: Final messages other than ``http.response.body``, with the key that says "more follows".
 OTHER_FINAL: Final = {
@@ -166,51 +167,54 @@ class Requests:
     async def _store_websocket(self, collector: Collector, failed: str | None) -> None:
         """A websocket has no response to complete: its durable tasks are stored when its
         call ends, before they are handed over. Those the store refuses never run."""
-        tasks = collector.take_unsaved()
-        if failed is not None:
-            tasks = [task for task in tasks if task.record.run_on_error]
-        if not tasks:
-            return
-        try:
-            deduplicated = await self._executor.save(tasks)
-        except StoreError as exc:
+        refused = await save_unsaved(self._executor, collector, failed=failed is not None)
+        if refused is not None:
+            tasks, exc = refused
             collector.forget(set(tasks))
             self._executor.not_stored(tasks, exc)
-            return
-        if deduplicated:
-            collector.forget(deduplicated)
 
 
-async def store_durable(executor: Executor, collector: Collector, status: int) -> bool:
-    """Store the request's unsaved durable tasks; ``False`` if the store failed (logged).
-
-    A response that fails (5xx) stores nothing but its ``run_on_error`` tasks: the others
-    are discarded with the request's other tasks.
-    """
+async def save_unsaved(
+    executor: Executor, collector: Collector, *, failed: bool
+) -> tuple[list[Task], StoreError] | None:
+    """Store the request's unsaved durable tasks (of a ``failed`` request, only its
+    ``run_on_error`` ones: the others are discarded with the request's other tasks);
+    those deduplicated by key are no longer held. ``None`` once stored, else the tasks the
+    store refused and its error."""
     tasks = collector.take_unsaved()
-    if status >= 500:
+    if failed:
         tasks = [task for task in tasks if task.record.run_on_error]
     if not tasks:
-        return True
+        return None
     try:
         deduplicated = await executor.save(tasks)
     except StoreError as exc:
-        method, path = collector.request
-        # One line per interval while the store is broken, the others counted.
-        executor.telemetry.aggregator.emit(
-            logging.ERROR,
-            ("the durable store", "response became a 503"),
-            "after-response could not store %d durable side effect(s) of %s %s, so the "
-            "response is a 503 (never a complete response for a side effect that was not "
-            "stored): %s",
-            (len(tasks), method, path, exc),
-            {"request_method": method, "request_path": path, "error_type": type(exc).__qualname__},
-            counted="failures of",
-        )
-        return False
+        return tasks, exc
     if deduplicated:
         collector.forget(deduplicated)
-    return True
+    return None
+
+
+async def store_durable(executor: Executor, collector: Collector, status: int) -> bool:
+    """Store the request's unsaved durable tasks before its response (a 5xx stores only
+    its ``run_on_error`` ones); ``False`` if the store failed (logged)."""
+    refused = await save_unsaved(executor, collector, failed=status >= 500)
+    if refused is None:
+        return True
+    tasks, exc = refused
+    method, path = collector.request
+    # One line per interval while the store is broken, the others counted.
+    executor.telemetry.aggregator.emit(
+        logging.ERROR,
+        ("the durable store", "response became a 503"),
+        "after-response could not store %d durable side effect(s) of %s %s, so the "
+        "response is a 503 (never a complete response for a side effect that was not "
+        "stored): %s",
+        (len(tasks), method, path, exc),
+        {"request_method": method, "request_path": path, "error_type": type(exc).__qualname__},
+        counted="failures of",
+    )
+    return False
 
 
 def client_left(raised: Exception) -> bool:
