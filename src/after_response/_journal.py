@@ -133,33 +133,15 @@ class Journal:
         for row in rows:
             if row.interrupted >= MAX_INTERRUPTED:
                 # Run again, it would kill this process too, and then the next one.
-                self.lines.emit(
-                    logging.ERROR,
-                    (row.name, f"its process died {row.interrupted} times while it ran"),
-                    "after-response stored task %s (%s) cannot run: its process died %d times "
-                    "while it ran (a side effect that crashes its process?); it is a dead "
-                    "letter now",
-                    (row.name, row.id, row.interrupted),
-                    {"task_name": row.name, "task_id": row.id},
-                )
-                message = (
-                    f"its process died {row.interrupted} times while it ran (a side effect "
-                    "that crashes its process?); not run again"
-                )
-                self._write("mark_dead", row.id, row.attempt, PROCESS_DIED, message)
+                died = f"its process died {row.interrupted} times while it ran"
+                why = f"{died} (a side effect that crashes its process?)"
+                self._dead_at_claim(row, died, why, PROCESS_DIED, f"{why}; not run again")
                 continue
             record, fn = from_stored(row)
-            if fn is None:
-                # A function removed in a deploy: its stored tasks come back in batches.
-                self.lines.emit(
-                    logging.ERROR,
-                    (row.name, f"cannot be imported any more ({row.target})"),
-                    "after-response stored task %s (%s) cannot run: %s cannot be imported any "
-                    "more; it is a dead letter now",
-                    (row.name, row.id, row.target),
-                    {"task_name": row.name, "task_id": row.id},
-                )
-                self._write("mark_dead", row.id, row.attempt, "ImportError", row.target)
+            if fn is None:  # a function removed in a deploy
+                why = f"{row.target} cannot be imported any more"
+                reason = f"cannot be imported any more ({row.target})"
+                self._dead_at_claim(row, reason, why, "ImportError", row.target)
                 continue
             info = CallableInfo(fn)
             task = Task(
@@ -172,6 +154,21 @@ class Journal:
                 self.suspect = task
             tasks.append(task)
         return tasks
+
+    def _dead_at_claim(
+        self, row: StoredTask, reason: str, why: str, error_type: str, message: str
+    ) -> None:
+        """A claimed task that must not run: a dead letter at once. Such tasks come back in
+        batches (all those of a removed function), so their lines are aggregated per task
+        name and ``reason``."""
+        self.lines.emit(
+            logging.ERROR,
+            (row.name, reason),
+            "after-response stored task %s (%s) cannot run: %s; it is a dead letter now",
+            (row.name, row.id, why),
+            {"task_name": row.name, "task_id": row.id},
+        )
+        self._write("mark_dead", row.id, row.attempt, error_type, message)
 
     def _write(self, method: str, *args: object) -> bool:
         try:
