@@ -44,9 +44,13 @@ async def hangs(ledger: str) -> None:
 
 #: Gates the in-process tests open: ``gated`` waits for ``GATES[name]`` to be set.
 GATES: dict[str, asyncio.Event] = {}
+#: How many ``gated`` runs have started, by gate: a durable attempt starts once its start
+#: mark is committed, so a test that counts these knows the marks are written.
+ENTERED: dict[str, int] = {}
 
 
 async def gated(ledger: str, name: str) -> None:
+    ENTERED[name] = ENTERED.get(name, 0) + 1
     await GATES[name].wait()
     _append(ledger, {"task": "gated", "gate": name})
 
