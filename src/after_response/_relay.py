@@ -38,7 +38,7 @@ from ._task import Outcome, Task
 from ._tracing import span_attributes
 
 if TYPE_CHECKING:
-    from ._executor import Executor
+    from ._dispatching import Dispatching
 
 #: Tasks published in one call to the engine.
 PUBLISH_BATCH: Final = 256
@@ -52,7 +52,7 @@ MAX_BACKOFF: Final = 10.0
 class Relay:
     """Publishes one middleware's durable tasks through ``engine``."""
 
-    def __init__(self, engine: Engine, executor: Executor) -> None:
+    def __init__(self, engine: Engine, executor: Dispatching) -> None:
         self.engine = engine
         self._executor = executor
         self._queue: deque[Task] = deque()
