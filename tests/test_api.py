@@ -24,6 +24,7 @@ from after_response import (
     NoCurrentTaskError,
     Retry,
     TaskAbandonedError,
+    TaskProcessDiedError,
     TaskShedError,
     TaskTimeoutError,
     current_task,
@@ -45,6 +46,7 @@ TASK_ID = re.compile(r"[0-9a-f]{12}-[0-9a-f]+")
         (TaskTimeoutError, TimeoutError),
         (TaskShedError, RuntimeError),
         (TaskAbandonedError, RuntimeError),
+        (TaskProcessDiedError, RuntimeError),
     ],
 )
 def test_every_library_error_is_an_after_response_error_and_keeps_its_builtin_base(

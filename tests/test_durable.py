@@ -22,7 +22,13 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 import after_response
-from after_response import AfterResponseMiddleware, Retry, SQLiteStore
+from after_response import (
+    AfterResponseMiddleware,
+    DeadLetter,
+    Retry,
+    SQLiteStore,
+    TaskProcessDiedError,
+)
 
 from . import durable_tasks
 from .durable_process import until
@@ -348,7 +354,10 @@ async def test_stored_tasks_whose_function_is_gone_become_dead_letters_logged_on
     gone = [StoredTask(id=f"gone-{n}", name="old_task", target=target) for n in range(5)]
     await store.save(gone)
     await store.close()
-    middleware = AfterResponseMiddleware(Starlette(), store=SQLiteStore(path))
+    letters: list[DeadLetter] = []
+    middleware = AfterResponseMiddleware(
+        Starlette(), store=SQLiteStore(path), on_dead_letter=letters.append
+    )
     caplog.set_level(logging.ERROR, logger="after_response")
     async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url):
         reader = await stored(path)
@@ -357,7 +366,16 @@ async def test_stored_tasks_whose_function_is_gone_become_dead_letters_logged_on
                 await anyio.sleep(0.02)
         dead = reader.dead_letters()
         await reader.close()
+        await until(lambda: len(letters) == 5, 5, "the hook to see the five")
+        stats = middleware.stats()
     assert {(d.id, d.error_type) for d in dead} == {(t.id, "ImportError") for t in gone}
+    # The hook, the counts: as for any task that failed.
+    assert (stats.added, stats.failed) == (5, 5)
+    assert {(letter.task_id, letter.task_name, letter.outcome) for letter in letters} == {
+        (t.id, "old_task", "failed") for t in gone
+    }
+    assert all(isinstance(letter.exception, ImportError) for letter in letters)
+    assert str(letters[0].exception) == f"{target} cannot be imported any more"
     # A removed function's tasks come back in batches: one line, the rest counted.
     lines = [r.getMessage() for r in caplog.records if "old_task" in r.getMessage()]
     assert len(lines) == 2, lines
@@ -726,14 +744,29 @@ async def test_stored_tasks_whose_process_died_too_often_become_dead_letters_log
     ]
     await store.save(crashing)
     await store.close()
-    middleware = AfterResponseMiddleware(Starlette(), store=SQLiteStore(path))
+    letters: list[DeadLetter] = []
+    middleware = AfterResponseMiddleware(
+        Starlette(), store=SQLiteStore(path), on_dead_letter=letters.append
+    )
     caplog.set_level(logging.ERROR, logger="after_response")
     async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url):
         reader = await stored(path)
         await until(lambda: len(reader.dead_letters()) == 5, 5, "five dead letters")
         dead = reader.dead_letters()
         await reader.close()
+        await until(lambda: len(letters) == 5, 5, "the hook to see the five")
+        stats = middleware.stats()
     assert not ledger_lines(ledger), "not run again"
+    # The hook, the counts: as for any task that failed; the attempts that started, counted.
+    assert (stats.added, stats.failed) == (5, 5)
+    assert {(letter.task_id, letter.outcome, letter.attempts) for letter in letters} == {
+        (t.id, "failed", MAX_INTERRUPTED) for t in crashing
+    }
+    assert all(isinstance(letter.exception, TaskProcessDiedError) for letter in letters)
+    assert str(letters[0].exception) == (
+        "record was not run again: its process died 3 times while it ran (a side effect that "
+        "crashes its process?)"
+    )
     assert {(d.id, d.error_type, d.attempt, d.interrupted) for d in dead} == {
         (t.id, "ProcessDied", 0, MAX_INTERRUPTED) for t in crashing
     }

@@ -23,6 +23,7 @@ from ._errors import (
     NoActiveRequestError,
     NoCurrentTaskError,
     TaskAbandonedError,
+    TaskProcessDiedError,
     TaskShedError,
     TaskTimeoutError,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "StoreError",
     "TaskAbandonedError",
     "TaskAdder",
+    "TaskProcessDiedError",
     "TaskShedError",
     "TaskTimeoutError",
     "__version__",

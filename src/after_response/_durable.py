@@ -247,6 +247,12 @@ def to_stored(
     )
 
 
+def not_importable(*args: object, **kwargs: object) -> None:
+    """Stands in for the function of a stored task that cannot be imported, so that it ends
+    as a task (a span, its metric, the dead-letter hook): never called."""
+    raise AssertionError("a task whose function cannot be imported is never run")
+
+
 def from_stored(row: StoredTask) -> tuple[TaskRecord, Callable[..., Any] | None]:
     """The record of a stored task, and its function (``None`` when it cannot be imported).
 

@@ -39,8 +39,16 @@ class Endings:
         return self._closing
 
     def end(
-        self, task: Task, outcome: Outcome, exc: BaseException | None = None, *, attempts: int
+        self,
+        task: Task,
+        outcome: Outcome,
+        exc: BaseException | None = None,
+        *,
+        attempts: int,
+        marked: bool = False,
     ) -> None:
+        """``task`` ends with ``outcome``: counted, its metric, its request told, its end
+        written to the store (unless it is ``marked`` there already), its dead letter."""
         if task.done:  # a task abandoned at the deadline that finished after all
             return
         task.done = True
@@ -51,7 +59,7 @@ class Endings:
         if on_end is not None:
             on_end()
         journal = self.journal
-        if journal is not None and task.record.durable:
+        if journal is not None and task.record.durable and not marked:
             if outcome is Outcome.SUCCEEDED:
                 journal.succeeded(task)
             elif exc is not None and outcome is not Outcome.RELEASED:

@@ -33,6 +33,12 @@ class TaskAbandonedError(AfterResponseError, RuntimeError):
     the request call that owned it (without lifespan) was cancelled."""
 
 
+class TaskProcessDiedError(AfterResponseError, RuntimeError):
+    """A durable task was not run again: its process died too often while it ran (a side
+    effect that crashes its process: a segfault, the OOM killer). Its dead letter is stored
+    with the error type ``ProcessDied``."""
+
+
 class EngineConfigurationError(AfterResponseError, RuntimeError):
     """An engine's settings would make the hand-off unsafe (lose or never redeliver a
     side effect): raised at lifespan startup, so the server does not start with them."""

@@ -18,7 +18,8 @@ from typing import Final
 
 from ._aggregate import LogAggregator
 from ._callable import CallableInfo
-from ._durable import context_from_carrier, from_stored, to_stored
+from ._durable import context_from_carrier, from_stored, not_importable, to_stored
+from ._errors import TaskProcessDiedError
 from ._logs import qualified_type
 from ._record import TaskRecord
 from ._redact import exception_text
@@ -114,12 +115,13 @@ class Journal:
 
     async def claim(
         self, limit: int, next_seq: object, *, states: Sequence[str] = RUNNABLE
-    ) -> list[Task]:
-        """Take up to ``limit`` tasks in ``states`` that no live process owns, as live tasks
-        to run (or publish) here.
+    ) -> tuple[list[Task], list[tuple[Task, Exception]]]:
+        """Take up to ``limit`` tasks in ``states`` that no live process owns: the live tasks
+        to run (or publish) here, and those that must not run, with why.
 
-        A task whose function cannot be imported any more becomes a dead letter at once, and
-        so does one whose process died ``MAX_INTERRUPTED`` times while it ran. Of the
+        A task whose function cannot be imported any more must not run, nor one whose
+        process died ``MAX_INTERRUPTED`` times while it ran: each is logged and marked dead
+        in the store here, for the caller to end (count, span, dead-letter hook). Of the
         suspects (interrupted ``SUSPECT_INTERRUPTED`` times), one is taken at a time.
         """
         suspect = self.suspect
@@ -130,30 +132,36 @@ class Journal:
             max_suspects=0 if suspect is not None and not suspect.done else 1,
         )
         tasks: list[Task] = []
+        dead: list[tuple[Task, Exception]] = []
         for row in rows:
+            record, fn = from_stored(row)
+            context = context_from_carrier(record.trace_context or {})
+            seq = next_seq()  # type: ignore[operator]  # counted as added: its end is counted
+            exc: Exception | None = None
             if row.interrupted >= MAX_INTERRUPTED:
                 # Run again, it would kill this process too, and then the next one.
                 died = f"its process died {row.interrupted} times while it ran"
                 why = f"{died} (a side effect that crashes its process?)"
                 self._dead_at_claim(row, died, why, PROCESS_DIED, f"{why}; not run again")
-                continue
-            record, fn = from_stored(row)
-            if fn is None:  # a function removed in a deploy
+                exc = TaskProcessDiedError(f"{row.name} was not run again: {why}")
+            elif fn is None:  # a function removed in a deploy
                 why = f"{row.target} cannot be imported any more"
                 reason = f"cannot be imported any more ({row.target})"
                 self._dead_at_claim(row, reason, why, "ImportError", row.target)
+                exc = ImportError(why)
+            if exc is not None:
+                task = Task(record, fn or not_importable, False, context, seq)
+                task.attempt = row.attempt + row.interrupted  # the attempts that started
+                dead.append((task, exc))
                 continue
-            info = CallableInfo(fn)
-            task = Task(
-                record, fn, info.is_async, context_from_carrier(record.trace_context or {}),
-                next_seq(),  # type: ignore[operator]
-            )  # fmt: skip
+            assert fn is not None
+            task = Task(record, fn, CallableInfo(fn).is_async, context, seq)
             task.attempt = row.attempt + 1
             task.recovered = row.recovered
             if row.interrupted >= SUSPECT_INTERRUPTED:
                 self.suspect = task
             tasks.append(task)
-        return tasks
+        return tasks, dead
 
     def _dead_at_claim(
         self, row: StoredTask, reason: str, why: str, error_type: str, message: str

@@ -139,7 +139,7 @@ class Durable(Endings):
         logged as ``what`` failed, once per interval (a broken store fails every look)."""
         assert self.journal is not None
         try:
-            tasks = await self.journal.claim(limit, self.ledger.add, states=states)
+            tasks, dead = await self.journal.claim(limit, self.ledger.add, states=states)
         except (StoreError, RuntimeError) as exc:
             self.telemetry.aggregator.emit(
                 logging.ERROR,
@@ -149,6 +149,11 @@ class Durable(Endings):
                 counted="failures of",
             )
             return []
+        for task, why in dead:  # logged and marked dead in the store by the journal
+            self.telemetry.added(task)
+            self.ledger.left_request += 1
+            self.telemetry.unrun_span(task, Outcome.FAILED)
+            self.end(task, Outcome.FAILED, why, attempts=task.attempt, marked=True)
         for task in tasks:
             self.telemetry.added(task)
             if task.recovered:

@@ -133,7 +133,9 @@ class DeadLetter:
         task_name: the task's name (as in logs, spans and metrics).
         task_id: the task's id (as in logs and spans).
         exception: what ended it: the side effect's own exception, or
-            ``TaskTimeoutError``, ``TaskShedError``, ``TaskAbandonedError``.
+            ``TaskTimeoutError``, ``TaskShedError``, ``TaskAbandonedError``; for a stored
+            task taken over and not run, ``ImportError`` (its function is gone) or
+            ``TaskProcessDiedError``.
         attempts: how many attempts started (0 for a task that never ran).
         outcome: ``"failed"``, ``"timed_out"``, ``"shed"`` or ``"abandoned"``.
     """

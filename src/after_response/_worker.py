@@ -27,7 +27,7 @@ from opentelemetry import metrics, trace
 
 from ._callable import CallableInfo
 from ._dead_letters import DeadLetterHook, DeadLetters, check_hook
-from ._durable import context_from_carrier, from_stored, trace_carrier
+from ._durable import context_from_carrier, from_stored, not_importable, trace_carrier
 from ._engine import BadMessageError, decode
 from ._runner import Runner
 from ._settings import check_log_interval
@@ -157,7 +157,7 @@ class WorkerRunner:
                 {"task_name": row.name, "task_id": row.id},
             )
             self._not_run(
-                Task(record, _not_importable, False, context, next(self._seq)), row.attempt
+                Task(record, not_importable, False, context, next(self._seq)), row.attempt
             )
             return Outcome.FAILED
         # Lines counted in the dead-letter hook's thread are summarised on this loop.
@@ -249,8 +249,3 @@ class WorkerRunner:
     def _count(self, what: str, delta: int = 1) -> None:
         with self._lock:
             self._counts[what] += delta
-
-
-def _not_importable(*args: object, **kwargs: object) -> None:
-    """Stands in for a function this worker cannot import: never called."""
-    raise AssertionError("a task whose function cannot be imported is never run")
