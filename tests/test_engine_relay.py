@@ -81,6 +81,14 @@ async def test_shutdown_releases_what_the_broker_never_took_to_the_outbox(
     assert await outbox(tmp_path / "store.sqlite3") == [("outbox", None)] * 3
     assert "starting taskiq failed (" in caplog.text
     assert "released to the store" in caplog.text
+    # Nothing is cancelled, nothing lost: a WARNING that says why, and no ERROR about it.
+    [deadline] = [r for r in caplog.records if r.getMessage().startswith("shutdown: ")]
+    assert (deadline.levelname, deadline.getMessage()) == (
+        "WARNING",
+        "shutdown: 3 durable after-response task(s) not yet published after "
+        "shutdown_timeout=0.5s (is the broker down?); they go back to the store's outbox, "
+        "for the next process to publish",
+    )
     assert "ada@example.com" not in caplog.text
 
 

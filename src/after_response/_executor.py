@@ -102,15 +102,7 @@ class Executor(Dispatching):
             return
         deadline = None if timeout is None else anyio.current_time() + timeout
         if not await self._drain_everything(timeout):
-            outstanding = self.ledger.outstanding
-            logger.error(
-                "shutdown: %d after-response task(s) still unfinished after "
-                "shutdown_timeout=%ss; cancelling them (durable ones go back to the store, "
-                "for the next process)",
-                outstanding,
-                timeout,
-                extra={"abandoned_count": outstanding},
-            )
+            self._say_unfinished(timeout)
             self._closing = True
             queued, self._queue = list(self._queue), deque()
             parked = self._limits.take_parked()
@@ -140,6 +132,31 @@ class Executor(Dispatching):
                 await self.journal.close()
         self._closing = False
         self._stopped = None
+
+    def _say_unfinished(self, timeout: float | None) -> None:
+        """The line about what shutdown's deadline leaves: an ERROR for the tasks it cancels,
+        a WARNING alone when all that is left waits to be published (a broker outage: they
+        go back to the outbox, and nothing is lost)."""
+        unpublished = 0 if self.relay is None else self.relay.held
+        cancelled = self.ledger.outstanding - unpublished
+        if unpublished:
+            logger.warning(
+                "shutdown: %d durable after-response task(s) not yet published after "
+                "shutdown_timeout=%ss (is the broker down?); they go back to the store's "
+                "outbox, for the next process to publish",
+                unpublished,
+                timeout,
+                extra={"released_count": unpublished},
+            )
+        if cancelled:
+            logger.error(
+                "shutdown: %d after-response task(s) still unfinished after "
+                "shutdown_timeout=%ss; cancelling them (durable ones go back to the store, "
+                "for the next process)",
+                cancelled,
+                timeout,
+                extra={"abandoned_count": cancelled},
+            )
 
     async def _drain_everything(self, timeout: float | None) -> bool:
         """Wait until nothing at all is outstanding, tasks added meanwhile included."""
