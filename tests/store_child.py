@@ -1,8 +1,9 @@
 """What the store tests run in a process of their own: ``python -m tests.store_child MODE PATH``.
 
 - ``crash``: save tasks in every state, flush, print READY, then kill itself with SIGKILL.
-- ``claim OWNER``: print READY, wait for a line on stdin, then claim 5 at a time (and mark
-  them done) until nothing is left; print the ids claimed as JSON.
+- ``claim OWNER``: print READY, wait for a line on stdin, claim 5 (and mark them done), print
+  CLAIMED, wait for a line on stdin again, then claim 5 at a time until nothing is left;
+  print the ids claimed as JSON.
 - ``full``: with a file-size limit (RLIMIT_FSIZE), save a small batch, then one too big for
   the limit; print what happened as JSON.
 - ``open-race PROCESSES TRIALS``: TRIALS times, fork PROCESSES processes that open (and close)
@@ -54,6 +55,11 @@ async def claim(path: str, owner: str) -> None:
         claimed += [t.id for t in batch]
         for claimed_task in batch:
             store.mark_succeeded(claimed_task.id)
+        if len(claimed) == len(batch):
+            # Each process claims once before any goes on: a busy machine could otherwise
+            # schedule one through the whole queue before the others wake.
+            print("CLAIMED", flush=True)
+            sys.stdin.readline()
     await store.close()
     print(json.dumps(claimed))
 
