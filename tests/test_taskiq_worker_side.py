@@ -4,7 +4,7 @@
 coverage does not measure (they are killed at teardown). Here the same code runs in pytest: the
 runner task's function through taskiq's own ``Receiver.run_task`` (its dependency injection
 builds the ``Context``), the worker startup/shutdown events of a ``RedisStreamBroker`` that
-start and stop ``_wake_claimers``, and ``_wake_claimers`` through a Redis outage.
+start and stop ``wake_claimers``, and ``wake_claimers`` through a Redis outage.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from taskiq_redis import RedisStreamBroker
 
 from after_response._engine import RUNNER_TASK, Message, encode
 from after_response._store import StoredTask
-from after_response._taskiq_send import ACK_AFTER_EXECUTION
+from after_response._taskiq_send import ACK_AFTER_EXECUTION, wake_claimers
 from after_response._worker import WorkerRunner
-from after_response.taskiq import TaskiqEngine, _runner_task, _wake_claimers
+from after_response.taskiq import TaskiqEngine, _runner_task
 from tests import worker_effects
 from tests.brokers import redis_server
 
@@ -41,7 +41,7 @@ pytestmark = pytest.mark.anyio
 
 #: Milliseconds a delivered message waits unacknowledged before a worker may claim it.
 IDLE_TIMEOUT_MS = 100
-#: The bound of every poll here (``_wake_claimers`` looks every 0.5 s at the least).
+#: The bound of every poll here (``wake_claimers`` looks every 0.5 s at the least).
 POLL_TIMEOUT = 10.0
 POLL_INTERVAL = 0.02
 STREAM = "taskiq"  # RedisStreamBroker's default queue_name and consumer_group_name
@@ -101,11 +101,11 @@ async def poll_until(condition: Callable[[], Awaitable[bool]], waiting_for: str)
 
 
 def wakers() -> list[asyncio.Task[Any]]:
-    """The ``_wake_claimers`` tasks running on this loop."""
+    """The ``wake_claimers`` tasks running on this loop."""
     return [
         task
         for task in asyncio.all_tasks()
-        if getattr(task.get_coro(), "__qualname__", "") == "_wake_claimers"
+        if getattr(task.get_coro(), "__qualname__", "") == "wake_claimers"
     ]
 
 
@@ -258,7 +258,7 @@ async def test_the_waker_warns_once_while_redis_is_away_and_resumes_when_it_is_b
     async with dropping_server() as (port, connections):
         broker = RedisStreamBroker(f"redis://127.0.0.1:{port}/0", idle_timeout=IDLE_TIMEOUT_MS)
         with caplog.at_level(logging.WARNING, logger="after_response"):
-            waker = asyncio.ensure_future(_wake_claimers(broker))
+            waker = asyncio.ensure_future(wake_claimers(broker))
 
             async def warned() -> bool:
                 return bool(caplog.records)

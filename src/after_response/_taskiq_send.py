@@ -1,4 +1,5 @@
-"""Send runner-task messages to a taskiq broker (``TaskiqEngine.publish``).
+"""Send runner-task messages to a taskiq broker (``TaskiqEngine.publish``), and the
+worker's wake-up messages (:func:`wake_claimers`).
 
 To a ``RedisStreamBroker`` a batch goes in one Redis round trip: each message becomes the
 bytes ``AsyncKicker.kiq`` would send (same ``TaskiqMessage``, same middleware ``pre_send``
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import Sequence
 from typing import Any, Final, TypeGuard
 
@@ -33,10 +35,13 @@ from taskiq.utils import maybe_awaitable
 from taskiq_redis import RedisStreamBroker
 
 from ._engine import RUNNER_TASK, Message
+from ._logs import logger
 
 #: Sent with every message: the worker acknowledges it after the runner returned, whatever
 #: its own ``--ack-type``, so a message whose worker dies mid-run is delivered again.
 ACK_AFTER_EXECUTION: Final = AcknowledgeType.WHEN_EXECUTED.value
+#: The body of a wake-up message (see :func:`wake_claimers`): the runner task ignores it.
+WAKE_UP: Final = {"after_response_wake_up": 1}
 
 
 def pipelines(broker: AsyncBroker) -> TypeGuard[RedisStreamBroker]:
@@ -130,3 +135,48 @@ def runner_message(message: Message) -> TaskiqMessage:
 def _overrides(middleware: TaskiqMiddleware, hook: str) -> bool:
     """As ``AsyncKicker``: a hook the middleware's class does not override is skipped."""
     return getattr(type(middleware), hook) is not getattr(TaskiqMiddleware, hook)
+
+
+async def wake_claimers(broker: RedisStreamBroker) -> None:
+    """Worker side: while a message left unacknowledged by a dead worker has waited past
+    ``idle_timeout``, send a no-op message.
+
+    A ``RedisStreamBroker`` worker claims such messages (``XAUTOCLAIM``) only after a read
+    that returned new ones: on a quiet stream a killed worker's task would wait for the next
+    publish. Every worker process looks every ``idle_timeout / 2`` (0.5 to 30 s).
+    """
+    interval = min(max(broker.idle_timeout / 2000, 0.5), 30.0)
+    wake_up = TaskiqMessage(
+        task_id="",
+        task_name=RUNNER_TASK,
+        labels={"ack_type": ACK_AFTER_EXECUTION},
+        args=[WAKE_UP],
+        kwargs={},
+    )
+    failing = False
+    async with Redis(connection_pool=broker.connection_pool) as connection:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                abandoned = await connection.xpending_range(
+                    broker.queue_name,
+                    broker.consumer_group_name,
+                    min="-",
+                    max="+",
+                    count=1,
+                    idle=broker.idle_timeout,
+                )
+                if abandoned:
+                    wake_up.task_id = uuid.uuid4().hex
+                    await broker.kick(broker.formatter.dumps(wake_up))
+                failing = False
+            except Exception as exc:  # Redis away: the worker's own reads fail loudly too.
+                if not failing:
+                    logger.warning(
+                        "taskiq engine: cannot look for messages of dead workers (%s: %s); "
+                        "trying again every %s s",
+                        type(exc).__name__,
+                        exc,
+                        interval,
+                    )
+                failing = True

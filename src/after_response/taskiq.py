@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any, Final
 
@@ -32,7 +31,6 @@ import anyio
 from opentelemetry import trace
 from redis.asyncio import Redis
 from taskiq import AsyncBroker, Context, InMemoryBroker, TaskiqDepends, TaskiqEvents, TaskiqState
-from taskiq.message import TaskiqMessage
 from taskiq_redis import (
     ListQueueBroker,
     ListQueueClusterBroker,
@@ -48,7 +46,13 @@ from ._checks import check_seconds
 from ._dead_letters import DeadLetterHook
 from ._engine import RUNNER_TASK, Message
 from ._logs import logger
-from ._taskiq_send import ACK_AFTER_EXECUTION, pipelines, send_each, send_pipelined
+from ._taskiq_send import (
+    WAKE_UP,
+    pipelines,
+    send_each,
+    send_pipelined,
+    wake_claimers,
+)
 from ._worker import WorkerRunner
 
 __all__ = ["TaskiqEngine"]
@@ -65,8 +69,6 @@ _WITHOUT_ACKS: Final = (
 _WITHOUT_RECLAIM: Final = (RedisStreamClusterBroker, RedisStreamSentinelBroker)
 #: The message labels that carry the trace context when no instrumentation consumes them.
 _TRACE_LABELS: Final = ("traceparent", "tracestate")
-#: The body of a wake-up message (see ``_wake_claimers``): the runner task ignores it.
-_WAKE_UP: Final = {"after_response_wake_up": 1}
 
 
 class TaskiqEngine:
@@ -152,7 +154,7 @@ class TaskiqEngine:
 
     def _on_worker_startup(self, state: TaskiqState) -> None:
         assert isinstance(self.broker, RedisStreamBroker)
-        self._waker = asyncio.ensure_future(_wake_claimers(self.broker))
+        self._waker = asyncio.ensure_future(wake_claimers(self.broker))
 
     async def _on_worker_shutdown(self, state: TaskiqState) -> None:
         waker, self._waker = self._waker, None
@@ -291,7 +293,7 @@ def _runner_task(runner: WorkerRunner) -> Callable[..., Awaitable[str]]:
     async def run_after_response_task(
         body: Any, context: Annotated[Context, TaskiqDepends()]
     ) -> str:
-        if body == _WAKE_UP:
+        if body == WAKE_UP:
             return "woken"
         parent = None
         if not trace.get_current_span().get_span_context().is_valid:
@@ -305,48 +307,3 @@ def _runner_task(runner: WorkerRunner) -> Callable[..., Awaitable[str]]:
         return outcome.value
 
     return run_after_response_task
-
-
-async def _wake_claimers(broker: RedisStreamBroker) -> None:
-    """Worker side: while a message left unacknowledged by a dead worker has waited past
-    ``idle_timeout``, send a no-op message.
-
-    A ``RedisStreamBroker`` worker claims such messages (``XAUTOCLAIM``) only after a read
-    that returned new ones: on a quiet stream a killed worker's task would wait for the next
-    publish. Every worker process looks every ``idle_timeout / 2`` (0.5 to 30 s).
-    """
-    interval = min(max(broker.idle_timeout / 2000, 0.5), 30.0)
-    wake_up = TaskiqMessage(
-        task_id="",
-        task_name=RUNNER_TASK,
-        labels={"ack_type": ACK_AFTER_EXECUTION},
-        args=[_WAKE_UP],
-        kwargs={},
-    )
-    failing = False
-    async with Redis(connection_pool=broker.connection_pool) as connection:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                abandoned = await connection.xpending_range(
-                    broker.queue_name,
-                    broker.consumer_group_name,
-                    min="-",
-                    max="+",
-                    count=1,
-                    idle=broker.idle_timeout,
-                )
-                if abandoned:
-                    wake_up.task_id = uuid.uuid4().hex
-                    await broker.kick(broker.formatter.dumps(wake_up))
-                failing = False
-            except Exception as exc:  # Redis away: the worker's own reads fail loudly too.
-                if not failing:
-                    logger.warning(
-                        "taskiq engine: cannot look for messages of dead workers (%s: %s); "
-                        "trying again every %s s",
-                        type(exc).__name__,
-                        exc,
-                        interval,
-                    )
-                failing = True
