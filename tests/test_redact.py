@@ -137,3 +137,56 @@ def test_integer_arguments_of_six_digits_or_more_are_redacted() -> None:
     ids = [-4567890, 10**5000]
     message, _ = exception_text(exc, charge, (987654321123, 12345), {"refund": True, "ids": ids})
     assert message == "account [redacted] cannot pay 12345 (refund True) for -[redacted]"
+
+
+def test_uuids_nested_values_and_data_objects_among_the_arguments_are_redacted() -> None:
+    import dataclasses
+    import uuid
+
+    import attrs
+    import pydantic
+
+    class Customer(pydantic.BaseModel):
+        email: str
+
+    @attrs.define
+    class Card:
+        number: str
+
+    @dataclasses.dataclass
+    class Order:
+        customers: list[Customer]
+
+    def sync(order: Order, *, card: Card, token: uuid.UUID, extra: dict[str, object]) -> None:
+        pass
+
+    token = uuid.UUID("6f1c1a4e-3b5d-4c8e-9a2f-0d7e5b9c1a23")
+    extra = {"meta": {"trace": {"note": "three-levels-in"}}, "deeper": {"a": {"b": {"c": "4-in"}}}}
+    exc = raised(
+        ValueError(
+            f"refused deep@example.com, card 4111-1111, token {token} ({token.hex}), "
+            "saw three-levels-in, 4-in"
+        )
+    )
+    message, stacktrace = exception_text(
+        exc,
+        sync,
+        (Order([Customer(email="deep@example.com")]),),
+        {"card": Card("4111-1111"), "token": token, "extra": extra},
+    )
+    assert message == (
+        "refused [redacted], card [redacted], token [redacted] ([redacted]), saw [redacted], 4-in"
+    )
+    assert "deep@example.com" not in stacktrace
+    assert str(token) not in stacktrace
+
+
+def test_redaction_looks_at_a_bounded_number_of_values() -> None:
+    def flood(items: list[list[str]]) -> None:
+        pass
+
+    # 20 lists of 100 strings: past the first 1,000 values (the lists count too), none is read.
+    items = [[f"value-{i:02}-{j:03}" for j in range(100)] for i in range(20)]
+    exc = raised(ValueError("value-00-000 and value-19-099"))
+    message, _ = exception_text(exc, flood, (items,), {})
+    assert message == "[redacted] and value-19-099"

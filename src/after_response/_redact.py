@@ -14,6 +14,7 @@ import functools
 import itertools
 import sys
 import traceback
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
@@ -27,8 +28,13 @@ MIN_REDACTED_DIGITS: Final = 6
 #: int is slow (past 4,300 digits, it raises).
 _MAX_REDACTED_DIGITS: Final = 100
 REDACTED: Final = "[redacted]"
-#: Items looked at inside each container argument (a bound on the work on the failure path).
+#: Items looked at inside each container argument, and values looked at in all, per task
+#: (bounds on the work on the failure path).
 _MAX_ITEMS: Final = 100
+_MAX_VALUES: Final = 1000
+#: How deep inside containers and data objects arguments are looked at: an argument's items
+#: (a dict's keys and values, a dataclass's fields) are at depth 1, theirs at 2...
+MAX_DEPTH: Final = 3
 
 #: Bounds on a traceback's text. An exception group's are Python's own (``TracebackException``'s
 #: ``max_group_width`` and ``max_group_depth``); the number of exceptions written in all is not
@@ -45,16 +51,22 @@ _CONTEXT: Final = "\nDuring handling of the above exception, another exception o
 
 def argument_strings(fn: object, args: Iterable[object], kwargs: Mapping[str, object]) -> list[str]:
     """The strings among a task's arguments (those bound by ``functools.partial`` too), and
-    one level inside containers and dataclasses (a ``User`` with an ``email``), as they may
-    appear in text, longest first; and the digits of its integers of ``MIN_REDACTED_DIGITS``
-    digits or more."""
+    inside containers and data objects (a ``User`` dataclass, pydantic model or attrs class
+    with an ``email``) down to ``MAX_DEPTH``, as they may appear in text, longest first; the
+    digits of its integers of ``MIN_REDACTED_DIGITS`` digits or more; and its UUIDs, both
+    ways they are written."""
     found: set[str] = set()
     values = [*args, *kwargs.values()]
     while isinstance(fn, functools.partial):
         values += [*fn.args, *fn.keywords.values()]
         fn = fn.func
+    budget = _MAX_VALUES
 
     def collect(value: object, depth: int) -> None:
+        nonlocal budget
+        budget -= 1
+        if budget < 0:
+            return
         if isinstance(value, (bytes, bytearray)):
             value = bytes(value).decode("utf-8", "replace")
         if isinstance(value, str):
@@ -66,22 +78,42 @@ def argument_strings(fn: object, args: Iterable[object], kwargs: Mapping[str, ob
             if 10 ** (MIN_REDACTED_DIGITS - 1) <= abs(value) < 10**_MAX_REDACTED_DIGITS:
                 found.add(str(abs(value)))  # a negative one's digits follow its sign
             return
-        if depth > 0:
+        if isinstance(value, uuid.UUID):
+            found.add(str(value))
+            found.add(value.hex)
             return
-        if isinstance(value, Mapping):
-            items: Iterable[object] = (*value.keys(), *value.values())
-        elif isinstance(value, (list, tuple, set, frozenset)):
-            items = value
-        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-            items = (getattr(value, field.name) for field in dataclasses.fields(value))
-        else:
+        if depth >= MAX_DEPTH:
             return
-        for item in itertools.islice(items, _MAX_ITEMS):
-            collect(item, depth + 1)
+        items = _items(value)
+        if items is not None:
+            for item in itertools.islice(items, _MAX_ITEMS):
+                collect(item, depth + 1)
 
     for value in values:
         collect(value, 0)
     return sorted(found, key=len, reverse=True)
+
+
+def _items(value: object) -> Iterable[object] | None:
+    """What a container or a data object holds: a mapping's keys and values, a collection's
+    items, the fields of a dataclass, a pydantic model or an attrs class; ``None`` for
+    anything else (an arbitrary object's attributes are not data the caller passed)."""
+    if isinstance(value, Mapping):
+        return (*value.keys(), *value.values())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return value
+    if isinstance(value, type):
+        return None
+    if dataclasses.is_dataclass(value):
+        return (getattr(value, field.name) for field in dataclasses.fields(value))
+    kind = type(value)
+    fields = getattr(kind, "__pydantic_fields__", None)  # pydantic 2
+    if isinstance(fields, Mapping):
+        return (getattr(value, name, None) for name in fields)
+    attributes = getattr(kind, "__attrs_attrs__", None)
+    if attributes is not None:
+        return (getattr(value, attribute.name, None) for attribute in attributes)
+    return None
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
