@@ -11,6 +11,7 @@ import base64
 import contextlib
 import os
 import socket
+import threading
 from collections.abc import AsyncIterator, Callable, Generator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -64,6 +65,36 @@ async def serve_uvicorn(
         finally:
             server.should_exit = True
     sock.close()
+
+
+class _ThreadedUvicorn(_Uvicorn):
+    """A uvicorn server on a thread of its own, reporting readiness across threads."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.serving = threading.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.serving.set()
+
+
+@asynccontextmanager
+async def serve_in_thread(app: ASGIApp) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn on a thread of its own, so its event loop is not the
+    test's (as with a server the test did not start); yields its base URL."""
+    sock = bound_socket()
+    server = _ThreadedUvicorn(uvicorn.Config(app, lifespan="on", log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        if not await anyio.to_thread.run_sync(server.serving.wait, 10):
+            raise RuntimeError("uvicorn did not start within 10 s")
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await anyio.to_thread.run_sync(thread.join, 10)
+        sock.close()
 
 
 @asynccontextmanager

@@ -3,18 +3,26 @@ modes' edges (the testing page's examples cover the ordinary use, in tests/test_
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
+import httpx
 import pytest
+from litestar import Litestar, get
+from litestar import Request as LitestarRequest
+from litestar.testing import TestClient as LitestarTestClient
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+import after_response
 from after_response import AfterResponseMiddleware
 from after_response.testing import adrain, capture, drain, find_middlewares, run_inline
 
 from .apps import app_adding
+from .servers import serve_in_thread
 
 
 def test_drain_needs_an_open_client() -> None:
@@ -99,3 +107,59 @@ def test_inline_mode_restores_the_background_executor_after_the_block() -> None:
 async def test_adrain_says_how_to_install_the_middleware_when_there_is_none() -> None:
     with pytest.raises(LookupError, match="AfterResponseMiddleware"):
         await adrain(app_adding())
+
+
+def test_drain_waits_for_the_follow_ups_side_effects_add() -> None:
+    ran: list[str] = []
+
+    async def follow_up() -> None:
+        await anyio.sleep(0.05)  # still running when the first one has ended
+        ran.append("follow-up")
+
+    async def first() -> None:
+        await anyio.sleep(0.05)  # the follow-up is added after drain() has begun
+        after_response.current().add(follow_up)
+        ran.append("first")
+
+    with TestClient(AfterResponseMiddleware(app_adding(first))) as client:
+        client.get("/")
+        drain(client)
+        assert ran == ["first", "follow-up"]
+
+
+def test_drain_finds_the_middleware_through_litestars_test_client() -> None:
+    ran: list[str] = []
+
+    async def effect() -> None:
+        ran.append("ran")
+
+    @get("/", sync_to_thread=False)
+    def endpoint(request: LitestarRequest[Any, Any, Any]) -> str:
+        request.state.after_response.add(effect)
+        return "ok"
+
+    # The install the Litestar guide shows; Litestar's client wraps it in a closure.
+    app = AfterResponseMiddleware(Litestar(route_handlers=[endpoint]))
+    with LitestarTestClient(app) as client:
+        client.get("/")
+        drain(client)
+        assert ran == ["ran"]
+
+
+@pytest.mark.anyio
+async def test_adrain_works_from_another_loop_than_the_servers() -> None:
+    # A server in a thread of its own (its own loop), the test on this one: the drain runs
+    # on the server's loop, and this one is woken when it is done.
+    ran: list[str] = []
+
+    async def effect() -> None:
+        await anyio.sleep(0.05)
+        ran.append("ran")
+
+    app = AfterResponseMiddleware(app_adding(effect))
+    async with serve_in_thread(app) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get("/")
+        with anyio.move_on_after(5) as waited:  # a loop nobody woke would wait all of it
+            await adrain(app, timeout=60)
+        assert anyio.current_time() < waited.deadline, "the drain's end did not wake this loop"
+        assert ran == ["ran"]

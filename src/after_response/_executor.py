@@ -7,6 +7,7 @@ within ``shutdown_timeout``, abandoning what is left. What it does in between is
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -40,7 +41,26 @@ class Executor(Dispatching):
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait until every task added before the call has ended, and the dead-letter hook
-        has seen those that failed; ``False`` on timeout."""
+        has seen those that failed; ``False`` on timeout. From any thread: the books are
+        kept on the serving loop, so a caller on another loop (a test beside a server in a
+        thread of its own) has the drain run there."""
+        call_soon, owner = self.call_soon_threadsafe, self.background
+        elsewhere = threading.get_ident() != self.loop_thread
+        if call_soon is not None and owner is not None and elsewhere:
+            drained: concurrent.futures.Future[bool] = concurrent.futures.Future()
+
+            async def drain_there() -> None:
+                try:
+                    drained.set_result(await self._drain_here(timeout))
+                finally:
+                    if not drained.done():  # cancelled: the server stopped meanwhile
+                        drained.set_result(False)
+
+            call_soon(owner.start_soon, drain_there)
+            return await anyio.to_thread.run_sync(drained.result)
+        return await self._drain_here(timeout)
+
+    async def _drain_here(self, timeout: float | None) -> bool:
         deadline = None if timeout is None else anyio.current_time() + timeout
         if not await self.ledger.drain(timeout):
             return False

@@ -280,8 +280,9 @@ class AfterResponseMiddleware:
         passed first. Tasks added after the call are not waited for, so it returns under
         steady load too (shutdown, by contrast, waits for everything).
 
-        Do not await it inside a request handler for that request's own tasks: they only
-        start once the response is complete.
+        It may be awaited on another event loop than the server's (a test beside a server
+        running in a thread of its own). Do not await it inside a request handler for that
+        request's own tasks: they only start once the response is complete.
         """
         check_seconds("timeout", timeout)
         return await self._executor.drain(timeout)

@@ -20,6 +20,8 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from . import _mode
 from ._middleware import AfterResponseMiddleware
 from ._mode import CapturedCall
@@ -89,7 +91,8 @@ def run_inline() -> Iterator[None]:
 def find_middlewares(app: object) -> list[AfterResponseMiddleware]:
     """The ``AfterResponseMiddleware`` instances inside ``app``: the app itself, or reached
     through the ``app`` and ``middleware_stack`` attributes that Starlette, FastAPI and
-    most ASGI middlewares use."""
+    most ASGI middlewares use, and through the variables of a function that wraps an app
+    (Litestar's ``TestClient`` wraps one that is not a Litestar app in a closure)."""
     found: list[AfterResponseMiddleware] = []
     seen: set[int] = set()
     layer: list[object] = [app]
@@ -102,6 +105,7 @@ def find_middlewares(app: object) -> list[AfterResponseMiddleware]:
             if isinstance(obj, AfterResponseMiddleware):
                 found.append(obj)
             following += [getattr(obj, "middleware_stack", None), getattr(obj, "app", None)]
+            following += _wrapped_by(obj)
         if not following:
             break
         layer = following
@@ -109,9 +113,11 @@ def find_middlewares(app: object) -> list[AfterResponseMiddleware]:
 
 
 def drain(client: TestClient, timeout: float = 5.0) -> None:
-    """Wait until the side effects of the requests ``client`` made so far have ended.
+    """Wait until the side effects of the requests ``client`` made so far have ended, and
+    those they added in turn (follow-ups added with ``current().add()``).
 
-    For Starlette's ``TestClient`` used as a context manager (so lifespan runs)::
+    For Starlette's ``TestClient`` (or Litestar's) used as a context manager (so lifespan
+    runs)::
 
         with TestClient(app) as client:
             client.post("/login")
@@ -125,27 +131,56 @@ def drain(client: TestClient, timeout: float = 5.0) -> None:
     """
     middlewares = _middlewares_of(client.app)
     portal = getattr(client, "portal", None)
+    if not hasattr(portal, "call"):  # Litestar's: a method; its open portal has this name
+        portal = getattr(client, "blocking_portal", None)
     if portal is None:
         raise RuntimeError(
             "drain(client) needs an open TestClient: use `with TestClient(app) as client:` "
             "(which also runs lifespan, so side effects have their executor)"
         )
     for middleware in middlewares:
-        if not portal.call(middleware.drain, timeout):
-            raise TimeoutError(f"side effects still running after {timeout}s: {middleware.stats()}")
+        portal.call(_drain_all, middleware, timeout)
 
 
 async def adrain(app: object, timeout: float = 5.0) -> None:
     """``drain()`` for async tests: wait until the side effects of the requests made so far
-    to ``app`` (an ASGI app containing ``AfterResponseMiddleware``) have ended.
+    to ``app`` (an ASGI app containing ``AfterResponseMiddleware``) have ended, and those
+    they added in turn. From the server's loop, or another one (a server in a thread).
 
     Raises:
         LookupError: no ``AfterResponseMiddleware`` is reachable from ``app``.
         TimeoutError: they had not ended after ``timeout`` seconds.
     """
     for middleware in _middlewares_of(app):
-        if not await middleware.drain(timeout):
+        await _drain_all(middleware, timeout)
+
+
+async def _drain_all(middleware: AfterResponseMiddleware, timeout: float) -> None:
+    """Drain until nothing is outstanding: ``middleware.drain()`` waits for the tasks added
+    before it, and a side effect may add a follow-up while it runs."""
+    deadline = anyio.current_time() + timeout
+    while True:
+        left = deadline - anyio.current_time()
+        if left <= 0 or not await middleware.drain(left):
             raise TimeoutError(f"side effects still running after {timeout}s: {middleware.stats()}")
+        stats = middleware.stats()
+        if stats.added == stats.finished:
+            return
+
+
+def _wrapped_by(obj: object) -> list[object]:
+    """What a function (or a bound method) closes over that can be called: the app a
+    wrapping function calls."""
+    function = getattr(obj, "__func__", obj)
+    values: list[object] = []
+    for cell in getattr(function, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if callable(value):
+            values.append(value)
+    return values
 
 
 def _middlewares_of(app: object) -> list[AfterResponseMiddleware]:
