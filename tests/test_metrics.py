@@ -299,3 +299,45 @@ async def test_instruments_have_the_documented_names_units_and_kinds(
         assert isinstance(data, Histogram)
         # Second-sized buckets: the SDK's default boundaries (0, 5, 10, ... 10000) assume ms.
         assert {tuple(p.explicit_bounds) for p in data.data_points} == {SECONDS_BUCKETS}
+
+
+async def test_gauges_end_at_zero_when_the_sdk_is_set_up_while_tasks_wait(
+    monkeypatch: pytest.MonkeyPatch, reader: InMemoryMetricReader, meter_provider: MeterProvider
+) -> None:
+    """The global SDK provider configured after the middleware was built, and after tasks
+    had started and queued: those were never counted up, so their end must not count the
+    gauges below zero (they agree with stats() once everything has ended)."""
+    from opentelemetry.metrics import _internal as global_metrics
+
+    from after_response import _telemetry
+
+    monkeypatch.setattr(global_metrics, "_METER_PROVIDER", None)  # no SDK yet: the proxy
+    monkeypatch.setattr(_telemetry, "_RECHECK_SECONDS", 0.0)  # look at the provider each task
+    release = anyio.Event()
+
+    async def gated() -> None:
+        await release.wait()
+
+    middleware = AfterResponseMiddleware(app_adding_n(gated), max_concurrency=1)
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get("/?n=3")  # one running, two queued: counted by no SDK
+        monkeypatch.setattr(global_metrics, "_METER_PROVIDER", meter_provider)
+        await client.get("/?n=1")  # picked up here: this one is counted
+        assert middleware.stats().pending == 3
+        release.set()
+        assert await middleware.drain(timeout=5)
+        metrics = metrics_by_name(reader)
+    assert set(gauge_values(metrics["after_response.task.pending"])) == {0}
+    assert set(gauge_values(metrics["after_response.task.running"])) == {0}
+    assert list(sums(metrics["after_response.task.finished"]).values()) == [4]  # ended after
+
+
+def app_adding_n(effect: Any) -> Starlette:
+    """A Starlette app whose GET /?n=N adds ``effect`` N times."""
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        for _ in range(int(request.query_params["n"])):
+            request.state.after_response.add(effect)
+        return PlainTextResponse("ok")
+
+    return Starlette(routes=[Route("/", endpoint)])

@@ -152,7 +152,10 @@ class Telemetry:
         """``task`` joined (+1) or left (-1) the pending tasks."""
         instruments = self._instruments.value
         if instruments is not None:
-            _count(instruments.pending, task.record.name, delta)
+            pending, name = instruments.pending, task.record.name
+            # Not below 0: a task that joined before the SDK was set up was not counted.
+            count = pending.get(name, 0) + delta
+            pending[name] = count if count > 0 else 0
 
     def attempt_started(self, task: Task, queue_wait: float) -> AttemptSpan | None:
         """An attempt starts: counted as running, its queue time recorded, its span opened
@@ -182,8 +185,9 @@ class Telemetry:
         instruments = self._instruments.value
         if instruments is not None:
             running, name = instruments.running, task.record.name  # _count, inline: per task
-            # 1 if absent: this attempt started before the SDK was set up, and was not counted.
-            running[name] = running.get(name, 1) - 1
+            # Not below 0: this attempt may have started before the SDK was set up.
+            count = running.get(name, 0) - 1
+            running[name] = count if count > 0 else 0
             instruments.duration.record(
                 duration,
                 {
