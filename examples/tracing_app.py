@@ -379,7 +379,7 @@ async def serve_until_interrupted(telemetry: Telemetry, port: int) -> None:
 class CorrelatedFormatter(logging.Formatter):
     """Appends the fields the middleware puts on its log lines (task, request, trace)."""
 
-    FIELDS = ("task_name", "request_method", "request_path", "trace_id", "span_id")
+    FIELDS = ("task_name", "request_method", "request_path", "trace_id", "span_id", "error_type")
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
