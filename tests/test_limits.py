@@ -13,13 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from after_response._limits import (
-    LimitGate,
-    Limits,
-    Rate,
-    limits_from_options,
-    parse_rate,
-)
+from after_response._limits import LimitGate, Limits, Rate, parse_rate
+from after_response._options import limits_from_options
 
 # -- parsing --------------------------------------------------------------------------------
 
@@ -216,6 +211,25 @@ def test_misuse_is_reported() -> None:
         gate.release("crm")
     with pytest.raises(RuntimeError, match=r"park\('crm'\) before any try_acquire"):
         gate.park("crm", 1)
+
+
+def test_a_withdrawn_item_leaves_its_line_holding_nothing() -> None:
+    gate: LimitGate[str] = LimitGate()
+    limits = Limits(max_concurrency=1)
+    assert gate.try_acquire("crm", limits, 0.0) == 0.0
+    for item in ("second", "third"):
+        assert gate.try_acquire("crm", limits, 0.0) == math.inf
+        gate.park("crm", item)
+    gate.withdraw("crm", "second")
+    assert (gate.parked, gate.running("crm")) == (1, 1)
+    gate.release("crm")
+    assert gate.unpark_ready("crm", 0.0) == ["third"]
+    assert gate.try_acquire("crm", limits, 0.0) == math.inf
+    gate.park("crm", "fourth")
+    gate.withdraw("crm", "fourth")  # the last of its line: the line is gone
+    assert (gate.parked, gate.next_wakeup(), gate.running("crm")) == (0, None, 1)
+    with pytest.raises(ValueError, match=r"withdraw\('crm', ...\) of an item that does not wait"):
+        gate.withdraw("crm", "fourth")
 
 
 def test_take_parked_empties_every_line() -> None:

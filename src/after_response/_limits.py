@@ -1,8 +1,9 @@
 """Per side effect limits: how many of one task name run at once, and how often one starts.
 
-A :class:`LimitGate` holds the state of every *limited* task name of one executor. A name
-without limits never reaches the gate (its :func:`limits_from_options` is ``None``), so it
-costs nothing and allocates nothing.
+A :class:`LimitGate` holds the state of every *limited* task name of one dispatcher (the
+executor of a web process, the runner of an engine worker). A name without limits never
+reaches the gate (its options' ``limits_from_options`` is ``None``), so it costs nothing and
+allocates nothing.
 
 Rates are enforced over a *sliding window*: ``"10/s"`` means that no one-second window, wherever
 it starts, holds more than ten starts. Bursts are allowed up to the count: ten tasks added at
@@ -140,20 +141,6 @@ class Limits:
             )
 
 
-def limits_from_options(
-    max_concurrency: int | None = None, rate_limit: str | Rate | None = None
-) -> Limits | None:
-    """The :class:`Limits` of a task's options, or ``None`` when it has none (the free path).
-
-    Raises:
-        ValueError, TypeError: as :class:`Limits` and :func:`parse_rate` do.
-    """
-    rate = rate_limit if isinstance(rate_limit, Rate) else parse_rate(rate_limit)
-    if max_concurrency is None and rate is None:
-        return None
-    return Limits(max_concurrency, rate)
-
-
 class _Name(Generic[T]):
     """The state of one limited task name."""
 
@@ -226,6 +213,7 @@ class LimitGate(Generic[T]):
        returns (those items already hold their slot and start, in FIFO order).
     3. Keep one timer at :meth:`next_wakeup`; when it fires, start what :meth:`unpark_due`
        returns, and set the timer again.
+    4. A parked item that stops waiting (its waiter was cancelled) leaves with :meth:`withdraw`.
 
     Every operation on one name is O(1) (``unpark_*`` per item returned); ``next_wakeup`` and
     ``unpark_due`` look at the names that have waiting items. ``now`` is any monotonic clock,
@@ -306,6 +294,20 @@ class LimitGate(Generic[T]):
         if not waiting:
             del self._lined_up[name]
         return ready
+
+    def withdraw(self, name: str, item: T) -> None:
+        """Take ``item`` out of ``name``'s line: it stopped waiting, holding nothing.
+
+        Raises:
+            ValueError: when ``item`` does not wait in that line.
+        """
+        state = self._lined_up.get(name)
+        if state is None or item not in state.waiting:
+            raise ValueError(f"withdraw({name!r}, ...) of an item that does not wait in its line")
+        state.waiting.remove(item)
+        self._parked -= 1
+        if not state.waiting:
+            del self._lined_up[name]
 
     def unpark_due(self, now: float) -> list[T]:
         """Take the items of every name that may start now (for the :meth:`next_wakeup` timer)."""

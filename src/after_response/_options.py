@@ -9,11 +9,25 @@ from dataclasses import dataclass, field
 from typing import Final, NamedTuple, TypeVar
 
 from ._checks import check_int, check_number, check_seconds
-from ._limits import Limits, limits_from_options
+from ._limits import Limits, Rate, parse_rate
 
 T = TypeVar("T")
 
 OPTIONS_ATTRIBUTE: Final = "__after_response_options__"
+
+
+def limits_from_options(
+    max_concurrency: int | None = None, rate_limit: str | Rate | None = None
+) -> Limits | None:
+    """The :class:`Limits` of a task's options, or ``None`` when it has none (the free path).
+
+    Raises:
+        ValueError, TypeError: as :class:`Limits` and :func:`parse_rate` do.
+    """
+    rate = rate_limit if isinstance(rate_limit, Rate) else parse_rate(rate_limit)
+    if max_concurrency is None and rate is None:
+        return None
+    return Limits(max_concurrency, rate)
 
 
 class _Unset:
