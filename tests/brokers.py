@@ -236,15 +236,19 @@ def taskiq_worker(
     *,
     ledger: Path | None = None,
     environment: Mapping[str, str] | None = None,
+    max_async_tasks: int | None = None,
 ) -> Iterator[Worker]:
-    """Run ``python -m taskiq worker broker_spec`` (one worker process) with ``broker_url``
-    (and ``ledger``) in its environment; yields once it listens, stops it after.
+    """Run ``python -m taskiq worker broker_spec`` (one worker process, running at most
+    ``max_async_tasks`` tasks at once: taskiq's default, 100, when ``None``) with
+    ``broker_url`` (and ``ledger``) in its environment; yields once it listens, stops it after.
 
     The stop is SIGTERM, then SIGKILL after 2 s: with a ``RedisStreamBroker`` the worker
     (taskiq 0.13, taskiq-redis 1.2.4) stops fetching on SIGTERM but never exits.
     """
     command = [sys.executable, "-m", "taskiq", "worker", broker_spec]
     command += ["--workers", "1", "--log-level", "INFO"]
+    if max_async_tasks is not None:
+        command += ["--max-async-tasks", str(max_async_tasks)]
     with _worker(
         command,
         ready_line="Listening started.",

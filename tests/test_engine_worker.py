@@ -29,14 +29,27 @@ from .test_metrics import histogram_counts, metrics_by_name, sums
 pytestmark = pytest.mark.anyio
 
 
-def body(target: str, *args: Any, timeout: float = 5.0, attempts: int = 1, **kwargs: Any) -> Any:
+def body(
+    target: str,
+    *args: Any,
+    timeout: float = 5.0,
+    attempts: int = 1,
+    limits: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """The message body of ``tests.worker_effects.<target>(*args, **kwargs)``, with its
+    options (``limits`` as the store keeps them: ``max_concurrency`` and ``rate``)."""
     row = StoredTask(
         id=f"id-{target}",
         name=target.rpartition(":")[2],
         target=f"tests.worker_effects:{target}",
         args=list(args),
         kwargs=kwargs,
-        options={"timeout": timeout, "retry": {"attempts": attempts, "backoff": 0.001}},
+        options={
+            "timeout": timeout,
+            "retry": {"attempts": attempts, "backoff": 0.001},
+            "limits": limits,
+        },
         request_method="POST",
         request_path="/signup",
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -42,3 +43,36 @@ PROBES: list[Callable[[], None]] = []
 async def probe() -> None:
     for look in PROBES:
         look()
+
+
+def _ledger_line(ledger: str, event: str, key: str) -> None:
+    """Append ``EVENT KEY ATTEMPT MONOTONIC_TIME`` to the file ``ledger``."""
+    attempt = after_response.current_task().attempt
+    with open(ledger, "a") as file:
+        file.write(f"{event} {key} {attempt} {time.monotonic()!r}\n")
+
+
+async def one_at_a_time(ledger: str, key: str) -> None:
+    """Writes its start and its end: runs that overlap show as two starts in a row."""
+    _ledger_line(ledger, "start", key)
+    await asyncio.sleep(0.02)  # long enough for another run to start, if one may
+    _ledger_line(ledger, "end", key)
+
+
+async def stamp(ledger: str, key: str) -> None:
+    """Writes its start, with the time."""
+    _ledger_line(ledger, "start", key)
+
+
+#: What ``held`` runs wait for, by key; the limit tests set them.
+HOLDS: dict[str, asyncio.Event] = {}
+
+
+async def held(ledger: str, key: str, failures: int = 0) -> None:
+    """Writes its start, waits for ``HOLDS[key]``, writes its end; then fails if it is one of
+    its first ``failures`` attempts."""
+    _ledger_line(ledger, "start", key)
+    await HOLDS[key].wait()
+    _ledger_line(ledger, "end", key)
+    if after_response.current_task().attempt <= failures:
+        raise RuntimeError("held failed on purpose")

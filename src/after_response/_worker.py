@@ -4,8 +4,10 @@ from its message and runs it with the in-process semantics.
 The same pieces as in the web process do the work (``Runner`` for one attempt under its
 deadline, ``Telemetry`` for the span, metrics and log lines, ``DeadLetters`` for the hook),
 so a side effect behaves the same wherever it runs: its timeout, its ``Retry`` policy
-(retried here, within one delivery, with the policy's backoff), ``current_task()`` with the
-task's own id on every delivery, the same log fields and span attributes.
+(retried here, within one delivery, with the policy's backoff), its own limits
+(``max_concurrency``, ``rate_limit``, per worker process, each attempt passing them as in the
+executor), ``current_task()`` with the task's own id on every delivery, the same log fields
+and span attributes.
 
 A sync engine worker (Celery's prefork or thread pools) runs the coroutine on an event
 loop thread this runner starts once per process (after the fork), with ``run_blocking``.
@@ -29,6 +31,7 @@ from ._callable import CallableInfo
 from ._dead_letters import DeadLetterHook, DeadLetters, check_hook
 from ._durable import context_from_carrier, from_stored, not_importable, trace_carrier
 from ._engine import BadMessageError, decode
+from ._limited import NameLimits
 from ._runner import Runner
 from ._settings import check_log_interval
 from ._task import DeadLetter, Outcome, Task, set_running_task
@@ -40,8 +43,10 @@ from ._threads import WorkerThreads
 class WorkerStats:
     """What one worker process's runner did.
 
-    ``received == succeeded + failed + timed_out + running`` holds (a delivery that is
-    not an after-response message, or whose function cannot be imported, counts as failed).
+    ``received == succeeded + failed + timed_out + running + waiting`` holds (a delivery
+    that is not an after-response message, or whose function cannot be imported, counts as
+    failed). ``waiting``: deliveries waiting for their side effect's own limits
+    (``max_concurrency``, ``rate_limit``) in this process, before an attempt.
     ``dead_letters_lost``: dead letters ``on_dead_letter`` never got, because it was still
     busy when the worker stopped.
     """
@@ -54,6 +59,7 @@ class WorkerStats:
     retried: int
     redelivered: int
     dead_letters_lost: int = 0
+    waiting: int = 0
 
 
 class WorkerRunner:
@@ -95,13 +101,15 @@ class WorkerRunner:
         self._counts = dict.fromkeys(
             (
                 *("received", "running", "succeeded", "failed", "timed_out", "retried"),
-                *("redelivered", "dead_letters_lost"),
+                *("redelivered", "dead_letters_lost", "waiting"),
             ),
             0,
         )
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_pid = 0
+        #: Per task name limits, on the loop the runs run on (one per worker process).
+        self._limits = NameLimits()
 
     def stats(self) -> WorkerStats:
         """This process's counts."""
@@ -121,6 +129,8 @@ class WorkerRunner:
         (the engine's own instrumentation, continuing the publish); else the trace context
         the message carries. Never raises for the side effect's own errors: they are
         logged, counted and dead-lettered, so the engine does not redeliver a poison message.
+        While its name is at its own limits in this process, an attempt waits for room,
+        holding nothing; cancelled (the worker stops), this raises ``CancelledError``.
         """
         self._count("received")
         if redelivered:
@@ -174,9 +184,17 @@ class WorkerRunner:
 
     async def _attempts(self, task: Task) -> Outcome:
         set_running_task(task)
+        limits = self._limits
         while True:
             task.ready_at = time.perf_counter()
-            outcome, exc = await self.runner.attempt(task, may_retry=True)
+            # Each attempt passes its name's limits, a retry too, as in the executor.
+            if task.record.limits is not None and not limits.admit(task):
+                await self._wait_for_room(limits, task)
+            try:
+                outcome, exc = await self.runner.attempt(task, may_retry=True)
+            finally:
+                if task.gated:
+                    limits.release(task)
             if outcome is not Outcome.RETRY:
                 break
             delay = task.record.retry.delay(task.attempt)
@@ -193,6 +211,17 @@ class WorkerRunner:
                 DeadLetter(task.record.name, task.record.id, exc, task.attempt, outcome.value),
             )
         return outcome
+
+    async def _wait_for_room(self, limits: NameLimits, task: Task) -> None:
+        """Wait until ``task``'s name lets it start, holding nothing. Cancelled, it leaves its
+        line and ``run`` raises ``CancelledError``, as when an attempt is cancelled: nothing
+        here acknowledges the message. Counted as waiting, not as running; neither logged nor
+        counted otherwise: waiting is normal."""
+        self._shift("running", "waiting")
+        try:
+            await limits.wait(task)
+        finally:
+            self._shift("waiting", "running")
 
     def _not_run(self, task: Task, attempts: int) -> None:
         """A task this worker cannot run (its function cannot be imported here): it ends as
@@ -228,9 +257,11 @@ class WorkerRunner:
         return future.result()
 
     def _thread_loop(self) -> asyncio.AbstractEventLoop:
-        """This process's runner loop, started on first use (a forked child starts its own)."""
+        """This process's runner loop, started on first use (a forked child starts its own,
+        and its own limits: the parent's timer and waiters belong to the parent's loop)."""
         with self._lock:
             if self._loop is None or self._loop_pid != os.getpid():
+                self._limits = NameLimits()
                 loop = asyncio.new_event_loop()
                 ready = threading.Event()
 
@@ -249,3 +280,9 @@ class WorkerRunner:
     def _count(self, what: str, delta: int = 1) -> None:
         with self._lock:
             self._counts[what] += delta
+
+    def _shift(self, source: str, target: str) -> None:
+        """Move one delivery from one count to another, at once (the identity holds)."""
+        with self._lock:
+            self._counts[source] -= 1
+            self._counts[target] += 1

@@ -7,6 +7,7 @@ until the test creates it (so a test can kill a worker while the side effect is 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -47,4 +48,13 @@ def slow_effect(entry: str, seconds: float) -> None:
     """Sleeps ``seconds`` (to time out), then ``done``."""
     _append("started", entry)
     time.sleep(seconds)
+    _append("done", entry)
+
+
+@after_response.side_effect(max_concurrency=1)
+async def one_at_a_time(entry: str) -> None:
+    """At most one run at once in a process: ``started``, a moment, ``done``; runs that
+    overlap show as two ``started`` lines in a row."""
+    _append("started", entry)
+    await asyncio.sleep(0.1)  # long enough for another run to start, if one may
     _append("done", entry)

@@ -1,0 +1,238 @@
+"""Per side-effect limits in an engine worker: ``max_concurrency`` and ``rate_limit`` bound a
+name within one worker process, as in a web process; every attempt passes them, a retry too;
+a run cancelled while it waits holds nothing.
+
+First with ``WorkerRunner`` driven directly, as an engine's runner task calls it; then end to
+end: a web app under uvicorn hands side effects off to a real ``taskiq worker`` that runs
+several tasks at once, through a real Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from taskiq_redis import RedisStreamBroker
+
+from after_response import AfterResponseMiddleware, SQLiteStore
+from after_response._task import Outcome
+from after_response._worker import WorkerRunner
+from after_response.taskiq import TaskiqEngine
+
+from . import worker_effects
+from .brokers import read_effects, taskiq_worker
+from .durable_process import until
+from .engine_apps.effects import one_at_a_time
+from .servers import serve_uvicorn
+from .test_engine_worker import body
+
+pytestmark = pytest.mark.anyio
+
+#: ``max_concurrency=1``, as the store keeps a task's limits.
+ONE_AT_A_TIME = {"max_concurrency": 1, "rate": None}
+#: ``rate_limit="2/200ms"``: at most two starts in any 0.2 s.
+TWO_PER_200MS = {"max_concurrency": None, "rate": [2, 0.2]}
+POLL_TIMEOUT = 10.0
+
+
+@pytest.fixture(autouse=True)
+def holds() -> Any:
+    worker_effects.HOLDS.clear()
+    yield worker_effects.HOLDS
+    worker_effects.HOLDS.clear()
+
+
+def lines(ledger: Path) -> list[tuple[str, str, int]]:
+    """The ledger's lines: (``start`` or ``end``, the run's key, its attempt)."""
+    if not ledger.exists():
+        return []
+    return [(event, key, int(attempt)) for event, key, attempt, _ in _fields(ledger)]
+
+
+def start_times(ledger: Path) -> list[float]:
+    """When each run started (``time.monotonic()``, the gate's own clock), in order."""
+    return sorted(float(at) for event, _, _, at in _fields(ledger) if event == "start")
+
+
+def _fields(ledger: Path) -> list[list[str]]:
+    return [line.split() for line in ledger.read_text().splitlines()]
+
+
+def started(ledger: Path) -> list[str]:
+    return [key for event, key, _ in lines(ledger) if event == "start"]
+
+
+async def test_runs_of_a_name_with_max_concurrency_one_never_overlap(tmp_path: Path) -> None:
+    ledger = str(tmp_path / "ledger")
+    runner = WorkerRunner("test")
+    async with anyio.create_task_group() as runs:
+        for key in "abcd":
+            runs.start_soon(runner.run, body("one_at_a_time", ledger, key, limits=ONE_AT_A_TIME))
+    events = lines(Path(ledger))
+    assert len(events) == 8
+    # One start, then its own end, four times: never a second start before an end.
+    for begin, end in zip(events[0::2], events[1::2], strict=True):
+        assert (begin[0], end[0], begin[1]) == ("start", "end", end[1]), events
+    assert sorted(key for _, key, _ in events[0::2]) == list("abcd")
+    stats = runner.stats()
+    assert (stats.received, stats.succeeded, stats.running, stats.waiting) == (4, 4, 0, 0)
+
+
+async def test_a_name_at_its_limit_holds_back_only_its_own_runs(
+    tmp_path: Path, holds: dict[str, asyncio.Event]
+) -> None:
+    ledger = tmp_path / "ledger"
+    holds["first"], holds["second"] = asyncio.Event(), asyncio.Event()
+    holds["second"].set()
+    runner = WorkerRunner("test")
+    async with anyio.create_task_group() as runs:
+        runs.start_soon(runner.run, body("held", str(ledger), "first", limits=ONE_AT_A_TIME))
+        await until(lambda: started(ledger) == ["first"], POLL_TIMEOUT, "the first run started")
+        runs.start_soon(runner.run, body("held", str(ledger), "second", limits=ONE_AT_A_TIME))
+        await until(lambda: runner.stats().waiting == 1, POLL_TIMEOUT, "the second run waits")
+        # Another name, without limits, runs at once meanwhile.
+        assert await runner.run(body("greet", "ada")) is Outcome.SUCCEEDED
+        assert [name for name, *_ in worker_effects.SEEN] == ["greet hello ada"]
+        stats = runner.stats()
+        assert (stats.running, stats.waiting, stats.succeeded) == (1, 1, 1)
+        assert started(ledger) == ["first"]
+        holds["first"].set()
+    assert lines(ledger) == [
+        ("start", "first", 1),
+        ("end", "first", 1),
+        ("start", "second", 1),
+        ("end", "second", 1),
+    ]
+    stats = runner.stats()
+    assert (stats.received, stats.succeeded, stats.running, stats.waiting) == (3, 3, 0, 0)
+
+
+async def test_a_retry_passes_its_name_s_limit_again(
+    tmp_path: Path, holds: dict[str, asyncio.Event]
+) -> None:
+    """As in the executor: a failed attempt gives its name's slot back while it backs off,
+    and its retry waits in line behind the runs that came first."""
+    ledger = tmp_path / "ledger"
+    holds["retried"], holds["other"] = asyncio.Event(), asyncio.Event()
+    runner = WorkerRunner("test")
+    retried = body("held", str(ledger), "retried", 1, attempts=2, limits=ONE_AT_A_TIME)
+    async with anyio.create_task_group() as runs:
+        runs.start_soon(runner.run, retried)
+        await until(lambda: started(ledger) == ["retried"], POLL_TIMEOUT, "its first attempt")
+        runs.start_soon(runner.run, body("held", str(ledger), "other", limits=ONE_AT_A_TIME))
+        await until(lambda: runner.stats().waiting == 1, POLL_TIMEOUT, "the other run waits")
+        holds["retried"].set()  # its first attempt fails
+        await until(
+            lambda: started(ledger) == ["retried", "other"] and runner.stats().waiting == 1,
+            POLL_TIMEOUT,
+            "the other run started and the retry waits",
+        )
+        holds["other"].set()
+    assert lines(ledger) == [
+        ("start", "retried", 1),
+        ("end", "retried", 1),
+        ("start", "other", 1),
+        ("end", "other", 1),
+        ("start", "retried", 2),
+        ("end", "retried", 2),
+    ]
+    stats = runner.stats()
+    assert (stats.succeeded, stats.retried, stats.waiting) == (2, 1, 0)
+
+
+async def test_starts_of_a_rate_limited_name_are_spaced_by_its_rate(tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger"
+    runner = WorkerRunner("test")
+    submitted = time.monotonic()
+    async with anyio.create_task_group() as runs:
+        for key in range(6):
+            runs.start_soon(runner.run, body("stamp", str(ledger), str(key), limits=TWO_PER_200MS))
+    starts = start_times(ledger)
+    assert len(starts) == 6
+    # What the rate guarantees: two starts, then two more 0.2 s later at the earliest, and
+    # so on; a lower bound only (a busy machine starts them later, never earlier).
+    for index, at in enumerate(starts):
+        assert at - submitted >= (index // 2) * 0.2 - 1e-6, (index, starts, submitted)
+    assert runner.stats().succeeded == 6
+
+
+async def test_a_run_cancelled_while_it_waits_frees_nothing_and_the_next_one_proceeds(
+    tmp_path: Path, holds: dict[str, asyncio.Event]
+) -> None:
+    ledger = tmp_path / "ledger"
+    holds["first"], holds["next"] = asyncio.Event(), asyncio.Event()
+    holds["next"].set()
+    runner = WorkerRunner("test")
+    async with anyio.create_task_group() as runs:
+        runs.start_soon(runner.run, body("held", str(ledger), "first", limits=ONE_AT_A_TIME))
+        await until(lambda: started(ledger) == ["first"], POLL_TIMEOUT, "the first run started")
+        cancelled = asyncio.ensure_future(
+            runner.run(body("held", str(ledger), "cancelled", limits=ONE_AT_A_TIME))
+        )
+        await until(lambda: runner.stats().waiting == 1, POLL_TIMEOUT, "the run waits")
+        cancelled.cancel()  # the worker stops: its engine delivers the message again
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        stats = runner.stats()
+        assert (stats.received, stats.running, stats.waiting) == (2, 1, 0)
+        # It took nothing: the first run still holds the name's one slot, so the next waits.
+        runs.start_soon(runner.run, body("held", str(ledger), "next", limits=ONE_AT_A_TIME))
+        await until(lambda: runner.stats().waiting == 1, POLL_TIMEOUT, "the next run waits")
+        holds["first"].set()
+    assert lines(ledger) == [
+        ("start", "first", 1),
+        ("end", "first", 1),
+        ("start", "next", 1),
+        ("end", "next", 1),
+    ]
+    stats = runner.stats()
+    assert (stats.received, stats.succeeded, stats.running, stats.waiting) == (3, 2, 0, 0)
+
+
+async def test_a_taskiq_worker_runs_a_name_with_max_concurrency_one_one_at_a_time(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """A request hands off six durable runs of ``@side_effect(max_concurrency=1)``; the
+    worker may run eight tasks at once, and runs these one after the other."""
+    ledger = tmp_path / "ledger"
+    orders = [f"order-{number}" for number in range(6)]
+
+    async def purchase(request: Request) -> PlainTextResponse:
+        for order in orders:
+            request.state.after_response.options(durable=True).add(one_at_a_time, order)
+        return PlainTextResponse("ok")
+
+    broker = RedisStreamBroker(redis_url, unacknowledged_lock_timeout=5)
+    app = AfterResponseMiddleware(
+        Starlette(routes=[Route("/purchase", purchase, methods=["POST"])]),
+        store=SQLiteStore(tmp_path / "store.sqlite3"),
+        engine=TaskiqEngine(broker),
+    )
+
+    def done() -> int:
+        return sum(line.event == "done" for line in read_effects(ledger))
+
+    with taskiq_worker(
+        "tests.engine_apps.taskiq_engine_app:broker", redis_url, ledger=ledger, max_async_tasks=8
+    ) as worker:
+        async with serve_uvicorn(app) as url, httpx.AsyncClient(base_url=url) as client:
+            assert (await client.post("/purchase")).status_code == 200
+            await until(lambda: done() == len(orders), 30, f"all ran: {read_effects(ledger)}")
+            assert app.stats().handed_off == len(orders)
+        output = worker.output()
+    runs = read_effects(ledger)
+    assert len(runs) == 2 * len(orders)
+    for begin, end in zip(runs[0::2], runs[1::2], strict=True):
+        assert (begin.event, end.event, begin.entry) == ("started", "done", end.entry), runs
+    assert sorted(run.entry for run in runs[0::2]) == orders
+    assert len({run.pid for run in runs}) == 1  # one worker process
+    assert "order-" not in output, "no task argument in the worker's output"
