@@ -3,20 +3,22 @@ name within one worker process, as in a web process; every attempt passes them, 
 a run cancelled while it waits holds nothing.
 
 First with ``WorkerRunner`` driven directly, as an engine's runner task calls it; then end to
-end: a web app under uvicorn hands side effects off to a real ``taskiq worker`` that runs
-several tasks at once, through a real Redis.
+end: a web app under uvicorn hands side effects off, through a real Redis, to a real taskiq
+or Celery worker that runs several tasks at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 import pytest
+from celery import Celery
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -26,10 +28,11 @@ from taskiq_redis import RedisStreamBroker
 from after_response import AfterResponseMiddleware, SQLiteStore
 from after_response._task import Outcome
 from after_response._worker import WorkerRunner
+from after_response.celery import CeleryEngine
 from after_response.taskiq import TaskiqEngine
 
 from . import worker_effects
-from .brokers import read_effects, taskiq_worker
+from .brokers import Worker, celery_worker, read_effects, taskiq_worker
 from .durable_process import until
 from .engine_apps.effects import one_at_a_time
 from .servers import serve_uvicorn
@@ -198,11 +201,30 @@ async def test_a_run_cancelled_while_it_waits_frees_nothing_and_the_next_one_pro
     assert (stats.received, stats.succeeded, stats.running, stats.waiting) == (3, 2, 0, 0)
 
 
-async def test_a_taskiq_worker_runs_a_name_with_max_concurrency_one_one_at_a_time(
-    redis_url: str, tmp_path: Path
+def web_engine(engine: str, redis_url: str) -> Any:
+    """The web side's engine, on a client of its own."""
+    if engine == "celery":
+        return CeleryEngine(Celery("web", broker=redis_url))
+    return TaskiqEngine(RedisStreamBroker(redis_url, unacknowledged_lock_timeout=5))
+
+
+def worker_of(engine: str, redis_url: str, ledger: Path) -> AbstractContextManager[Worker]:
+    """A worker process that runs several tasks at once: taskiq's event loop with eight
+    async tasks, or Celery's ``threads`` pool with four threads (its prefork pool runs one
+    task at a time in each child process, which no limit of a process could hold back)."""
+    if engine == "celery":
+        app = "tests.engine_apps.celery_engine_app"
+        return celery_worker(app, redis_url, ledger=ledger, pool="threads", concurrency=4)
+    broker = "tests.engine_apps.taskiq_engine_app:broker"
+    return taskiq_worker(broker, redis_url, ledger=ledger, max_async_tasks=8)
+
+
+@pytest.mark.parametrize("engine", ["taskiq", "celery"])
+async def test_a_worker_runs_the_handed_off_runs_of_a_name_one_at_a_time(
+    engine: str, redis_url: str, tmp_path: Path
 ) -> None:
     """A request hands off six durable runs of ``@side_effect(max_concurrency=1)``; the
-    worker may run eight tasks at once, and runs these one after the other."""
+    worker could run several at once, and runs these one after the other."""
     ledger = tmp_path / "ledger"
     orders = [f"order-{number}" for number in range(6)]
 
@@ -211,22 +233,19 @@ async def test_a_taskiq_worker_runs_a_name_with_max_concurrency_one_one_at_a_tim
             request.state.after_response.options(durable=True).add(one_at_a_time, order)
         return PlainTextResponse("ok")
 
-    broker = RedisStreamBroker(redis_url, unacknowledged_lock_timeout=5)
     app = AfterResponseMiddleware(
         Starlette(routes=[Route("/purchase", purchase, methods=["POST"])]),
         store=SQLiteStore(tmp_path / "store.sqlite3"),
-        engine=TaskiqEngine(broker),
+        engine=web_engine(engine, redis_url),
     )
 
     def done() -> int:
         return sum(line.event == "done" for line in read_effects(ledger))
 
-    with taskiq_worker(
-        "tests.engine_apps.taskiq_engine_app:broker", redis_url, ledger=ledger, max_async_tasks=8
-    ) as worker:
+    with worker_of(engine, redis_url, ledger) as worker:
         async with serve_uvicorn(app) as url, httpx.AsyncClient(base_url=url) as client:
             assert (await client.post("/purchase")).status_code == 200
-            await until(lambda: done() == len(orders), 30, f"all ran: {read_effects(ledger)}")
+            await until(lambda: done() == len(orders), 30, "all ran")
             assert app.stats().handed_off == len(orders)
         output = worker.output()
     runs = read_effects(ledger)
