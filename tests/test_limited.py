@@ -40,12 +40,25 @@ async def waiting(limits: NameLimits, task: Task) -> asyncio.Future[None]:
     entered = asyncio.Event()
 
     async def wait() -> None:
-        entered.set()  # then on, in the same step, into wait() and its line
+        entered.set()  # this step goes on into limits.wait(), up to its await: in line
         await limits.wait(task)
 
     future = asyncio.ensure_future(wait())
     await entered.wait()
     return future
+
+
+async def three_in_line() -> tuple[
+    NameLimits, list[Task], asyncio.Future[None], asyncio.Future[None]
+]:
+    """Three tasks of a name with ``max_concurrency=1``: the first holds the slot, the
+    second and the third wait in line, in coroutines of their own."""
+    limits = NameLimits()
+    tasks = [task_of("crm", number) for number in (1, 2, 3)]
+    assert [limits.admit(task) for task in tasks] == [True, False, False]
+    second = await waiting(limits, tasks[1])
+    third = await waiting(limits, tasks[2])
+    return limits, tasks, second, third
 
 
 async def test_a_release_wakes_the_first_waiter_with_its_slot() -> None:
@@ -60,13 +73,7 @@ async def test_a_release_wakes_the_first_waiter_with_its_slot() -> None:
 
 
 async def test_a_waiter_cancelled_in_line_leaves_it_and_frees_nothing() -> None:
-    limits = NameLimits()
-    first, second, third = task_of("crm", 1), task_of("crm", 2), task_of("crm", 3)
-    assert limits.admit(first)
-    assert not limits.admit(second)
-    assert not limits.admit(third)
-    cancelled = await waiting(limits, second)
-    behind = await waiting(limits, third)
+    limits, (first, second, third), cancelled, behind = await three_in_line()
     cancelled.cancel()
     with pytest.raises(asyncio.CancelledError):
         await cancelled
@@ -83,13 +90,7 @@ async def test_a_waiter_cancelled_in_line_leaves_it_and_frees_nothing() -> None:
 async def test_a_waiter_cancelled_as_it_is_given_its_slot_passes_it_on(
     cancelled_first: bool,
 ) -> None:
-    limits = NameLimits()
-    first, second, third = task_of("crm", 1), task_of("crm", 2), task_of("crm", 3)
-    assert limits.admit(first)
-    assert not limits.admit(second)
-    assert not limits.admit(third)
-    cancelled = await waiting(limits, second)
-    behind = await waiting(limits, third)
+    limits, (first, second, third), cancelled, behind = await three_in_line()
     # In one step, before the waiter can resume: it is given the slot and cancelled.
     if cancelled_first:
         cancelled.cancel()

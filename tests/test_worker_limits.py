@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from anyio.abc import TaskGroup
 from celery import Celery
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -48,10 +50,21 @@ POLL_TIMEOUT = 10.0
 
 
 @pytest.fixture(autouse=True)
-def holds() -> Any:
+def holds() -> Iterator[dict[str, asyncio.Event]]:
+    """What ``held`` runs wait for, by key: set one to let its run end."""
     worker_effects.HOLDS.clear()
     yield worker_effects.HOLDS
     worker_effects.HOLDS.clear()
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Path:
+    return tmp_path / "ledger"
+
+
+@pytest.fixture
+def runner() -> WorkerRunner:
+    return WorkerRunner("test")
 
 
 def lines(ledger: Path) -> list[tuple[str, str, int]]:
@@ -74,13 +87,38 @@ def started(ledger: Path) -> list[str]:
     return [key for event, key, _ in lines(ledger) if event == "start"]
 
 
-async def test_runs_of_a_name_with_max_concurrency_one_never_overlap(tmp_path: Path) -> None:
-    ledger = str(tmp_path / "ledger")
-    runner = WorkerRunner("test")
+def in_turn(*runs: str | tuple[str, int]) -> list[tuple[str, str, int]]:
+    """The ledger of runs (a key, or a key and its attempt: 1 by default) that ran one
+    after the other, in that order."""
+    attempts = [(run, 1) if isinstance(run, str) else run for run in runs]
+    return [(event, key, attempt) for key, attempt in attempts for event in ("start", "end")]
+
+
+def held(ledger: Path, key: str, failures: int = 0, attempts: int = 1) -> Any:
+    """A run of ``held(key)``, a name with ``max_concurrency=1``."""
+    return body("held", str(ledger), key, failures, attempts=attempts, limits=ONE_AT_A_TIME)
+
+
+async def until_waiting(runner: WorkerRunner, what: str) -> None:
+    """Poll until one run of ``runner`` waits for its name's room."""
+    await until(lambda: runner.stats().waiting == 1, POLL_TIMEOUT, what)
+
+
+async def start_holding(runs: TaskGroup, runner: WorkerRunner, ledger: Path, key: str) -> None:
+    """Start a ``held`` run of ``key``; return once it runs, holding its name's one slot."""
+    runs.start_soon(runner.run, held(ledger, key))
+    await until(lambda: started(ledger) == [key], POLL_TIMEOUT, f"{key} started")
+
+
+async def test_runs_of_a_name_with_max_concurrency_one_never_overlap(
+    ledger: Path, runner: WorkerRunner
+) -> None:
     async with anyio.create_task_group() as runs:
         for key in "abcd":
-            runs.start_soon(runner.run, body("one_at_a_time", ledger, key, limits=ONE_AT_A_TIME))
-    events = lines(Path(ledger))
+            runs.start_soon(
+                runner.run, body("one_at_a_time", str(ledger), key, limits=ONE_AT_A_TIME)
+            )
+    events = lines(ledger)
     assert len(events) == 8
     # One start, then its own end, four times: never a second start before an end.
     for begin, end in zip(events[0::2], events[1::2], strict=True):
@@ -91,17 +129,12 @@ async def test_runs_of_a_name_with_max_concurrency_one_never_overlap(tmp_path: P
 
 
 async def test_a_name_at_its_limit_holds_back_only_its_own_runs(
-    tmp_path: Path, holds: dict[str, asyncio.Event]
+    ledger: Path, runner: WorkerRunner, holds: dict[str, asyncio.Event]
 ) -> None:
-    ledger = tmp_path / "ledger"
-    holds["first"], holds["second"] = asyncio.Event(), asyncio.Event()
-    holds["second"].set()
-    runner = WorkerRunner("test")
     async with anyio.create_task_group() as runs:
-        runs.start_soon(runner.run, body("held", str(ledger), "first", limits=ONE_AT_A_TIME))
-        await until(lambda: started(ledger) == ["first"], POLL_TIMEOUT, "the first run started")
-        runs.start_soon(runner.run, body("held", str(ledger), "second", limits=ONE_AT_A_TIME))
-        await until(lambda: runner.stats().waiting == 1, POLL_TIMEOUT, "the second run waits")
+        await start_holding(runs, runner, ledger, "first")
+        runs.start_soon(runner.run, held(ledger, "second"))
+        await until_waiting(runner, "the second run waits")
         # Another name, without limits, runs at once meanwhile.
         assert await runner.run(body("greet", "ada")) is Outcome.SUCCEEDED
         assert [name for name, *_ in worker_effects.SEEN] == ["greet hello ada"]
@@ -109,30 +142,22 @@ async def test_a_name_at_its_limit_holds_back_only_its_own_runs(
         assert (stats.running, stats.waiting, stats.succeeded) == (1, 1, 1)
         assert started(ledger) == ["first"]
         holds["first"].set()
-    assert lines(ledger) == [
-        ("start", "first", 1),
-        ("end", "first", 1),
-        ("start", "second", 1),
-        ("end", "second", 1),
-    ]
+        holds["second"].set()
+    assert lines(ledger) == in_turn("first", "second")
     stats = runner.stats()
     assert (stats.received, stats.succeeded, stats.running, stats.waiting) == (3, 3, 0, 0)
 
 
 async def test_a_retry_passes_its_name_s_limit_again(
-    tmp_path: Path, holds: dict[str, asyncio.Event]
+    ledger: Path, runner: WorkerRunner, holds: dict[str, asyncio.Event]
 ) -> None:
     """As in the executor: a failed attempt gives its name's slot back while it backs off,
     and its retry waits in line behind the runs that came first."""
-    ledger = tmp_path / "ledger"
-    holds["retried"], holds["other"] = asyncio.Event(), asyncio.Event()
-    runner = WorkerRunner("test")
-    retried = body("held", str(ledger), "retried", 1, attempts=2, limits=ONE_AT_A_TIME)
     async with anyio.create_task_group() as runs:
-        runs.start_soon(runner.run, retried)
+        runs.start_soon(runner.run, held(ledger, "retried", failures=1, attempts=2))
         await until(lambda: started(ledger) == ["retried"], POLL_TIMEOUT, "its first attempt")
-        runs.start_soon(runner.run, body("held", str(ledger), "other", limits=ONE_AT_A_TIME))
-        await until(lambda: runner.stats().waiting == 1, POLL_TIMEOUT, "the other run waits")
+        runs.start_soon(runner.run, held(ledger, "other"))
+        await until_waiting(runner, "the other run waits")
         holds["retried"].set()  # its first attempt fails
         await until(
             lambda: started(ledger) == ["retried", "other"] and runner.stats().waiting == 1,
@@ -140,21 +165,14 @@ async def test_a_retry_passes_its_name_s_limit_again(
             "the other run started and the retry waits",
         )
         holds["other"].set()
-    assert lines(ledger) == [
-        ("start", "retried", 1),
-        ("end", "retried", 1),
-        ("start", "other", 1),
-        ("end", "other", 1),
-        ("start", "retried", 2),
-        ("end", "retried", 2),
-    ]
+    assert lines(ledger) == in_turn("retried", "other", ("retried", 2))
     stats = runner.stats()
     assert (stats.succeeded, stats.retried, stats.waiting) == (2, 1, 0)
 
 
-async def test_starts_of_a_rate_limited_name_are_spaced_by_its_rate(tmp_path: Path) -> None:
-    ledger = tmp_path / "ledger"
-    runner = WorkerRunner("test")
+async def test_starts_of_a_rate_limited_name_are_spaced_by_its_rate(
+    ledger: Path, runner: WorkerRunner
+) -> None:
     submitted = time.monotonic()
     async with anyio.create_task_group() as runs:
         for key in range(6):
@@ -169,34 +187,23 @@ async def test_starts_of_a_rate_limited_name_are_spaced_by_its_rate(tmp_path: Pa
 
 
 async def test_a_run_cancelled_while_it_waits_frees_nothing_and_the_next_one_proceeds(
-    tmp_path: Path, holds: dict[str, asyncio.Event]
+    ledger: Path, runner: WorkerRunner, holds: dict[str, asyncio.Event]
 ) -> None:
-    ledger = tmp_path / "ledger"
-    holds["first"], holds["next"] = asyncio.Event(), asyncio.Event()
-    holds["next"].set()
-    runner = WorkerRunner("test")
     async with anyio.create_task_group() as runs:
-        runs.start_soon(runner.run, body("held", str(ledger), "first", limits=ONE_AT_A_TIME))
-        await until(lambda: started(ledger) == ["first"], POLL_TIMEOUT, "the first run started")
-        cancelled = asyncio.ensure_future(
-            runner.run(body("held", str(ledger), "cancelled", limits=ONE_AT_A_TIME))
-        )
-        await until(lambda: runner.stats().waiting == 1, POLL_TIMEOUT, "the run waits")
-        cancelled.cancel()  # the worker stops: its engine delivers the message again
+        await start_holding(runs, runner, ledger, "first")
+        cancelled = asyncio.ensure_future(runner.run(held(ledger, "cancelled")))
+        await until_waiting(runner, "the run waits")
+        cancelled.cancel()  # as a stopping worker may: run() raises, nothing is acknowledged
         with pytest.raises(asyncio.CancelledError):
             await cancelled
         stats = runner.stats()
         assert (stats.received, stats.running, stats.waiting) == (2, 1, 0)
         # It took nothing: the first run still holds the name's one slot, so the next waits.
-        runs.start_soon(runner.run, body("held", str(ledger), "next", limits=ONE_AT_A_TIME))
-        await until(lambda: runner.stats().waiting == 1, POLL_TIMEOUT, "the next run waits")
+        runs.start_soon(runner.run, held(ledger, "next"))
+        await until_waiting(runner, "the next run waits")
         holds["first"].set()
-    assert lines(ledger) == [
-        ("start", "first", 1),
-        ("end", "first", 1),
-        ("start", "next", 1),
-        ("end", "next", 1),
-    ]
+        holds["next"].set()
+    assert lines(ledger) == in_turn("first", "next")  # the cancelled run never ran
     stats = runner.stats()
     assert (stats.received, stats.succeeded, stats.running, stats.waiting) == (3, 2, 0, 0)
 
@@ -221,11 +228,10 @@ def worker_of(engine: str, redis_url: str, ledger: Path) -> AbstractContextManag
 
 @pytest.mark.parametrize("engine", ["taskiq", "celery"])
 async def test_a_worker_runs_the_handed_off_runs_of_a_name_one_at_a_time(
-    engine: str, redis_url: str, tmp_path: Path
+    engine: str, redis_url: str, ledger: Path, tmp_path: Path
 ) -> None:
     """A request hands off six durable runs of ``@side_effect(max_concurrency=1)``; the
     worker could run several at once, and runs these one after the other."""
-    ledger = tmp_path / "ledger"
     orders = [f"order-{number}" for number in range(6)]
 
     async def purchase(request: Request) -> PlainTextResponse:

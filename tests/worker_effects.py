@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import defaultdict
 from collections.abc import Callable
 
 import after_response
@@ -64,8 +65,8 @@ async def stamp(ledger: str, key: str) -> None:
     _ledger_line(ledger, "start", key)
 
 
-#: What ``held`` runs wait for, by key; the limit tests set them.
-HOLDS: dict[str, asyncio.Event] = {}
+#: What ``held`` runs wait for, by key (made on first use); the limit tests set them.
+HOLDS: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
 
 
 async def held(ledger: str, key: str, failures: int = 0) -> None:
