@@ -163,3 +163,20 @@ async def test_adrain_works_from_another_loop_than_the_servers() -> None:
             await adrain(app, timeout=60)
         assert anyio.current_time() < waited.deadline, "the drain's end did not wake this loop"
         assert ran == ["ran"]
+
+
+@pytest.mark.anyio
+async def test_a_drain_from_another_loop_can_be_cancelled() -> None:
+    async def effect() -> None:
+        await anyio.sleep(3)
+
+    app = AfterResponseMiddleware(app_adding(effect))
+    async with serve_in_thread(app) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get("/")
+        with anyio.move_on_after(5) as outer:
+            with anyio.move_on_after(0.1) as waited:
+                await app.drain()  # no timeout of its own: the caller's scope ends it
+            assert waited.cancelled_caught
+            given_up_at = anyio.current_time()
+        # Let go at once, not when the side effect ended 3 s later.
+        assert given_up_at < outer.deadline - 4

@@ -57,7 +57,7 @@ class Executor(Dispatching):
                         drained.set_result(False)
 
             call_soon(owner.start_soon, drain_there)
-            return await anyio.to_thread.run_sync(drained.result)
+            return await anyio.to_thread.run_sync(drained.result, abandon_on_cancel=True)
         return await self._drain_here(timeout)
 
     async def _drain_here(self, timeout: float | None) -> bool:
