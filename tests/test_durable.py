@@ -27,8 +27,10 @@ from after_response import (
     DeadLetter,
     Retry,
     SQLiteStore,
+    Stats,
     TaskProcessDiedError,
 )
+from after_response._store import MAX_INTERRUPTED, StoredTask
 
 from . import durable_tasks
 from .durable_process import until
@@ -59,6 +61,31 @@ def checkout_app(ledger: Path, **options: Any) -> Starlette:
         return JSONResponse({"order": order})
 
     return Starlette(routes=[Route("/checkout", checkout, methods=["POST"])])
+
+
+async def dead_at_startup(
+    path: Path, rows: list[StoredTask]
+) -> tuple[list[StoredTask], list[DeadLetter], Stats]:
+    """Store ``rows`` at ``path``, then serve a middleware on that store until the claim at
+    its startup has made them all dead letters and its hook has seen them: the stored dead
+    letters, the hook's, and the middleware's counts."""
+    store = await stored(path)
+    await store.save(rows)
+    await store.close()
+    letters: list[DeadLetter] = []
+    middleware = AfterResponseMiddleware(
+        Starlette(), store=SQLiteStore(path), on_dead_letter=letters.append
+    )
+    async with serve_uvicorn(middleware):
+        reader = await stored(path)
+        try:
+            await until(lambda: len(reader.dead_letters()) == len(rows), 5, "the dead letters")
+            dead = reader.dead_letters()
+        finally:
+            await reader.close()
+        await until(lambda: len(letters) == len(rows), 5, "the hook to see them")
+        stats = middleware.stats()
+    return dead, letters, stats
 
 
 async def serve_one_request(endpoint: Any, path: Path) -> None:
@@ -347,27 +374,9 @@ async def test_a_durable_follow_up_added_by_a_side_effect_is_stored_then_run(
 async def test_stored_tasks_whose_function_is_gone_become_dead_letters_logged_once_and_counted(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, target: str
 ) -> None:
-    from after_response._store import StoredTask
-
-    path = tmp_path / "after_response.sqlite3"
-    store = await stored(path)
     gone = [StoredTask(id=f"gone-{n}", name="old_task", target=target) for n in range(5)]
-    await store.save(gone)
-    await store.close()
-    letters: list[DeadLetter] = []
-    middleware = AfterResponseMiddleware(
-        Starlette(), store=SQLiteStore(path), on_dead_letter=letters.append
-    )
     caplog.set_level(logging.ERROR, logger="after_response")
-    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url):
-        reader = await stored(path)
-        with anyio.fail_after(5):  # the first look at the store happens at startup
-            while len(reader.dead_letters()) < 5:  # noqa: ASYNC110 - a bounded poll of the store
-                await anyio.sleep(0.02)
-        dead = reader.dead_letters()
-        await reader.close()
-        await until(lambda: len(letters) == 5, 5, "the hook to see the five")
-        stats = middleware.stats()
+    dead, letters, stats = await dead_at_startup(tmp_path / "after_response.sqlite3", gone)
     assert {(d.id, d.error_type) for d in dead} == {(t.id, "ImportError") for t in gone}
     # The hook, the counts: as for any task that failed.
     assert (stats.added, stats.failed) == (5, 5)
@@ -434,7 +443,6 @@ async def test_a_backlog_in_the_store_is_claimed_as_fast_as_it_runs_not_a_batch_
 ) -> None:
     from after_response import _recovery
     from after_response._journal import CLAIM_BATCH
-    from after_response._store import StoredTask
 
     # A process that died with more stored tasks than one claim takes.
     path, ledger = tmp_path / "after_response.sqlite3", tmp_path / "ledger.jsonl"
@@ -655,7 +663,6 @@ async def test_marks_a_closed_store_refuses_are_logged_once_and_counted(
     from after_response._durable import from_stored
     from after_response._journal import Journal
     from after_response._logs import logger
-    from after_response._store import StoredTask
     from after_response._task import Task
 
     store = await stored(tmp_path / "after_response.sqlite3")
@@ -722,11 +729,7 @@ async def test_an_attempt_is_marked_running_in_the_store_before_it_starts(
 async def test_stored_tasks_whose_process_died_too_often_become_dead_letters_logged_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from after_response._store import MAX_INTERRUPTED, StoredTask
-
-    path = tmp_path / "after_response.sqlite3"
     ledger = tmp_path / "ledger.jsonl"
-    store = await stored(path)
     # Running under "gone", a process that died: one more interruption is the last.
     crashing = [
         StoredTask(
@@ -742,20 +745,8 @@ async def test_stored_tasks_whose_process_died_too_often_become_dead_letters_log
         )
         for n in range(5)
     ]
-    await store.save(crashing)
-    await store.close()
-    letters: list[DeadLetter] = []
-    middleware = AfterResponseMiddleware(
-        Starlette(), store=SQLiteStore(path), on_dead_letter=letters.append
-    )
     caplog.set_level(logging.ERROR, logger="after_response")
-    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url):
-        reader = await stored(path)
-        await until(lambda: len(reader.dead_letters()) == 5, 5, "five dead letters")
-        dead = reader.dead_letters()
-        await reader.close()
-        await until(lambda: len(letters) == 5, 5, "the hook to see the five")
-        stats = middleware.stats()
+    dead, letters, stats = await dead_at_startup(tmp_path / "after_response.sqlite3", crashing)
     assert not ledger_lines(ledger), "not run again"
     # The hook, the counts: as for any task that failed; the attempts that started, counted.
     assert (stats.added, stats.failed) == (5, 5)
