@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from after_response._executor import CANCEL_GRACE
+from after_response._dispatching import CANCEL_GRACE
 
 from .exit_app import BLOCKING_NAME, FAILING_NAME, IGNORE_CANCEL_NAME, SHUTDOWN_MARKER
 from .servers import bound_socket

@@ -22,8 +22,6 @@ from ._settings import Settings
 from ._tasks import NativeTasks, loop_handle, running_asyncio
 from ._telemetry import Telemetry
 
-__all__ = ["CANCEL_GRACE", "Executor"]
-
 
 class Executor(Dispatching):
     """Runs tasks concurrently under an exact bound, with a bounded queue in front of it;

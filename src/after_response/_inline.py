@@ -18,7 +18,8 @@ import anyio
 from anyio.abc import TaskGroup
 
 from ._accounting import Stats
-from ._executor import CANCEL_GRACE, Executor
+from ._dispatching import CANCEL_GRACE
+from ._executor import Executor
 from ._task import Task
 from ._tasks import NativeTasks, Spawner, loop_handle
 
