@@ -63,6 +63,11 @@ class Collector:
         self._executor = executor
         self._method = method
         self._path = path
+        # Read on every request: on the instance, where Python 3.11 specialises the reads
+        # (a class-level default is looked up the slow way each time).
+        self.held = _NO_TASKS
+        self.overflow = None
+        self._state = _OPEN
 
     @property
     def request(self) -> RequestInfo:

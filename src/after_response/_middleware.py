@@ -16,19 +16,16 @@ from ._collector import Collector
 from ._current import current_collector
 from ._dead_letters import DeadLetterHook
 from ._engine import Engine
-from ._errors import StoreUnavailableError
 from ._executor import Executor
 from ._lifespan import serve_lifespan
 from ._options import NO_RETRY, Resolved, Retry
 from ._requests import (
     OTHER_FINAL,
-    STORE_FAILED_BODY,
-    STORE_FAILED_START,
     Requests,
     client_left,
-    is_final,
     status_failure,
-    store_durable,
+    storing_send,
+    verdict,
 )
 from ._settings import Settings
 from ._store import Store
@@ -169,6 +166,7 @@ class AfterResponseMiddleware:
         #: Backpressure: new requests wait for room before their handler runs.
         self._gate = overflow == "backpressure"
         self._requests = Requests(self._executor, settings)
+        self._store = store
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         # Parameters typed Any for the reason given at AnyASGIApp: the middleware must be
@@ -200,34 +198,11 @@ class AfterResponseMiddleware:
             return
 
         status = 0
-        trailers = complete = client_gone = refused = False
+        trailers = complete = client_gone = False
 
         async def send_watching(message: Message) -> None:
-            nonlocal status, trailers, complete, client_gone, refused
+            nonlocal status, trailers, complete, client_gone
             kind = message["type"]
-            if refused or collector.unsaved:
-                final = is_final(kind, message, trailers)
-                if refused:  # the response became a 503: the app's own messages go nowhere
-                    if final:
-                        complete = True
-                        await send({"type": "http.response.body", "body": STORE_FAILED_BODY})
-                    return
-                if final or kind == "http.response.start":
-                    # Durable side effects are stored before the client can hold a response
-                    # that promises them: before it starts, and before its last message.
-                    starting = kind == "http.response.start"
-                    if not await store_durable(
-                        executor, collector, message["status"] if starting else status
-                    ):
-                        if not starting:
-                            raise StoreUnavailableError(
-                                "a durable side effect added while the response streamed "
-                                "could not be stored: the response is not completed"
-                            )
-                        refused = True
-                        status = 503
-                        await send(STORE_FAILED_START)
-                        return
             try:
                 await send(message)
             except OSError:
@@ -249,7 +224,13 @@ class AfterResponseMiddleware:
                 collector.hand_over(executor, failed=failed)
 
         try:
-            await self.app(scope, receive, send_watching)
+            await self.app(
+                scope,
+                receive,
+                send_watching
+                if self._store is None
+                else storing_send(executor, collector, send_watching),
+            )
         except Exception as exc:
             current_collector.reset(token)
             if complete or client_gone or client_left(exc):
@@ -263,16 +244,12 @@ class AfterResponseMiddleware:
             self._requests.finish_cancelled(collector, status_failure(status))
             raise
         current_collector.reset(token)
-        if 0 < status < 500:
-            failed = None
-        elif status == 0 and not client_gone:
-            failed = "the app returned without sending a response"
-        else:
-            failed = status_failure(status)
         if collector.held or collector.overflow:
-            await self._requests.finish(collector, failed)
+            await self._requests.finish(collector, verdict(status, client_gone))
+        elif 0 < status < 500:
+            collector.close()
         else:
-            collector.close(failed)  # late adds follow the request's verdict
+            collector.close(verdict(status, client_gone))  # late adds follow the verdict
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait until every task added before this call has ended (succeeded, failed,

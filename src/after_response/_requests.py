@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import _mode
 from ._collector import Collector
 from ._current import current_collector
+from ._errors import StoreUnavailableError
 from ._executor import Executor
 from ._logs import logger
 from ._settings import Settings
@@ -217,6 +218,42 @@ async def store_durable(executor: Executor, collector: Collector, status: int) -
     return False
 
 
+def storing_send(executor: Executor, collector: Collector, send: Send) -> Send:
+    """The ``send`` an app gets when a store is configured: stores the request's durable
+    side effects before the client can hold a response that promises them (before the
+    response starts, and before its last message), and turns the response into a ``503``
+    when the store fails. ``send`` is the middleware's watching send. Without a store the
+    app gets that one directly: requests that cannot add durable tasks pay nothing here."""
+    status = 0
+    trailers = refused = False
+
+    async def send_storing(message: Message) -> None:
+        nonlocal status, trailers, refused
+        kind = message["type"]
+        starting = kind == "http.response.start"
+        if starting:  # kept even with nothing unsaved: a durable add may come mid-stream
+            status = message["status"]
+            trailers = message.get("trailers", False)
+        if refused or collector.unsaved:
+            final = is_final(kind, message, trailers)
+            if refused:  # the response became a 503: the app's own messages go nowhere
+                if final:
+                    await send({"type": "http.response.body", "body": STORE_FAILED_BODY})
+                return
+            if (final or starting) and not await store_durable(executor, collector, status):
+                if not starting:
+                    raise StoreUnavailableError(
+                        "a durable side effect added while the response streamed could not "
+                        "be stored: the response is not completed"
+                    )
+                refused = True
+                await send(STORE_FAILED_START)
+                return
+        await send(message)
+
+    return send_storing
+
+
 def client_left(raised: Exception) -> bool:
     """Whether ``raised`` says the client went away (the handler's decisions stand)."""
     return isinstance(raised, OSError) or type(raised).__name__ in _CLIENT_GONE
@@ -229,6 +266,14 @@ def is_final(kind: str, message: Message, trailers: bool) -> bool:
     if kind == "http.response.start":
         return False
     return kind in OTHER_FINAL and not message.get(OTHER_FINAL[kind], False)
+
+
+def verdict(status: int, client_gone: bool) -> str | None:
+    """Why a request whose app has returned discards its tasks (a 5xx, or no response and
+    the client still there), or ``None``."""
+    if status == 0 and not client_gone:
+        return "the app returned without sending a response"
+    return status_failure(status)
 
 
 def status_failure(status: int) -> str | None:
