@@ -75,6 +75,12 @@ def sums(metric: Metric) -> dict[tuple[Any, ...], int]:
     return {key(p): int(p.value) for p in metric.data.data_points if p.value}
 
 
+def gauges(metric: Metric) -> dict[tuple[Any, ...], int]:
+    """Every data point, 0 included."""
+    assert isinstance(metric.data, Sum)
+    return {key(p): int(p.value) for p in metric.data.data_points}
+
+
 def gauge_values(metric: Metric) -> list[int]:
     assert isinstance(metric.data, Sum)
     return [int(p.value) for p in metric.data.data_points]
@@ -192,8 +198,17 @@ async def test_shed_and_abandoned_tasks_are_counted_and_the_gauges_return_to_zer
         await client.get("/")
         await started.wait()
         metrics = metrics_by_name(reader)
-        assert gauge_values(metrics["after_response.task.running"]) == [1]
-        assert sums(metrics["after_response.task.pending"]) == {("queued",): 1}
+        # Every task name added so far has its gauges, 0 included.
+        assert gauges(metrics["after_response.task.running"]) == {
+            ("running",): 1,
+            ("queued",): 0,
+            ("extra",): 0,
+        }
+        assert gauges(metrics["after_response.task.pending"]) == {
+            ("running",): 0,
+            ("queued",): 1,
+            ("extra",): 0,
+        }
     # Leaving serve_uvicorn ran lifespan shutdown: its drain deadline passed, both abandoned.
 
     metrics = metrics_by_name(reader)
@@ -301,12 +316,13 @@ async def test_instruments_have_the_documented_names_units_and_kinds(
         assert {tuple(p.explicit_bounds) for p in data.data_points} == {SECONDS_BUCKETS}
 
 
-async def test_gauges_end_at_zero_when_the_sdk_is_set_up_while_tasks_wait(
+async def test_tasks_added_before_the_sdk_is_set_up_are_in_no_metric(
     monkeypatch: pytest.MonkeyPatch, reader: InMemoryMetricReader, meter_provider: MeterProvider
 ) -> None:
     """The global SDK provider configured after the middleware was built, and after tasks
-    had started and queued: those were never counted up, so their end must not count the
-    gauges below zero (they agree with stats() once everything has ended)."""
+    had started and queued: a task is measured if metrics were on when it was added, so
+    those are in no metric, not counted down from gauges that never counted them up (which
+    agree with stats() once everything has ended)."""
     from opentelemetry.metrics import _internal as global_metrics
 
     from after_response import _telemetry
@@ -329,7 +345,9 @@ async def test_gauges_end_at_zero_when_the_sdk_is_set_up_while_tasks_wait(
         metrics = metrics_by_name(reader)
     assert set(gauge_values(metrics["after_response.task.pending"])) == {0}
     assert set(gauge_values(metrics["after_response.task.running"])) == {0}
-    assert list(sums(metrics["after_response.task.finished"]).values()) == [4]  # ended after
+    assert list(sums(metrics["after_response.task.added"]).values()) == [1]
+    assert list(sums(metrics["after_response.task.finished"]).values()) == [1]
+    assert list(histogram_counts(metrics["after_response.task.duration"]).values()) == [1]
 
 
 def app_adding_n(effect: Any) -> Starlette:

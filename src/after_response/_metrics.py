@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from operator import attrgetter
 from typing import Final
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
+
+from ._task import OUTCOME_VALUES
 
 _SECONDS_BUCKETS: Final = (
     *(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
@@ -25,32 +28,30 @@ class Instruments:
     """The metric instruments, and the tallies behind the observed ones.
 
     Counts and gauges are observable instruments read from plain per-name tallies at
-    collection time: a task then costs a few dict updates instead of one SDK call per
-    count (several microseconds each, more than running a short task). Only the two
-    histograms are recorded as tasks run. Tallies are written on the event loop thread
-    and copied (atomically, under the GIL) by the reader's thread.
+    collection time: a task then costs a few increments on its name's tally instead of one
+    SDK call per count (several microseconds each, more than running a short task). Only
+    the two histograms are recorded as tasks run. Tallies are written on the event loop
+    thread (or an engine worker's) and read by the metric reader's thread.
     """
 
     def __init__(self, meter: metrics.Meter) -> None:
-        self.added: dict[str, int] = {}
-        self.finished: dict[tuple[str, str], int] = {}  # (task name, outcome)
-        self.retries: dict[str, int] = {}
-        self.pending: dict[str, int] = {}
-        self.running: dict[str, int] = {}
+        #: The per-task counts and gauges, one tally per task name.
+        self.names: dict[str, NameTally] = {}
         self.loop_blocked: dict[str, int] = {}
         self.stored: dict[str, int] = {}
         self.recovered: dict[str, int] = {}
+        names = self.names
         observed = (
-            (meter.create_observable_counter, "added", _observe(self.added), "{task}",
-             "Tasks added by requests."),
-            (meter.create_observable_counter, "finished", _observe_outcomes(self.finished),
+            (meter.create_observable_counter, "added", _observe_count(names, "added"),
+             "{task}", "Tasks added by requests."),
+            (meter.create_observable_counter, "finished", _observe_outcomes(names),
              "{task}", "Tasks that reached a terminal state, by outcome."),
-            (meter.create_observable_counter, "retries", _observe(self.retries), "{attempt}",
-             "Attempts that failed and were scheduled to run again."),
-            (meter.create_observable_up_down_counter, "pending", _observe(self.pending),
-             "{task}", "Tasks queued or waiting to retry."),
-            (meter.create_observable_up_down_counter, "running", _observe(self.running),
-             "{task}", "Tasks running now."),
+            (meter.create_observable_counter, "retries", _observe_count(names, "retries"),
+             "{attempt}", "Attempts that failed and were scheduled to run again."),
+            (meter.create_observable_up_down_counter, "pending",
+             _observe_gauge(names, "pending"), "{task}", "Tasks queued or waiting to retry."),
+            (meter.create_observable_up_down_counter, "running",
+             _observe_gauge(names, "running"), "{task}", "Tasks running now."),
             (meter.create_observable_counter, "loop_blocked", _observe(self.loop_blocked),
              "{event}", "Times a side effect held the event loop past the threshold."),
             (meter.create_observable_counter, "stored", _observe(self.stored), "{task}",
@@ -78,22 +79,91 @@ class Instruments:
             explicit_bucket_boundaries_advisory=_SECONDS_BUCKETS,
         )
 
+    def tally(self, name: str) -> NameTally:
+        """The tally of the tasks named ``name`` (made on first sight of the name)."""
+        try:
+            return self.names[name]
+        except KeyError:
+            tally = self.names[name] = NameTally(name, self)
+            return tally
 
-def _observe(tally: dict[str, int]) -> Callable[[CallbackOptions], Iterator[Observation]]:
+
+class NameTally:
+    """The counts of one task name, which its tasks point to: a task's step costs an
+    attribute increment, and its histograms' attributes are built once per name."""
+
+    __slots__ = (
+        "added",
+        "duration",
+        "finished",
+        "name",
+        "name_attributes",
+        "outcome_attributes",
+        "pending",
+        "queue_duration",
+        "retries",
+        "running",
+    )
+
+    def __init__(self, name: str, instruments: Instruments) -> None:
+        self.name = name
+        self.added = self.pending = self.running = self.retries = 0
+        #: Terminal tasks by outcome (``Outcome`` values): every outcome from 0.
+        self.finished = dict.fromkeys(OUTCOME_VALUES, 0)
+        self.duration = instruments.duration
+        self.queue_duration = instruments.queue_duration
+        # Handed to the SDK on every record and never changed.
+        self.name_attributes = {"after_response.task.name": name}
+        self.outcome_attributes = {
+            outcome: {"after_response.task.name": name, "after_response.task.outcome": outcome}
+            for outcome in OUTCOME_VALUES
+        }
+
+
+def _observe_count(
+    names: dict[str, NameTally], field: str
+) -> Callable[[CallbackOptions], Iterator[Observation]]:
+    """A counter: the names that counted at least one."""
+    read = attrgetter(field)
+
     def observe(options: CallbackOptions) -> Iterator[Observation]:
-        for name, value in tally.copy().items():
-            yield Observation(value, {"after_response.task.name": name})
+        for tally in list(names.values()):
+            value = read(tally)
+            if value:
+                yield Observation(value, tally.name_attributes)
+
+    return observe
+
+
+def _observe_gauge(
+    names: dict[str, NameTally], field: str
+) -> Callable[[CallbackOptions], Iterator[Observation]]:
+    """A gauge: every task name added so far, 0 included. A task is counted in it only if
+    metrics were on when it was added, in and out alike, so a gauge never ends below 0."""
+    read = attrgetter(field)
+
+    def observe(options: CallbackOptions) -> Iterator[Observation]:
+        for tally in list(names.values()):
+            yield Observation(read(tally), tally.name_attributes)
 
     return observe
 
 
 def _observe_outcomes(
-    tally: dict[tuple[str, str], int],
+    names: dict[str, NameTally],
 ) -> Callable[[CallbackOptions], Iterator[Observation]]:
     def observe(options: CallbackOptions) -> Iterator[Observation]:
-        for (name, outcome), value in tally.copy().items():
-            yield Observation(
-                value, {"after_response.task.name": name, "after_response.task.outcome": outcome}
-            )
+        for tally in list(names.values()):
+            for outcome, value in tally.finished.copy().items():
+                if value:
+                    yield Observation(value, tally.outcome_attributes[outcome])
+
+    return observe
+
+
+def _observe(tally: dict[str, int]) -> Callable[[CallbackOptions], Iterator[Observation]]:
+    def observe(options: CallbackOptions) -> Iterator[Observation]:
+        for name, value in tally.copy().items():
+            yield Observation(value, {"after_response.task.name": name})
 
     return observe

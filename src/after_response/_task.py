@@ -7,10 +7,13 @@ import enum
 from collections.abc import Callable
 from contextvars import Context
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ._errors import NoCurrentTaskError
 from ._record import TaskRecord
+
+if TYPE_CHECKING:
+    from ._metrics import NameTally
 
 
 class Outcome(str, enum.Enum):
@@ -53,6 +56,10 @@ TERMINAL: Final = (
 )
 
 
+#: Every outcome's value, the keys of the metrics' per-outcome counts.
+OUTCOME_VALUES: Final = tuple(outcome.value for outcome in Outcome)
+
+
 class Task:
     """The live side of one side effect: its record, the function and the context to run it
     in, and how far it has got. One object for all of its attempts.
@@ -78,6 +85,7 @@ class Task:
         "seq",
         "slot",
         "span",
+        "tally",
     )
 
     def __init__(
@@ -112,6 +120,8 @@ class Task:
         self.blocked = False
         #: A durable task taken over from a process that died.
         self.recovered = False
+        #: Its name's metric counts, once metrics were on when it was added.
+        self.tally: NameTally | None = None
 
     @property
     def name(self) -> str:

@@ -145,26 +145,28 @@ class Telemetry:
             self._look()
         instruments = self._instruments.value
         if instruments is not None:
-            added, name = instruments.added, task.record.name  # _count, inline: per task
-            added[name] = added.get(name, 0) + 1
+            task.tally = tally = instruments.tally(task.record.name)
+            tally.added += 1
+
+    def track(self, task: Task) -> None:
+        """Measure ``task``, which did not come through :meth:`added` (an engine worker's)."""
+        instruments = self._instruments.value
+        if instruments is not None:
+            task.tally = instruments.tally(task.record.name)
 
     def pending(self, task: Task, delta: int) -> None:
         """``task`` joined (+1) or left (-1) the pending tasks."""
-        instruments = self._instruments.value
-        if instruments is not None:
-            pending, name = instruments.pending, task.record.name
-            # Not below 0: a task that joined before the SDK was set up was not counted.
-            count = pending.get(name, 0) + delta
-            pending[name] = count if count > 0 else 0
+        tally = task.tally
+        if tally is not None:
+            tally.pending += delta
 
     def attempt_started(self, task: Task, queue_wait: float) -> AttemptSpan | None:
         """An attempt starts: counted as running, its queue time recorded, its span opened
         (in the task's context)."""
-        instruments = self._instruments.value
-        if instruments is not None:
-            running, name = instruments.running, task.record.name  # _count, inline: per task
-            running[name] = running.get(name, 0) + 1
-            instruments.queue_duration.record(queue_wait, {"after_response.task.name": name})
+        tally = task.tally
+        if tally is not None:
+            tally.running += 1
+            tally.queue_duration.record(queue_wait, tally.name_attributes)
         tracer = self._tracer.value
         return None if tracer is None else _tracing.start_attempt(tracer, task, queue_wait)
 
@@ -182,19 +184,10 @@ class Telemetry:
                 task.blocked = False
                 span.span.add_event("after_response.loop_blocked")
             _tracing.end_attempt(span, task, outcome, exc)
-        instruments = self._instruments.value
-        if instruments is not None:
-            running, name = instruments.running, task.record.name  # _count, inline: per task
-            # Not below 0: this attempt may have started before the SDK was set up.
-            count = running.get(name, 0) - 1
-            running[name] = count if count > 0 else 0
-            instruments.duration.record(
-                duration,
-                {
-                    "after_response.task.name": name,
-                    "after_response.task.outcome": outcome._value_,  # a plain str, no property call
-                },
-            )
+        tally = task.tally
+        if tally is not None:
+            tally.running -= 1
+            tally.duration.record(duration, tally.outcome_attributes[outcome._value_])
 
     def ended_lines(
         self, tasks: list[Task], outcome: Outcome, level: int, what: str, *args: object
@@ -242,16 +235,15 @@ class Telemetry:
 
     def retried(self, task: Task) -> None:
         """``task`` failed an attempt and will run again."""
-        instruments = self._instruments.value
-        if instruments is not None:
-            _count(instruments.retries, task.record.name, 1)
+        tally = task.tally
+        if tally is not None:
+            tally.retries += 1
 
     def finished(self, task: Task, outcome: Outcome) -> None:
         """``task`` reached its terminal state."""
-        instruments = self._instruments.value
-        if instruments is not None:
-            finished, key = instruments.finished, (task.record.name, outcome._value_)  # _count
-            finished[key] = finished.get(key, 0) + 1
+        tally = task.tally
+        if tally is not None:
+            tally.finished[outcome._value_] += 1
 
     def unrun(
         self, tasks: list[Task], outcome: Outcome, level: int, what: str, *args: object

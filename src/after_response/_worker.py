@@ -173,6 +173,7 @@ class WorkerRunner:
         # Lines counted in the dead-letter hook's thread are summarised on this loop.
         self.telemetry.aggregator.loop = asyncio.get_running_loop()
         task = Task(record, fn, CallableInfo(fn).is_async, context, next(self._seq))
+        self.telemetry.track(task)
         task.attempt = row.attempt + 1
         task.recovered = row.recovered or redelivered
         self._count("running")
@@ -229,6 +230,7 @@ class WorkerRunner:
         is acknowledged, so the hook is what is left of it."""
         task.done = True
         record = task.record
+        self.telemetry.track(task)
         self.telemetry.unrun_span(task, Outcome.FAILED)
         self.telemetry.finished(task, Outcome.FAILED)
         self._count("failed")
