@@ -200,6 +200,10 @@ async def test_retry_run_all_honours_targets_timeouts_and_retries(tmp_path: Path
     assert (failed.state, failed.attempt, failed.owner) == ("dead", 2, None)
     assert failed.error_message == "could not reach [redacted]"
     assert SECRET not in result.stdout + result.stderr
+    hung = await read(db, "hangs")
+    assert hung is not None
+    # Stored as a web process stores a timeout: the qualified type, not the bare name.
+    assert hung.error_type == "after_response._errors.TaskTimeoutError"
 
 
 async def test_retry_run_keeps_the_arguments_out_of_the_stored_error_and_the_output(

@@ -17,6 +17,7 @@ from typing import Any
 
 from ._durable import from_stored, import_target
 from ._errors import TaskTimeoutError
+from ._logs import qualified_type
 from ._record import TaskRecord
 from ._redact import exception_text
 from ._store import Store, StoredTask
@@ -69,9 +70,10 @@ async def _attempt(
 
 
 def _error(exc: Exception, fn: object, task: StoredTask) -> tuple[str, str]:
-    """The exception's type and its message, redacted as the live runner redacts it."""
+    """The exception's type (qualified, as the live runner stores it) and its message,
+    redacted as the live runner redacts it."""
     message, _ = exception_text(exc, fn, tuple(task.args), task.kwargs)
-    return type(exc).__name__, message
+    return qualified_type(exc), message
 
 
 async def replay(store: Store, task: StoredTask, fn: Callable[..., Any]) -> Outcome:
@@ -100,6 +102,6 @@ async def replay(store: Store, task: StoredTask, fn: Callable[..., Any]) -> Outc
                 await asyncio.sleep(delay)
                 continue
             store.mark_dead(task.id, attempt, error_type, message)
-            return Outcome(task.id, task.name, False, attempt, error_type)
+            return Outcome(task.id, task.name, False, attempt, type(exc).__name__)
         store.mark_succeeded(task.id)
         return Outcome(task.id, task.name, True, attempt)
