@@ -44,27 +44,27 @@ class Collector:
     between requests.
     """
 
-    # Class-level defaults: a request that adds nothing pays for none of them.
+    # Class-level defaults for what a request that adds nothing never reads: it pays for
+    # none of them. What every request reads is set in __init__: Python 3.11 specialises a
+    # read that finds the attribute on the instance, not one that falls back to the class.
     _request: RequestInfo | None = None
-    _state = _OPEN
+    _state: int
     _dispatcher: Dispatcher | None = None
     _failed: str | None = None
     _loop_thread = 0
     _call_soon: Callable[..., Any] | None = None
     #: Tasks that found no room at hand-over, for the request's call to wait with.
-    overflow: list[Task] | None = None
+    overflow: list[Task] | None
     #: Durable tasks added since the last save.
     unsaved: list[Task] | None = None
     #: The tasks that wait here for the response to complete (read it, never change it): a
-    #: list of its own from the first add(); this shared empty one is never appended to.
-    held: list[Task] = _NO_TASKS
+    #: list of its own from the first add(); the shared empty one is never appended to.
+    held: list[Task]
 
     def __init__(self, executor: Executor, method: str, path: str) -> None:
         self._executor = executor
         self._method = method
         self._path = path
-        # Read on every request: on the instance, where Python 3.11 specialises the reads
-        # (a class-level default is looked up the slow way each time).
         self.held = _NO_TASKS
         self.overflow = None
         self._state = _OPEN
