@@ -119,11 +119,6 @@ class Telemetry:
         """The tracer to use now, or ``None`` when tracing is off."""
         return self._tracer.get()
 
-    @property
-    def instruments(self) -> Instruments | None:
-        """The metric instruments to use now, or ``None`` when metrics are off."""
-        return self._instruments.get()
-
     # -- the verbs ---------------------------------------------------------------------------
 
     def _look(self) -> None:
