@@ -170,10 +170,11 @@ class Dispatching(Waiting):
 
     async def _run(self, task: Task) -> None:
         """Run ``task`` to its end, or until it is queued again to retry."""
-        set_running_task(task)
-        journal = self.journal if task.record.durable else None
+        record = task.record
+        journal = self.journal if record.durable else None
         try:
             while True:
+                set_running_task((record.id, record.name, task.attempt, task.recovered))
                 try:
                     if journal is not None:
                         await journal.running(task)
@@ -194,7 +195,6 @@ class Dispatching(Waiting):
                 # its done callback runs, and with it whatever it refers to.
                 task.owner.let_go(task.running)
                 task.running = None
-                set_running_task(None)
             self._release(task)  # if it still holds one, whatever ended it
 
     async def _back_off(self, task: Task, exc: BaseException | None) -> bool:

@@ -8,7 +8,6 @@ policy, and records the outcome in the store.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import inspect
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from ._logs import qualified_type
 from ._record import TaskRecord
 from ._redact import exception_text
 from ._store import Store, StoredTask
-from ._task import Task, _running
+from ._task import _running, set_running_task
 
 
 @dataclass(frozen=True)
@@ -55,9 +54,7 @@ async def _attempt(
 ) -> None:
     # current_task() works here as in a live process: a side effect that sends its id as an
     # idempotency key must not fail just because the command line runs it.
-    live = Task(record, fn, inspect.iscoroutinefunction(fn), contextvars.Context(), 0)
-    live.attempt, live.recovered = attempt, task.recovered
-    token = _running.set(live)
+    token = set_running_task((task.id, task.name, attempt, task.recovered))
     try:
         result = fn(*task.args, **task.kwargs)  # a sync function runs here, unbounded
         if inspect.isawaitable(result):

@@ -174,7 +174,11 @@ class CurrentTask:
     recovered: bool = False
 
 
-_running: Final[contextvars.ContextVar[Task | None]] = contextvars.ContextVar(
+#: What current_task() reports: (id, name, attempt, recovered), set as each attempt starts.
+#: Plain data, so that the context of a side effect's asyncio task (alive a loop turn after
+#: the side effect ends, and copied into its threads and child tasks) keeps nothing else alive.
+RunningTask = tuple[str, str, int, bool]
+_running: Final[contextvars.ContextVar[RunningTask | None]] = contextvars.ContextVar(
     "after_response_task", default=None
 )
 set_running_task: Final = _running.set
@@ -192,11 +196,11 @@ def current_task() -> CurrentTask:
     Raises:
         NoCurrentTaskError: (a ``LookupError``) outside a running side effect.
     """
-    task = _running.get()
-    if task is None:
+    running = _running.get()
+    if running is None:
         raise NoCurrentTaskError(
             "after_response.current_task() works only inside a running side effect (a "
             "function passed to add()); call it from the side effect itself, or from code "
             "it calls."
         )
-    return CurrentTask(task.record.id, task.record.name, task.attempt, task.recovered)
+    return CurrentTask(*running)

@@ -184,9 +184,10 @@ class WorkerRunner:
             self._count("running", -1)
 
     async def _attempts(self, task: Task) -> Outcome:
-        set_running_task(task)
         limits = self._limits
+        record = task.record
         while True:
+            set_running_task((record.id, record.name, task.attempt, task.recovered))
             task.ready_at = time.perf_counter()
             # Each attempt passes its name's limits, a retry too, as in the executor.
             if task.record.limits is not None and not limits.admit(task):
