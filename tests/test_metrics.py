@@ -7,6 +7,7 @@ global one; the app under uvicorn on 127.0.0.1; the reader is read after ``drain
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -26,8 +27,11 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from after_response import AfterResponseMiddleware, Retry
+from after_response import AfterResponseMiddleware, Retry, SQLiteStore
+from after_response._store import StoredTask
 
+from . import durable_tasks
+from .durable_process import until
 from .servers import serve_uvicorn
 
 pytestmark = pytest.mark.anyio
@@ -348,6 +352,52 @@ async def test_tasks_added_before_the_sdk_is_set_up_are_in_no_metric(
     assert list(sums(metrics["after_response.task.added"]).values()) == [1]
     assert list(sums(metrics["after_response.task.finished"]).values()) == [1]
     assert list(histogram_counts(metrics["after_response.task.duration"]).values()) == [1]
+
+
+async def test_durable_tasks_stored_and_taken_over_are_counted_by_name(
+    tmp_path: Path, reader: InMemoryMetricReader, meter_provider: MeterProvider
+) -> None:
+    """``stored`` counts what requests committed to the store; ``recovered`` what this
+    process took over from one that died (two rows left running by a gone owner)."""
+    path = tmp_path / "after_response.sqlite3"
+    ledger = str(tmp_path / "ledger.jsonl")
+    store = SQLiteStore(path)
+    await store.open("the-dead-process")
+    await store.save(
+        [
+            StoredTask(
+                id=f"orphan-{n}",
+                name="record",
+                target="tests.durable_tasks:record",
+                args=[ledger, "buyer@example.com"],
+                kwargs={"code": str(n)},
+                state="running",
+                attempt=1,
+                owner="gone",
+            )
+            for n in range(2)
+        ]
+    )
+    await store.close()
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        request.state.after_response.options(durable=True).add(
+            durable_tasks.record, ledger, "buyer@example.com", code="new"
+        )
+        return PlainTextResponse("ok")
+
+    middleware = AfterResponseMiddleware(
+        Starlette(routes=[Route("/", endpoint)]),
+        store=SQLiteStore(path),
+        meter_provider=meter_provider,
+    )
+    async with serve_uvicorn(middleware) as url, httpx.AsyncClient(base_url=url) as client:
+        await client.get("/")
+        await until(lambda: middleware.stats().succeeded == 3, 5, "the three tasks to run")
+        metrics = metrics_by_name(reader)
+    assert sums(metrics["after_response.task.stored"]) == {("record",): 1}
+    assert sums(metrics["after_response.task.recovered"]) == {("record",): 2}
+    assert sums(metrics["after_response.task.finished"]) == {("record", "succeeded"): 3}
 
 
 def app_adding_n(effect: Any) -> Starlette:

@@ -37,27 +37,25 @@ class Instruments:
     def __init__(self, meter: metrics.Meter) -> None:
         #: The per-task counts and gauges, one tally per task name.
         self.names: dict[str, NameTally] = {}
-        self.loop_blocked: dict[str, int] = {}
-        self.stored: dict[str, int] = {}
-        self.recovered: dict[str, int] = {}
         names = self.names
         observed = (
-            (meter.create_observable_counter, "added", _observe_count(names, "added"),
-             "{task}", "Tasks added by requests."),
+            (meter.create_observable_counter, "added", _observe(names, "added"), "{task}",
+             "Tasks added by requests."),
             (meter.create_observable_counter, "finished", _observe_outcomes(names),
              "{task}", "Tasks that reached a terminal state, by outcome."),
-            (meter.create_observable_counter, "retries", _observe_count(names, "retries"),
+            (meter.create_observable_counter, "retries", _observe(names, "retries"),
              "{attempt}", "Attempts that failed and were scheduled to run again."),
             (meter.create_observable_up_down_counter, "pending",
-             _observe_gauge(names, "pending"), "{task}", "Tasks queued or waiting to retry."),
+             _observe(names, "pending", zeros=True), "{task}",
+             "Tasks queued or waiting to retry."),
             (meter.create_observable_up_down_counter, "running",
-             _observe_gauge(names, "running"), "{task}", "Tasks running now."),
-            (meter.create_observable_counter, "loop_blocked", _observe(self.loop_blocked),
+             _observe(names, "running", zeros=True), "{task}", "Tasks running now."),
+            (meter.create_observable_counter, "loop_blocked", _observe(names, "loop_blocked"),
              "{event}", "Times a side effect held the event loop past the threshold."),
-            (meter.create_observable_counter, "stored", _observe(self.stored), "{task}",
+            (meter.create_observable_counter, "stored", _observe(names, "stored"), "{task}",
              "Durable tasks committed to the store."),
-            (meter.create_observable_counter, "recovered", _observe(self.recovered), "{task}",
-             "Durable tasks taken over from a process that died."),
+            (meter.create_observable_counter, "recovered", _observe(names, "recovered"),
+             "{task}", "Durable tasks taken over from a process that died."),
         )  # fmt: skip
         for create, name, callback, unit, description in observed:
             create(
@@ -96,18 +94,22 @@ class NameTally:
         "added",
         "duration",
         "finished",
+        "loop_blocked",
         "name",
         "name_attributes",
         "outcome_attributes",
         "pending",
         "queue_duration",
+        "recovered",
         "retries",
         "running",
+        "stored",
     )
 
     def __init__(self, name: str, instruments: Instruments) -> None:
         self.name = name
         self.added = self.pending = self.running = self.retries = 0
+        self.loop_blocked = self.stored = self.recovered = 0
         #: Terminal tasks by outcome (``Outcome`` values): every outcome from 0.
         self.finished = dict.fromkeys(OUTCOME_VALUES, 0)
         self.duration = instruments.duration
@@ -120,31 +122,19 @@ class NameTally:
         }
 
 
-def _observe_count(
-    names: dict[str, NameTally], field: str
+def _observe(
+    names: dict[str, NameTally], field: str, *, zeros: bool = False
 ) -> Callable[[CallbackOptions], Iterator[Observation]]:
-    """A counter: the names that counted at least one."""
+    """One count of every task name: a counter's names that counted at least one, or (with
+    ``zeros``, for a gauge) every task name added so far. A task is counted only if metrics
+    were on when it was added, in and out alike, so a gauge never ends below 0."""
     read = attrgetter(field)
 
     def observe(options: CallbackOptions) -> Iterator[Observation]:
         for tally in list(names.values()):
             value = read(tally)
-            if value:
+            if value or zeros:
                 yield Observation(value, tally.name_attributes)
-
-    return observe
-
-
-def _observe_gauge(
-    names: dict[str, NameTally], field: str
-) -> Callable[[CallbackOptions], Iterator[Observation]]:
-    """A gauge: every task name added so far, 0 included. A task is counted in it only if
-    metrics were on when it was added, in and out alike, so a gauge never ends below 0."""
-    read = attrgetter(field)
-
-    def observe(options: CallbackOptions) -> Iterator[Observation]:
-        for tally in list(names.values()):
-            yield Observation(read(tally), tally.name_attributes)
 
     return observe
 
@@ -157,13 +147,5 @@ def _observe_outcomes(
             for outcome, value in tally.finished.copy().items():
                 if value:
                     yield Observation(value, tally.outcome_attributes[outcome])
-
-    return observe
-
-
-def _observe(tally: dict[str, int]) -> Callable[[CallbackOptions], Iterator[Observation]]:
-    def observe(options: CallbackOptions) -> Iterator[Observation]:
-        for name, value in tally.copy().items():
-            yield Observation(value, {"after_response.task.name": name})
 
     return observe

@@ -29,7 +29,6 @@ _RECHECK_SECONDS: Final = 1.0
 
 P = TypeVar("P")
 T = TypeVar("T")
-K = TypeVar("K")
 
 
 class _FromProvider(Generic[P, T]):
@@ -212,21 +211,21 @@ class Telemetry:
             blocked_for,
             threshold,
         )
-        instruments = self._instruments.value
-        if instruments is not None:
-            _count(instruments.loop_blocked, task.record.name, 1)
+        tally = task.tally
+        if tally is not None:
+            tally.loop_blocked += 1
 
     def stored(self, task: Task) -> None:
         """Durable ``task`` was committed to the store."""
-        instruments = self._instruments.get()
-        if instruments is not None:
-            _count(instruments.stored, task.record.name, 1)
+        tally = task.tally
+        if tally is not None:
+            tally.stored += 1
 
     def recovered(self, task: Task) -> None:
         """Durable ``task`` was taken over from a process that died."""
-        instruments = self._instruments.get()
-        if instruments is not None:
-            _count(instruments.recovered, task.record.name, 1)
+        tally = task.tally
+        if tally is not None:
+            tally.recovered += 1
 
     def retried(self, task: Task) -> None:
         """``task`` failed an attempt and will run again."""
@@ -256,7 +255,3 @@ class Telemetry:
         tracer = self._tracer.get()
         if tracer is not None:
             _tracing.record_unrun(tracer, task, outcome)
-
-
-def _count(tally: dict[K, int], key: K, delta: int) -> None:
-    tally[key] = tally.get(key, 0) + delta
