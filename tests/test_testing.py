@@ -111,18 +111,35 @@ async def test_adrain_says_how_to_install_the_middleware_when_there_is_none() ->
 
 
 def test_drain_waits_for_the_follow_ups_side_effects_add() -> None:
+    # The order is forced: the follow-up is added after middleware.drain() began (so that
+    # drain does not wait for it), and ends only once a second drain has begun.
     ran: list[str] = []
+    events: dict[str, anyio.Event] = {}
+    drains = 0
+
+    def event(name: str) -> anyio.Event:  # made on the server's loop, where it is awaited
+        return events.setdefault(name, anyio.Event())
 
     async def follow_up() -> None:
-        await anyio.sleep(0.05)  # still running when the first one has ended
+        await event("a second drain began").wait()
         ran.append("follow-up")
 
     async def first() -> None:
-        await anyio.sleep(0.05)  # the follow-up is added after drain() has begun
+        await event("drain began").wait()
         after_response.current().add(follow_up)
         ran.append("first")
 
-    with TestClient(AfterResponseMiddleware(app_adding(first))) as client:
+    middleware = AfterResponseMiddleware(app_adding(first))
+    drain_once = middleware.drain
+
+    async def observed_drain(timeout: float | None = None) -> bool:
+        nonlocal drains
+        drains += 1
+        event("drain began" if drains == 1 else "a second drain began").set()
+        return await drain_once(timeout)
+
+    middleware.drain = observed_drain  # type: ignore[method-assign]
+    with TestClient(middleware) as client:
         client.get("/")
         drain(client)
         assert ran == ["first", "follow-up"]
