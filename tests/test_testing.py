@@ -4,6 +4,7 @@ modes' edges (the testing page's examples cover the ordinary use, in tests/test_
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -202,3 +203,26 @@ async def test_a_drain_from_another_loop_can_be_cancelled() -> None:
             assert ran == [], "the drain let go while the side effect still ran"
         finally:
             release.set()
+
+
+def test_drain_is_typed_for_starlettes_and_litestars_test_clients(tmp_path: Path) -> None:
+    # A user's test, checked as a user's CI would check it: mypy --strict accepts both.
+    from mypy import api
+
+    test = tmp_path / "test_user.py"
+    test.write_text(
+        "from litestar import Litestar\n"
+        "from litestar.testing import TestClient\n"
+        "from starlette.testclient import TestClient as StarletteClient\n"
+        "from after_response import AfterResponseMiddleware\n"
+        "from after_response.testing import drain\n"
+        "app = AfterResponseMiddleware(Litestar(route_handlers=[]))\n"
+        "with TestClient(app) as client:\n"
+        "    drain(client)\n"
+        "with StarletteClient(app) as other:\n"
+        "    drain(other)\n"
+    )
+    report, errors, status = api.run(
+        ["--strict", "--cache-dir", str(tmp_path / "cache"), str(test)]
+    )
+    assert status == 0, report + errors

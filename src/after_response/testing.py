@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 
 from . import _mode
 from ._middleware import AfterResponseMiddleware
 from ._mode import CapturedCall
-
-if TYPE_CHECKING:
-    from starlette.testclient import TestClient
 
 __all__ = [
     "CapturedCall",
@@ -38,6 +35,13 @@ __all__ = [
     "find_middlewares",
     "run_inline",
 ]
+
+
+class _ClientWithApp(Protocol):
+    """A test client with the ASGI app it calls: Starlette's ``TestClient``, Litestar's."""
+
+    @property
+    def app(self) -> Any: ...
 
 
 class CapturedCalls(list[CapturedCall]):
@@ -112,7 +116,7 @@ def find_middlewares(app: object) -> list[AfterResponseMiddleware]:
     return found
 
 
-def drain(client: TestClient, timeout: float = 5.0) -> None:
+def drain(client: _ClientWithApp, timeout: float = 5.0) -> None:
     """Wait until the side effects of the requests ``client`` made so far have ended, and
     those they added in turn (follow-ups added with ``current().add()``).
 
