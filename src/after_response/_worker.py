@@ -190,7 +190,7 @@ class WorkerRunner:
             set_running_task((record.id, record.name, task.attempt, task.recovered))
             task.ready_at = time.perf_counter()
             # Each attempt passes its name's limits, a retry too, as in the executor.
-            if task.record.limits is not None and not limits.admit(task):
+            if record.limits is not None and not limits.admit(task):
                 await self._wait_for_room(limits, task)
             try:
                 outcome, exc = await self.runner.attempt(task, may_retry=True)
